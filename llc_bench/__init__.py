@@ -1,0 +1,1 @@
+"""llc_bench: Local Learning Coefficient estimation benchmark."""

@@ -1,0 +1,81 @@
+"""The local tempered posterior around w*: p(w) ∝ exp(−nβ L_n(w) − γ/2 ‖w − w*‖²) on a flat parameter vector."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+# per_sample_loss(w_flat (d,), x (m, in_dim), y (m, out_dim)) -> (m,) negative log-likelihoods
+PerSampleLoss = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def inverse_temperature(n: int, beta0: float = 1.0) -> float:
+    """β = β0 / log n (Watanabe's WBIC temperature)."""
+    return beta0 / math.log(n)
+
+
+def gamma_from_radius(d: int, prior_radius: float) -> float:
+    """γ = d / r²: a Gaussian localizer whose typical radius is r in d dimensions."""
+    return d / prior_radius**2
+
+
+@dataclass(frozen=True, eq=False)
+class Posterior:
+    """Everything a sampler needs: the data, the loss, w*, nβ and γ. Positions are flat (d,) vectors.
+
+    `loss_at_wstar` is the full-data L_n(w*), computed once here and never from minibatches.
+    """
+
+    per_sample_loss: PerSampleLoss
+    x: jax.Array
+    y: jax.Array
+    w_star: jax.Array
+    n_beta: float
+    gamma: float
+    loss_at_wstar: float
+
+    @classmethod
+    def build(cls, per_sample_loss: PerSampleLoss, x, y, w_star, *, beta0: float = 1.0,
+              gamma: float | None = None, prior_radius: float | None = None) -> Posterior:
+        n = x.shape[0]
+        d = w_star.shape[0]
+        if (gamma is None) == (prior_radius is None):
+            raise ValueError("give exactly one of gamma or prior_radius")
+        g = gamma if gamma is not None else gamma_from_radius(d, prior_radius)
+        loss0 = float(jnp.mean(per_sample_loss(w_star, x, y)))
+        return cls(per_sample_loss, x, y, w_star, n * inverse_temperature(n, beta0), float(g), loss0)
+
+    @property
+    def n(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.w_star.shape[0])
+
+    def batch_loss(self, w: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
+        """L_m(w): mean per-sample negative log-likelihood on a batch."""
+        return jnp.mean(self.per_sample_loss(w, x, y))
+
+    def full_loss(self, w: jax.Array) -> jax.Array:
+        """L_n(w) on the full dataset."""
+        return self.batch_loss(w, self.x, self.y)
+
+    def localization(self, w: jax.Array) -> jax.Array:
+        return 0.5 * self.gamma * jnp.sum((w - self.w_star) ** 2)
+
+    def logdensity(self, w: jax.Array) -> jax.Array:
+        """Full-data log-density −nβ L_n(w) − γ/2 ‖w − w*‖² (up to a constant)."""
+        return -self.n_beta * self.full_loss(w) - self.localization(w)
+
+    def minibatch_loss_and_grads(self, w: jax.Array, x: jax.Array, y: jax.Array):
+        """(L_m(w), ∇L_m(w), γ (w − w*)): the pieces every SG-MCMC update combines.
+
+        Kept apart because RMSProp-SGLD preconditions on the loss gradient alone.
+        """
+        loss, grad = jax.value_and_grad(self.batch_loss)(w, x, y)
+        return loss, grad, self.gamma * (w - self.w_star)
