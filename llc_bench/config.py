@@ -124,3 +124,319 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     # sampler name -> that sampler's frozen settings dataclass (see llc_bench.samplers)
     sampler: dict[str, Any] = field(default_factory=dict)
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "teacher": TeacherConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "posterior": PosteriorConfig,
+    "run": RunConfig,
+}
+
+CHOICES = {
+    "data.distribution": DISTRIBUTIONS,
+    "data.noise": NOISES,
+    "teacher.kind": TEACHER_KINDS,
+    "teacher.activation": ACTIVATIONS,
+    "teacher.generator": DLN_GENERATORS,
+    "model.activation": ACTIVATIONS,
+    "train.optimizer": OPTIMIZERS,
+    "run.estimate_from": ESTIMATE_FROM,
+}
+
+# Numeric bounds: key -> (kind, description). kind: "pos" > 0, "nonneg" >= 0, "unit" in [0, 1], "open_unit" in (0, 1).
+BOUNDS = {
+    "data.n": "pos", "data.in_dim": "pos", "data.out_dim": "pos",
+    "data.spectrum_decay": "nonneg", "data.spectrum_scale": "pos",
+    "data.mixture_components": "pos", "data.mixture_spread": "nonneg", "data.manifold_dim": "pos",
+    "data.input_df": "pos", "data.box_half_width": "pos", "data.noise_scale": "nonneg",
+    "data.hetero_slope": "nonneg", "data.noise_df": "pos", "data.outlier_fraction": "unit",
+    "data.outlier_scale": "pos",
+    "teacher.weight_scale": "pos", "teacher.rank": "nonneg",
+    "model.target_params": "pos", "model.depth": "nonneg",
+    "train.learning_rate": "pos", "train.steps": "nonneg", "train.batch_size": "nonneg",
+    "train.grad_tol": "nonneg",
+    "posterior.beta0": "pos", "posterior.gamma": "nonneg", "posterior.prior_radius": "pos",
+    "run.seed": "nonneg", "run.num_chains": "pos", "run.num_burnin_steps": "nonneg",
+    "run.num_draws": "pos", "run.num_steps_bw_draws": "pos", "run.num_projections": "nonneg",
+    "run.chunk_size": "nonneg",
+}
+_BOUND_TEXT = {"pos": "> 0", "nonneg": ">= 0", "unit": "in [0, 1]", "open_unit": "in (0, 1)"}
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fail(key: str, message: str) -> ConfigError:
+    return ConfigError(f"{key}: {message}")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a TOML / command-line value to the field's declared type, or raise ConfigError."""
+    origin, args = get_origin(hint), get_args(hint)
+    if args and type(None) in args and origin is not tuple:  # Optional[...]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is tuple:
+        elem = args[0]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("[]()").split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return tuple(_coerce(key, v, elem) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise _fail(key, f"must be true or false (got {value!r})")
+    if hint is int:
+        if isinstance(value, bool):
+            raise _fail(key, f"must be an integer (got {value!r})")
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                raise _fail(key, f"must be an integer (got {value!r})") from None
+        if isinstance(value, float):
+            if not math.isfinite(value) or value != int(value):
+                raise _fail(key, f"must be an integer (got {value!r})")
+            value = int(value)
+        if not isinstance(value, int):
+            raise _fail(key, f"must be an integer (got {value!r})")
+        return value
+    if hint is float:
+        if isinstance(value, bool):
+            raise _fail(key, f"must be a number (got {value!r})")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise _fail(key, f"must be a number (got {value!r})") from None
+        if not math.isfinite(value):
+            raise _fail(key, f"must be a finite number (got {value!r})")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise _fail(key, f"must be a string (got {value!r})")
+        return value
+    raise _fail(key, f"unsupported type {hint}")
+
+
+def _check_bound(key: str, value: Any, kind: str) -> None:
+    if value is None:
+        return
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        ok = {"pos": v > 0, "nonneg": v >= 0, "unit": 0 <= v <= 1, "open_unit": 0 < v < 1}[kind]
+        if not ok:
+            raise _fail(key, f"must be {_BOUND_TEXT[kind]} (got {value!r})")
+
+
+def _build_section(section: str, cls, raw: dict) -> Any:
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{section}.{name}"
+        if name not in names:
+            raise _fail(key, f"unknown key{_suggest(name, names)}; allowed: {', '.join(names)}")
+        kwargs[name] = _coerce(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def _sampler_bound(name: str, field_name: str, value: Any) -> None:
+    """Generic bounds for sampler settings, by field-name convention."""
+    key = f"sampler.{name}.{field_name}"
+    if isinstance(value, bool) or value is None:
+        return
+    if field_name in ("alpha", "target_accept"):
+        _check_bound(key, value, "open_unit")
+    elif field_name.startswith("frac_"):
+        _check_bound(key, value, "unit")
+    elif field_name == "eps":
+        if not 0 < value <= 1:
+            raise _fail(key, f"must be in (0, 1]: the guide says never set a > 1 (got {value!r})")
+    elif isinstance(value, int | float):
+        _check_bound(key, value, "pos")
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks; per-field types and bounds were checked while building."""
+    for section, cls in SECTIONS.items():
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            value = getattr(obj, f.name)
+            if key in CHOICES and value not in CHOICES[key]:
+                raise _fail(key, f"unknown value {value!r}{_suggest(value, CHOICES[key])}; "
+                                 f"allowed: {', '.join(CHOICES[key])}")
+            if key in BOUNDS:
+                _check_bound(key, value, BOUNDS[key])
+    d, t, m, p, r = cfg.data, cfg.teacher, cfg.model, cfg.posterior, cfg.run
+    if d.distribution == "manifold" and d.manifold_dim > d.in_dim:
+        raise _fail("data.manifold_dim", f"must be <= data.in_dim = {d.in_dim} (got {d.manifold_dim})")
+    for key, widths in (("teacher.widths", t.widths), ("model.widths", m.widths)):
+        if widths is not None and any(w <= 0 for w in widths):
+            raise _fail(key, f"widths must be positive integers (got {list(widths)})")
+    if m.widths is None and m.target_params is None:
+        raise _fail("model.widths", "give model.widths or model.target_params")
+    if t.rank is not None:
+        smallest = min((d.in_dim, *t.widths, d.out_dim))
+        if t.rank > smallest:
+            raise _fail("teacher.rank", f"must be <= the smallest teacher width {smallest} (got {t.rank})")
+    if cfg.train.batch_size > d.n:
+        raise _fail("train.batch_size", f"must be <= data.n = {d.n} (got {cfg.train.batch_size})")
+    if (p.gamma is None) == (p.prior_radius is None):
+        raise _fail("posterior.gamma", "set exactly one of posterior.gamma and posterior.prior_radius "
+                                       "(set the other to \"none\")")
+    if not r.samplers:
+        raise _fail("run.samplers", "needs at least one sampler")
+    from llc_bench.samplers import SAMPLER_NAMES
+
+    for name in r.samplers:
+        if name not in SAMPLER_NAMES:
+            raise _fail("run.samplers", f"unknown sampler {name!r}{_suggest(name, SAMPLER_NAMES)}; "
+                                        f"allowed: {', '.join(SAMPLER_NAMES)}")
+    for name, settings in cfg.sampler.items():
+        for f in dataclasses.fields(settings):
+            _sampler_bound(name, f.name, getattr(settings, f.name))
+        batch = getattr(settings, "batch_size", None)
+        if batch is not None and batch > d.n:
+            raise _fail(f"sampler.{name}.batch_size", f"must be <= data.n = {d.n} (got {batch})")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise _fail(dotted, "is not a section")
+    node[parts[-1]] = value
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key=value, e.g. data.n=5000")
+    key, raw = text.split("=", 1)
+    key, raw = key.strip(), raw.strip()
+    try:  # TOML literal if it is one (numbers, booleans, quoted strings, arrays)
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word or comma list; coerced by the field's type later
+    return key, value
+
+
+def read_toml(path: str | Path) -> dict:
+    """Read a TOML file; a missing or unreadable file or bad TOML is a ConfigError."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: invalid TOML ({exc})") from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml") if not p.stem.startswith("sweep"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        names = preset_names()
+        raise ConfigError(f"--preset: unknown preset {name!r}{_suggest(name, names)}; allowed: {', '.join(names)}")
+    return path
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a nested dict (TOML layout). Raises ConfigError."""
+    from llc_bench.samplers import SAMPLER_NAMES, get_spec
+
+    sections = {}
+    allowed = [*SECTIONS, "sampler"]
+    for name in raw:
+        if name not in allowed:
+            raise _fail(name, f"unknown section{_suggest(name, allowed)}; allowed: {', '.join(allowed)}")
+        if not isinstance(raw[name], dict):
+            raise _fail(name, "must be a table of settings")
+    for section, cls in SECTIONS.items():
+        sections[section] = _build_section(section, cls, raw.get(section, {}))
+    sampler_raw = raw.get("sampler", {})
+    for name in sampler_raw:
+        if name not in SAMPLER_NAMES:
+            raise _fail(f"sampler.{name}", f"unknown sampler{_suggest(name, SAMPLER_NAMES)}; "
+                                          f"allowed: {', '.join(SAMPLER_NAMES)}")
+    run_names = sections["run"].samplers
+    samplers = {}
+    for name in dict.fromkeys([*run_names, *sampler_raw]):
+        if name not in SAMPLER_NAMES:
+            continue  # reported by _validate with the run.samplers key
+        samplers[name] = _build_section(f"sampler.{name}", get_spec(name).settings, sampler_raw.get(name, {}))
+    cfg = Config(**sections, sampler=samplers)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(preset: str | None = None, config_file: str | Path | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- preset TOML <- --config file <- --set key=value overrides; validated once."""
+    raw: dict = {}
+    if preset:
+        raw = _deep_merge(raw, read_toml(preset_path(preset)))
+    if config_file:
+        raw = _deep_merge(raw, read_toml(config_file))
+    for text in overrides:
+        key, value = _parse_override(text)
+        _set_dotted(raw, key, value)
+    return from_dict(raw)
+
+
+def to_dict(cfg: Config) -> dict:
+    """The fully resolved config as a TOML-ready nested dict (None as "none", tuples as lists)."""
+
+    def clean(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            out[f.name] = "none" if v is None else list(v) if isinstance(v, tuple) else v
+        return out
+
+    d = {section: clean(getattr(cfg, section)) for section in SECTIONS}
+    d["sampler"] = {name: clean(s) for name, s in cfg.sampler.items()}
+    return d
+
+
+def to_toml(cfg: Config) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def replace(cfg: Config, **dotted: Any) -> Config:
+    """A copy with dotted-key changes (e.g. replace(cfg, **{"sampler.sgld.step_size": 1e-5})), revalidated."""
+    raw = to_dict(cfg)
+    for key, value in dotted.items():
+        _set_dotted(raw, key, value)
+    return from_dict(raw)

@@ -1,0 +1,114 @@
+"""Command line: `main.py` runs one experiment; `main.py sweep|tune|bench` run the bigger jobs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from llc_bench.config import ConfigError, load_config, preset_names
+
+COMMANDS = ("run", "sweep", "tune", "bench")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments in one line with exit status 2."""
+
+    def error(self, message: str):  # noqa: D401
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", help=f"named preset from configs/ ({', '.join(preset_names())})")
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (sections data, teacher, model, "
+                        "train, posterior, run, sampler.<name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting by dotted key, e.g. --set data.n=5000 (repeatable)")
+    parser.add_argument("--sampler", dest="samplers", action="append", default=[], metavar="NAME",
+                        help="run only this sampler (repeatable); overrides run.samplers")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser(command: str) -> argparse.ArgumentParser:
+    prog = "main.py" if command == "run" else f"main.py {command}"
+    if command == "run":
+        p = _Parser(prog=prog, description=(
+            "Estimate the LLC of one trained network with several samplers and score it. Prints a table "
+            "per sampler and writes results/<run_id>/ (config.toml, summary.json, traces.zarr, PNGs). "
+            "Other commands: main.py sweep | tune | bench (each has --help)."))
+        _common(p)
+        p.add_argument("--out", metavar="DIR", help="output directory (default results/<run_id>)")
+        p.add_argument("--check-step-size", action="store_true",
+                       help="rerun each sampler at half its step size and report the change in the LLC estimate")
+        return p
+    if command == "sweep":
+        p = _Parser(prog=prog, description="Run a grid of experiments to one CSV, resumable and parallel.")
+        p.add_argument("--spec", metavar="FILE", help="sweep spec TOML (default configs/sweep_default.toml)")
+        p.add_argument("--out", metavar="CSV", help="CSV path (default from the spec)")
+        p.add_argument("--workers", type=int, default=1, help="local worker processes")
+        p.add_argument("--backend", choices=("local", "ray"), default="local")
+        p.add_argument("--address", help="Ray cluster address (with --backend ray)")
+        p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+        p.add_argument("--no-progress", action="store_true")
+        return p
+    if command == "tune":
+        p = _Parser(prog=prog, description="The sampling guide's hyperparameter search (step size x n_beta x gamma).")
+        _common(p)
+        p.add_argument("--out", metavar="DIR", help="output directory (default results/tune/<run_id>)")
+        return p
+    p = _Parser(prog=prog, description="Deep-linear-network scoreboard: every sampler against analytic truth.")
+    p.add_argument("--spec", metavar="FILE", help="benchmark recipe TOML (default configs/bench_dln.toml)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default results/benchmarks)")
+    p.add_argument("--instances", type=int, help="instances per size class (overrides the recipe)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def check_writable(path: str | Path, what: str = "--out") -> Path:
+    """Create the directory if needed and prove it is writable, before any work is done."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: not writable ({exc.strerror or exc})") from None
+    return p
+
+
+def _run(args) -> int:
+    overrides = list(args.overrides)
+    if args.samplers:
+        overrides.append("run.samplers=" + ",".join(args.samplers))
+    cfg = load_config(args.preset, args.config, overrides)
+    if args.out:
+        check_writable(args.out)
+    from llc_bench.experiment import run_experiment
+
+    run_experiment(cfg, out_dir=args.out, progress=not args.no_progress,
+                   check_step_size=args.check_step_size)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    try:
+        args = build_parser(command).parse_args(argv)
+        if command == "run":
+            return _run(args)
+        if command == "sweep":
+            from llc_bench.sweep import main as sweep_main
+        elif command == "tune":
+            from llc_bench.tune import main as sweep_main
+        else:
+            from llc_bench.bench import main as sweep_main
+        return sweep_main(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

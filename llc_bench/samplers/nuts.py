@@ -1,0 +1,71 @@
+"""Full-batch NUTS on the local posterior, tuned per chain by BlackJAX's Stan-style window adaptation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import blackjax
+import jax.numpy as jnp
+
+from llc_bench.posterior import Posterior
+from llc_bench.samplers.base import Algorithm, SamplerSpec, StepInfo
+from llc_bench.samplers.hmc import (
+    GRADS_PER_LEAPFROG,
+    HMCParams,
+    hmc_energy_change,
+    loss_from_logdensity,
+    window_warmup,
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """NUTS settings. Step size and diagonal inverse mass matrix are tuned, not set."""
+
+    num_warmup: int = 500  # window-adaptation steps (each costs that step's trajectory length)
+    target_accept: float = 0.8  # dual-averaging target for the trajectory-averaged acceptance
+    max_num_doublings: int = 8  # caps a trajectory at 2^8 − 1 = 255 leapfrog steps
+
+    def __post_init__(self):
+        if self.num_warmup < 1 or self.max_num_doublings < 1:
+            raise ValueError("num_warmup and max_num_doublings must be >= 1")
+        if not 0.0 < self.target_accept < 1.0:
+            raise ValueError("target_accept must lie in (0, 1)")
+
+
+def build(posterior: Posterior, settings: Settings = Settings()) -> Algorithm:
+    """NUTS: iterative multinomial No-U-Turn sampler with velocity-Verlet steps of size ε.
+
+    Each draw doubles a trajectory in random directions until it U-turns, diverges or reaches
+    2^max_num_doublings − 1 leapfrog steps, then samples a state along it. ε and the diagonal
+    M⁻¹ are tuned per chain by Stan's window adaptation (the same doublings cap applies during
+    warm-up). Work: each draw's num_integration_steps gradients; warm-up 1 + Σ of those.
+    `accept` is NUTS' trajectory-averaged acceptance statistic; `energy_change` is H(selected
+    state) − H(start).
+    """
+    kernel = blackjax.nuts.build_kernel()
+    doublings = settings.max_num_doublings
+
+    def step(rng_key, state, params: HMCParams, batch):
+        del batch  # full batch
+        new_state, info = kernel(rng_key, state, posterior.logdensity, params.step_size,
+                                 params.inverse_mass_matrix, max_num_doublings=doublings)
+        return new_state, StepInfo(
+            loss=loss_from_logdensity(posterior, new_state.position, new_state.logdensity),
+            accept=info.acceptance_rate,
+            energy_change=hmc_energy_change(info, state.logdensity, params.inverse_mass_matrix),
+            diverging=info.is_divergent,
+            grad_evals=(GRADS_PER_LEAPFROG * info.num_integration_steps).astype(jnp.float32),
+        )
+
+    warmup = window_warmup(posterior, blackjax.nuts, settings.num_warmup, settings.target_accept,
+                           max_num_doublings=doublings)
+    return Algorithm(warmup=warmup, step=step, position=lambda state: state.position, batch_size=None)
+
+
+SPEC = SamplerSpec(
+    name="nuts",
+    settings=Settings,
+    build=build,
+    description="Full-batch NUTS (multinomial, velocity Verlet), window-adapted step size and diagonal mass",
+)
