@@ -111,7 +111,7 @@ class RunConfig:
     num_projections: int = 4
     chunk_size: int = 0  # steps per jitted chunk between progress updates; 0 = automatic
     estimate_from: str = "full"  # "full": full-data L_n at draws; "minibatch": per-step sampler loss
-    out_dir: str = "results/runs"
+    out_dir: str = "results"  # each run writes <out_dir>/<run_id>/
 
 
 @dataclass(frozen=True)
