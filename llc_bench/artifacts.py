@@ -1,0 +1,77 @@
+"""Run artifacts written atomically: a temp file or directory first, then one rename."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("llc_bench", "jax", "jaxlib", "blackjax", "optax", "flax", "arviz-stats", "xarray", "zarr", "numpy")
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def run_id(config_dict: dict) -> str:
+    """A short hash of the normalized config (which includes the seed): same config, same run directory."""
+    canonical = json.dumps(config_dict, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def jsonable(obj: Any) -> Any:
+    """numpy scalars/arrays to Python; NaN and inf to None (JSON has neither)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: Path, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(jsonable(obj), indent=2) + "\n")
+
+
+def write_datatree_atomic(tree, path: Path) -> Path:
+    """Write an xarray DataTree as a Zarr store into a temp directory, then rename it into place."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")) / "store.zarr"
+    try:
+        tree.to_zarr(tmp, mode="w")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    return path

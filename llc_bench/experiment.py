@@ -1,0 +1,197 @@
+"""One experiment end to end: config → target → posterior → chains per sampler → estimates, diagnostics → artifacts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from llc_bench import artifacts
+from llc_bench.config import Config, to_dict, to_toml
+from llc_bench.estimator import LLCEstimate, block_bootstrap_ci, estimate_from_result, wnv
+from llc_bench.posterior import Posterior
+from llc_bench.progress import progress_enabled
+from llc_bench.rng import stream_key
+from llc_bench.runner import ChainResult, run_chains
+from llc_bench.samplers import get_spec
+
+ACCEPT_SAMPLERS = ("hmc", "nuts", "adjusted_mclmc")
+
+
+@dataclass(frozen=True)
+class SamplerRun:
+    """Everything one sampler produced in one experiment."""
+
+    name: str
+    result: ChainResult
+    estimate: LLCEstimate
+    tree: object  # xarray.DataTree from diagnostics.to_datatree
+    convergence: dict
+    flags: tuple
+    summary: dict
+
+
+def build_posterior(cfg: Config, target) -> Posterior:
+    return Posterior.build(target.per_sample_loss, target.x, target.y, target.w_star,
+                           beta0=cfg.posterior.beta0, gamma=cfg.posterior.gamma,
+                           prior_radius=cfg.posterior.prior_radius)
+
+
+def sampler_key(seed: int, name: str):
+    """Each sampler's chains get their own stream, stable when other samplers are added or removed."""
+    return jax.random.fold_in(stream_key(seed, "sampling"), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def _finite(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | None = None,
+                progress: bool = False, settings=None) -> SamplerRun:
+    """Sample one posterior with one sampler and turn the chains into an estimate with diagnostics."""
+    from llc_bench.diagnostics import convergence, to_datatree
+    from llc_bench.health import check_health
+
+    spec = get_spec(name)
+    settings = settings if settings is not None else cfg.sampler[name]
+    algorithm = spec.build(posterior, settings)
+    run = cfg.run
+    result = run_chains(name, algorithm, posterior, sampler_key(run.seed, name),
+                        num_chains=run.num_chains, num_burnin_steps=run.num_burnin_steps,
+                        num_draws=run.num_draws, num_steps_bw_draws=run.num_steps_bw_draws,
+                        num_projections=run.num_projections, chunk_size=run.chunk_size,
+                        progress=progress)
+    estimate = estimate_from_result(result, run.estimate_from)
+    tree = to_datatree(result, estimate.running)
+    conv = convergence(tree)
+    flags = tuple(check_health(result))
+    summary = _summarize(name, result, estimate, conv, flags, truth, posterior)
+    return SamplerRun(name, result, estimate, tree, conv, flags, summary)
+
+
+def _summarize(name, result: ChainResult, est: LLCEstimate, conv: dict, flags, truth, posterior) -> dict:
+    grad_evals = float(np.sum(result.grad_evals))
+    wall = result.wall_s + result.warmup_s
+    wnv_time, wnv_grad = wnv(est.se, wall, grad_evals)
+    if est.status == "failed":
+        status = "failed"
+    elif est.status == "diverged":
+        status = "diverged"
+    else:
+        status = "warnings" if flags else "ok"
+    ok = result.diverged_at < 0
+    accept = _finite(np.nanmean(result.accept[ok])) if name in ACCEPT_SAMPLERS and ok.any() else None
+    energy = result.energy_change[ok][:, result.num_burnin_steps:] if ok.any() else np.empty((0, 0))
+    energy_stats = None
+    if energy.size and np.isfinite(energy).any():
+        energy_stats = {"mean": _finite(np.nanmean(energy)), "std": _finite(np.nanstd(energy)),
+                        "mean_sq_per_dim": _finite(np.nanmean(energy**2) / posterior.dim)}
+    ci = (None, None)
+    if est.status != "failed":
+        usable = np.where(ok)[0]
+        ci = block_bootstrap_ci(result.draw_loss[usable], result.loss_at_wstar, result.n_beta)
+    rel = None
+    if truth is not None and est.status != "failed":
+        rel = (est.mean - truth) / truth if truth != 0 else None
+    return {
+        "llc_mean": _finite(est.mean),
+        "llc_se": _finite(est.se),
+        "llc_ci95": [_finite(c) if c is not None else None for c in ci],
+        "llc_per_chain": [_finite(v) for v in est.per_chain],
+        "rel_error": _finite(rel) if rel is not None else None,
+        "ess_bulk": _finite(conv.get("ess_bulk", float("nan"))),
+        "ess_tail": _finite(conv.get("ess_tail", float("nan"))),
+        "rhat": _finite(conv.get("rhat", float("nan"))),
+        "accept_rate": accept,
+        "energy_change": energy_stats,
+        "grad_evals": grad_evals,
+        "wall_s": wall,
+        "compile_s": result.compile_s,
+        "wnv_time": _finite(wnv_time),
+        "wnv_grad": _finite(wnv_grad),
+        "status": status,
+        "warnings": [f"{f.code}: {f.message} Remedy: {f.remedy}" for f in flags],
+        "chains_used": int(est.num_chains_used),
+        "chains_excluded": [int(c) for c in est.excluded],
+        "diverged_at": [int(s) for s in result.diverged_at],
+        "tuned": result.tuned,
+    }
+
+
+def step_size_check(cfg: Config, name: str, posterior: Posterior, first: SamplerRun) -> dict | None:
+    """Rerun at ε/2: R̂ cannot see a bias that all chains share, a change in λ̂ can."""
+    from llc_bench.health import step_size_check_summary
+
+    settings = cfg.sampler[name]
+    if not hasattr(settings, "step_size"):
+        return None  # step size is tuned by the sampler itself
+    half = dataclasses.replace(settings, step_size=settings.step_size / 2)
+    second = run_sampler(cfg, name, posterior, settings=half)
+    return step_size_check_summary(first.estimate.mean, second.estimate.mean)
+
+
+def run_experiment(cfg: Config, out_dir: str | Path | None = None, *, progress: bool = True,
+                   check_step_size: bool = False, write: bool = True, plots: bool = True,
+                   console=None) -> dict:
+    """Run every sampler of `cfg`, print the report, write artifacts; returns the summary dict."""
+    from llc_bench.report import print_report
+    from llc_bench.target import build_target
+
+    progress = progress_enabled(progress)
+    config_dict = to_dict(cfg)
+    rid = artifacts.run_id(config_dict)
+    target = build_target(cfg, progress=progress)
+    posterior = build_posterior(cfg, target)
+    runs: dict[str, SamplerRun] = {}
+    for name in cfg.run.samplers:
+        runs[name] = run_sampler(cfg, name, posterior, truth=target.truth, progress=progress)
+        if check_step_size:
+            runs[name].summary["step_size_check"] = step_size_check(cfg, name, posterior, runs[name])
+
+    train = target.train_report
+    summary = {
+        "run_id": rid,
+        "seed": cfg.run.seed,
+        "n": posterior.n,
+        "n_beta": posterior.n_beta,
+        "gamma": posterior.gamma,
+        "d": posterior.dim,
+        "loss_at_wstar": posterior.loss_at_wstar,
+        "truth": target.truth,
+        "widths": list(target.widths),
+        "teacher_rank": target.teacher_rank,
+        "teacher_generator": target.generator,
+        "train": dataclasses.asdict(train) if train is not None else None,
+        "versions": artifacts.versions(),
+        "samplers": {name: r.summary for name, r in runs.items()},
+    }
+    out = None
+    if write:
+        out = Path(out_dir) if out_dir else Path(cfg.run.out_dir) / rid
+        out.mkdir(parents=True, exist_ok=True)
+        _write_artifacts(out, cfg, summary, runs, target.truth, plots)
+    print_report(summary, out, console=console)
+    return summary
+
+
+def _write_artifacts(out: Path, cfg: Config, summary: dict, runs: dict, truth, plots: bool) -> None:
+    import xarray as xr
+
+    from llc_bench.plots import plot_all
+
+    artifacts.write_text_atomic(out / "config.toml", to_toml(cfg))
+    tree = xr.DataTree.from_dict({f"/{name}": r.tree for name, r in runs.items()})
+    tree.attrs.update(artifacts.jsonable({k: v for k, v in summary.items()
+                                          if k not in ("samplers", "versions", "train")}))
+    artifacts.write_datatree_atomic(tree, out / "traces.zarr")
+    if plots:
+        for name, r in runs.items():
+            plot_all(r.result, out / "plots" / name, truth=truth, running=r.estimate.running)
+    # summary.json last: its presence means the run finished
+    artifacts.write_json_atomic(out / "summary.json", summary)

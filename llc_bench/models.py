@@ -1,0 +1,207 @@
+"""Model zoo: a flax.linen MLP (identity + no bias = deep linear network), sizing helpers, DLN teachers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+Params = dict  # flax parameter tree: {"layer_000": {"kernel": (in, out), "bias": (out,)}, ...}
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+    "identity": lambda h: h,
+}
+
+
+def layer_name(i: int) -> str:
+    # Zero-padded so that the sorted-key order of ravel_pytree is the layer order (Dense_10 < Dense_2).
+    return f"layer_{i:03d}"
+
+
+class MLP(nn.Module):
+    """f(x) = W_L^T σ(… σ(W_1^T x + b_1) …) + b_L; `features` are the output widths of each layer.
+
+    Kernels have shape (fan_in, fan_out) and are drawn N(0, kernel_scale² / fan_in); biases are
+    drawn N(0, bias_scale²) (zero by default, the usual student init).
+    """
+
+    features: tuple[int, ...]
+    activation: str = "relu"
+    use_bias: bool = True
+    kernel_scale: float = 1.0
+    bias_scale: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        kernel_init = nn.initializers.variance_scaling(self.kernel_scale**2, "fan_in", "normal")
+        bias_init = (nn.initializers.normal(self.bias_scale) if self.bias_scale > 0
+                     else nn.initializers.zeros)
+        for i, width in enumerate(self.features):
+            x = nn.Dense(width, use_bias=self.use_bias, kernel_init=kernel_init,
+                         bias_init=bias_init, name=layer_name(i))(x)
+            if i < len(self.features) - 1:
+                x = act(x)
+        return x
+
+
+def full_widths(in_dim: int, hidden: tuple[int, ...], out_dim: int) -> tuple[int, ...]:
+    """H = (H_in, H_1, …, H_out): the widths of every layer boundary, the form DLN theory uses."""
+    return (int(in_dim), *(int(h) for h in hidden), int(out_dim))
+
+
+def count_params(widths_full: tuple[int, ...], bias: bool) -> int:
+    """d = Σ_l H_{l-1} H_l (+ Σ_l H_l with biases)."""
+    pairs = zip(widths_full[:-1], widths_full[1:], strict=True)
+    return sum(a * b + (b if bias else 0) for a, b in pairs)
+
+
+def hidden_widths_for_target(in_dim: int, out_dim: int, target_params: int, depth: int,
+                             bias: bool) -> tuple[int, ...]:
+    """Equal hidden widths (h,)*depth whose parameter count is closest to target_params.
+
+    d(h) = in·h + (depth−1)·h² + h·out (+ depth·h + out) is increasing in h, so the best h is one of
+    the two integers around the root of d(h) = target. Raises ValueError when the best count is
+    more than 5% away from the target (e.g. a target below the smallest network's size).
+    """
+    if target_params <= 0 or depth < 0:
+        raise ValueError(f"need target_params > 0 and depth >= 0, got {target_params}, {depth}")
+    if depth == 0:
+        candidates = [()]
+    else:
+        a, b, c = depth - 1, in_dim + out_dim + (depth if bias else 0), (out_dim if bias else 0)
+        c -= target_params
+        root = -c / b if a == 0 else (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
+        base = max(1, math.floor(root))
+        candidates = [(h,) * depth for h in (base, base + 1)]
+
+    def rel_error(hidden):
+        return abs(count_params(full_widths(in_dim, hidden, out_dim), bias) - target_params) / target_params
+
+    best = min(candidates, key=rel_error)
+    if rel_error(best) > 0.05:
+        d = count_params(full_widths(in_dim, best, out_dim), bias)
+        raise ValueError(f"cannot size a depth-{depth} network with in_dim={in_dim}, out_dim={out_dim} "
+                         f"to {target_params} parameters within 5% (closest: {best} with {d})")
+    return best
+
+
+def init_params(key: jax.Array, widths_full: tuple[int, ...], activation: str, bias: bool,
+                scale: float = 1.0, bias_scale: float = 0.0) -> Params:
+    """Random MLP parameters: kernels N(0, scale²/fan_in), biases N(0, bias_scale²)."""
+    model = MLP(tuple(widths_full[1:]), activation, bias, scale, bias_scale)
+    return model.init(key, jnp.zeros((1, widths_full[0])))["params"]
+
+
+def flatten(params: Params) -> tuple[jax.Array, Callable[[jax.Array], Params]]:
+    """(w_flat (d,), unravel): layers in order, within a layer bias before kernel (sorted keys)."""
+    return ravel_pytree(params)
+
+
+def make_apply(widths_full: tuple[int, ...], activation: str, bias: bool
+               ) -> Callable[[Params, jax.Array], jax.Array]:
+    """apply(params, x (m, H_in)) -> (m, H_out)."""
+    model = MLP(tuple(widths_full[1:]), activation, bias)
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        return model.apply({"params": params}, x)
+
+    return apply
+
+
+def kernels(params: Params) -> list[jax.Array]:
+    """The layer kernels in order, each (H_{l-1}, H_l)."""
+    return [params[name]["kernel"] for name in sorted(params)]
+
+
+def end_to_end_matrix(params: Params) -> jax.Array:
+    """M = W_1 W_2 … W_L (H_in, H_out): a DLN computes f(x) = x M (row-vector convention)."""
+    out = kernels(params)[0]
+    for w in kernels(params)[1:]:
+        out = out @ w
+    return out
+
+
+def _truncate_rank(matrix: np.ndarray, rank: int) -> np.ndarray:
+    """The best rank-`rank` approximation: keep the top singular values, zero the rest."""
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    s[rank:] = 0.0
+    return (u * s) @ vt
+
+
+def dln_teacher(key: jax.Array, widths_full: tuple[int, ...], rank: int | None = None,
+                generator: str = "rand_rank", scale: float = 1.0) -> tuple[Params, int]:
+    """A deep linear teacher (identity, no bias) and the measured rank of its end-to-end matrix.
+
+    Every layer starts as a Gaussian N(0, scale²/fan_in) matrix; ranks are cut by zeroing the
+    smallest singular values. Generic matrices of ranks k_l multiply to rank min_l k_l, which is
+    what makes a requested rank exact.
+
+    - "rand_rank" (Lau et al., AISTATS 2025, App. E and their code): each layer independently, with
+      probability ½, is cut to a rank drawn uniformly from {1, …, full}. With `rank=None` the
+      end-to-end rank is whatever results. With `rank=r`, one layer chosen uniformly is cut to r and
+      the others, with probability ½, to a rank uniform in {r, …, full}, so the product has rank r.
+    - "deepest": every layer cut to rank exactly r (r = min(widths_full) when rank is None), the
+      teacher deepest in the singular set for its rank.
+
+    Returns (params, rank) with rank = numpy.linalg.matrix_rank of the product (in float64), and
+    raises ValueError if it differs from the requested rank.
+    """
+    widths_full = tuple(int(h) for h in widths_full)
+    num_layers = len(widths_full) - 1
+    if generator not in ("rand_rank", "deepest"):
+        raise ValueError(f"unknown DLN generator {generator!r}; known: rand_rank, deepest")
+    if rank is not None and not 0 <= rank <= min(widths_full):
+        raise ValueError(f"rank {rank} must lie in [0, min(widths) = {min(widths_full)}]")
+    k_init, k_layer, k_cut, k_rank = jax.random.split(key, 4)
+    params = init_params(k_init, widths_full, "identity", False, scale)
+    full = [min(a, b) for a, b in zip(widths_full[:-1], widths_full[1:], strict=True)]
+    # Host-side draws from the JAX key, so the teacher is a pure function of the key.
+    coin = np.asarray(jax.random.bernoulli(k_cut, 0.5, (num_layers,)))
+    uniform = np.asarray(jax.random.uniform(k_rank, (num_layers,)))
+    forced = int(jax.random.randint(k_layer, (), 0, num_layers))
+
+    def uniform_int(u: float, lo: int, hi: int) -> int:  # uniform on {lo, …, hi}
+        return lo + min(int(u * (hi - lo + 1)), hi - lo)
+
+    if generator == "deepest":
+        r = min(widths_full) if rank is None else rank
+        layer_ranks = [r] * num_layers
+    elif rank is None:
+        layer_ranks = [uniform_int(u, 1, f) if c else f for c, u, f in zip(coin, uniform, full, strict=True)]
+    else:
+        layer_ranks = [uniform_int(u, rank, f) if c else f for c, u, f in zip(coin, uniform, full, strict=True)]
+        layer_ranks[forced] = rank
+
+    new = {}
+    for name, k in zip(sorted(params), layer_ranks, strict=True):
+        w = np.asarray(params[name]["kernel"], dtype=np.float64)
+        new[name] = {"kernel": jnp.asarray(_truncate_rank(w, k), dtype=params[name]["kernel"].dtype)}
+    measured = dln_rank(new)
+    if rank is not None and measured != rank:
+        raise ValueError(f"DLN teacher has end-to-end rank {measured}, requested {rank}")
+    return new, measured
+
+
+def dln_rank(params: Params) -> int:
+    """numpy matrix_rank of the end-to-end matrix M = W_1 … W_L.
+
+    The product is taken in float64, but the kernels are stored in float32, where a cut singular
+    value survives as rounding noise of relative size ~eps32; so singular values below
+    σ_max · max(H_in, H_out) · L · eps(kernel dtype) count as zero (numpy's default tolerance,
+    scaled to the storage precision and the depth).
+    """
+    ws = kernels(params)
+    eps = float(jnp.finfo(ws[0].dtype).eps)
+    out = np.asarray(ws[0], dtype=np.float64)
+    for w in ws[1:]:
+        out = out @ np.asarray(w, dtype=np.float64)
+    return int(np.linalg.matrix_rank(out, rtol=max(out.shape) * len(ws) * eps))

@@ -1,0 +1,65 @@
+"""The printed report: one table row per sampler, then health warnings in plain words with their remedies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _num(x, fmt: str = ".3g") -> str:
+    return "—" if x is None else format(x, fmt)
+
+
+def _spread(per_chain) -> str:
+    vals = [v for v in per_chain if v is not None]
+    if not vals:
+        return "—"
+    return f"{min(vals):.3g}…{max(vals):.3g}"
+
+
+def _accept_or_energy(name: str, s: dict) -> str:
+    if s.get("accept_rate") is not None:
+        return f"acc {s['accept_rate']:.2f}"
+    e = s.get("energy_change")
+    if e:
+        return f"ΔE² {e['mean_sq_per_dim']:.2g}/dim"
+    return "—"
+
+
+def print_report(summary: dict, out_dir: Path | None, console: Console | None = None) -> None:
+    console = console or Console(width=200)
+    truth = summary.get("truth")
+    title = (f"LLC estimates  (n={summary['n']}, d={summary['d']}, nβ={summary['n_beta']:.4g}, "
+             f"γ={summary['gamma']:.4g}, L_n(w*)={summary['loss_at_wstar']:.4g}"
+             + (f", truth λ={truth:.4g}" if truth is not None else ", truth unknown") + ")")
+    table = Table(title=title, title_justify="left")
+    for col in ("sampler", "λ̂ ± SE", "chains", "rel err", "ESS bulk/tail", "R̂", "acc / energy",
+                "grad evals", "sample s", "compile s", "WNV·s", "WNV·grad", "status"):
+        table.add_column(col, justify="left" if col in ("sampler", "status") else "right")
+    for name, s in summary["samplers"].items():
+        llc = "—" if s["llc_mean"] is None else f"{s['llc_mean']:.4g} ± {_num(s['llc_se'])}"
+        rel = "—" if s["rel_error"] is None else f"{100 * s['rel_error']:+.1f}%"
+        style = {"ok": "green", "warnings": "yellow"}.get(s["status"], "red")
+        table.add_row(name, llc, _spread(s["llc_per_chain"]), rel,
+                      f"{_num(s['ess_bulk'], '.0f')}/{_num(s['ess_tail'], '.0f')}", _num(s["rhat"], ".3f"),
+                      _accept_or_energy(name, s), _num(s["grad_evals"], ".3g"), _num(s["wall_s"], ".2f"),
+                      _num(s["compile_s"], ".2f"), _num(s["wnv_time"]), _num(s["wnv_grad"]),
+                      f"[{style}]{s['status']}[/{style}]")
+    console.print(table)
+    for name, s in summary["samplers"].items():
+        if s["chains_excluded"]:
+            console.print(f"[red]{name}: chains {s['chains_excluded']} diverged (loss or position became "
+                          f"NaN/inf at steps {[s['diverged_at'][c] for c in s['chains_excluded']]}) and are "
+                          f"excluded from the estimate.[/red]")
+        if s["status"] == "failed":
+            console.print(f"[red]{name}: every chain diverged; no estimate. Decrease the step size.[/red]")
+        for w in s["warnings"]:
+            console.print(f"[yellow]{name}: {w}[/yellow]")
+        check = s.get("step_size_check")
+        if check:
+            console.print(f"{name}: step-size check: λ̂ at ε/2 changed by {100 * check['rel_change']:+.1f}%"
+                          + (" — discretization bias, use a smaller step size" if check["flag"] else ""))
+    if out_dir is not None:
+        console.print(f"artifacts: {out_dir}/ (summary.json, config.toml, traces.zarr, plots/)")
