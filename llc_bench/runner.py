@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from llc_bench.posterior import Posterior
+from llc_bench.progress import Bar, progress_enabled
+from llc_bench.samplers.base import Algorithm, StepInfo
 
 
 @dataclass(frozen=True)
@@ -32,3 +41,272 @@ class ChainResult:
     warmup_s: float  # tuning/warm-up seconds, compile excluded
     compile_s: float  # compile seconds (warm-up + sampling functions)
     tuned: dict  # per-sampler tuned parameters summarized for reports (e.g. step_size mean), floats only
+
+
+# --------------------------------------------------------------------------------------------
+# Running chains
+# --------------------------------------------------------------------------------------------
+
+_AUTO_CHUNKS = 20  # chunk_size=0: about this many host round trips (progress updates) per phase
+
+
+class _Carry(NamedTuple):
+    """Per-chain loop state, leading axis = chains."""
+
+    state: Any  # the sampler's state pytree (C, ...)
+    diverged_at: jax.Array  # (C,) int32, -1 while the chain is finite
+
+
+class _Consts(NamedTuple):
+    """Arrays every chunk reads, passed as arguments (not closed over) so they are not baked into the executable."""
+
+    run_keys: jax.Array  # (C, key) per-chain base key of the sampling phase
+    params: Any  # tuned parameters, leading axis = chains
+    x: jax.Array  # (n, in_dim)
+    y: jax.Array  # (n, out_dim)
+    w_star: jax.Array  # (d,)
+    directions: jax.Array  # (d, P) random unit columns
+
+
+def chain_keys(rng_key: jax.Array, num_chains: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(warm-up keys (C,), sampling keys (C,), projection key) derived from one key by fold_in.
+
+    Chain c's keys depend only on (rng_key, c), so adding chains never changes existing ones.
+    """
+    chains_root = jax.random.fold_in(rng_key, 0)
+    per_chain = jax.vmap(lambda c: jax.random.fold_in(chains_root, c))(jnp.arange(num_chains))
+    warmup_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(per_chain)
+    run_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(per_chain)
+    return warmup_keys, run_keys, jax.random.fold_in(rng_key, 1)
+
+
+def random_directions(rng_key: jax.Array, dim: int, num: int, dtype=jnp.float32) -> jax.Array:
+    """(dim, num) matrix of independent uniformly random unit columns (shared by all chains)."""
+    g = jax.random.normal(rng_key, (dim, num), dtype)
+    return g / jnp.linalg.norm(g, axis=0, keepdims=True)
+
+
+def chunk_plan(total: int, target: int) -> tuple[int, int]:
+    """(length, count): `count` chunks of equal `length` covering `total` with the least padding.
+
+    One constant length keeps one compiled shape; the < count padded items at the end are masked.
+    """
+    if total <= 0:
+        return 0, 0
+    count = math.ceil(total / max(1, min(target, total)))
+    return math.ceil(total / count), count
+
+
+def summarize_tuned(params: Any) -> dict[str, float]:
+    """Mean over chains of every per-chain scalar leaf of the tuned params, keyed by its path ('step_size', 'L')."""
+    out: dict[str, float] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        leaf = np.asarray(leaf)
+        if leaf.ndim != 1 or not np.issubdtype(leaf.dtype, np.number):
+            continue
+        out[".".join(_key_name(k) for k in path) or "value"] = float(np.mean(leaf))
+    return out
+
+
+def _key_name(key) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _step_chains(algorithm: Algorithm, consts: _Consts, carry: _Carry, t: jax.Array, t_end: int):
+    """Advance all chains by global step t (0-based); steps t >= t_end are padding and change nothing.
+
+    A chain whose new loss or position is non-finite records t in diverged_at and keeps its last
+    finite state from then on; its reported loss/accept/energy are NaN from that step.
+    """
+    minibatch = algorithm.batch_size is not None
+    n = consts.x.shape[0]
+
+    def one_chain(run_key, state, params, diverged_at):
+        # Keys by fold_in on the global step index: results do not depend on how steps are chunked.
+        key = jax.random.fold_in(run_key, t)
+        step_key, batch_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+        batch = None
+        if minibatch:
+            # With replacement: independent uniform indices, so each step's batch gradient is an
+            # unbiased estimate of the full-data gradient and chains never share batches.
+            idx = jax.random.randint(batch_key, (algorithm.batch_size,), 0, n)
+            batch = (consts.x[idx], consts.y[idx])
+        new_state, info = algorithm.step(step_key, state, params, batch)
+        finite = jnp.isfinite(info.loss) & jnp.all(jnp.isfinite(algorithm.position(new_state)))
+        was_alive = diverged_at < 0
+        live = t < t_end
+        keep = was_alive & finite & live
+        diverged_at = jnp.where(was_alive & ~finite & live, t, diverged_at).astype(jnp.int32)
+        state = jax.tree.map(lambda new, old: jnp.where(keep, new, old), new_state, state)
+        dead = diverged_at >= 0
+        out = StepInfo(
+            loss=jnp.where(dead, jnp.nan, info.loss),
+            accept=jnp.where(dead, jnp.nan, info.accept),
+            energy_change=jnp.where(dead, jnp.nan, info.energy_change),
+            diverging=jnp.asarray(info.diverging, bool) & was_alive,
+            # Work is counted for every executed step: a frozen chain still computes in lockstep.
+            grad_evals=jnp.asarray(info.grad_evals, jnp.float32),
+        )
+        return state, diverged_at, out
+
+    state, diverged_at, info = jax.vmap(one_chain)(consts.run_keys, carry.state, consts.params, carry.diverged_at)
+    return _Carry(state, diverged_at), info
+
+
+def _draw(algorithm: Algorithm, posterior: Posterior, consts: _Consts, carry: _Carry):
+    """Full-data L_n and projections (w − w*) @ P of every chain; NaN for diverged chains."""
+    positions = jax.vmap(algorithm.position)(carry.state)
+    loss = jax.vmap(posterior.batch_loss, in_axes=(0, None, None))(positions, consts.x, consts.y)
+    proj = (positions - consts.w_star) @ consts.directions
+    dead = carry.diverged_at >= 0
+    return jnp.where(dead, jnp.nan, loss), jnp.where(dead[:, None], jnp.nan, proj)
+
+
+def _burnin_chunk_fn(algorithm: Algorithm, length: int, num_burnin_steps: int):
+    """carry, first step -> carry, StepInfo (length, C): `length` plain steps."""
+
+    def chunk(carry: _Carry, t0: jax.Array, consts: _Consts):
+        def body(carry, i):
+            return _step_chains(algorithm, consts, carry, t0 + i, num_burnin_steps)
+
+        return jax.lax.scan(body, carry, jnp.arange(length, dtype=jnp.int32))
+
+    return chunk
+
+
+def _draw_chunk_fn(algorithm: Algorithm, posterior: Posterior, blocks: int, k: int, num_burnin_steps: int, total_steps: int):
+    """carry, first block -> carry, (StepInfo (blocks, k, C), draw loss (blocks, C), projections (blocks, C, P)).
+
+    A block is k steps followed by one draw; blocks past the last draw are padding (masked steps).
+    """
+
+    def chunk(carry: _Carry, block0: jax.Array, consts: _Consts):
+        def block(carry, j):
+            t_start = num_burnin_steps + (block0 + j) * k
+
+            def body(carry, i):
+                return _step_chains(algorithm, consts, carry, t_start + i, total_steps)
+
+            carry, infos = jax.lax.scan(body, carry, jnp.arange(k, dtype=jnp.int32))
+            return carry, (infos, *_draw(algorithm, posterior, consts, carry))
+
+        return jax.lax.scan(block, carry, jnp.arange(blocks, dtype=jnp.int32))
+
+    return chunk
+
+
+def _compile(fn, *args):
+    """(compiled executable, seconds): lowered and compiled once; calling it can never retrace."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - start
+
+
+def run_chains(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: jax.Array, *,
+               num_chains: int, num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int,
+               num_projections: int = 4, chunk_size: int = 0, progress: bool = True) -> ChainResult:
+    """Warm up and run `num_chains` vmapped chains from w*; see `run_chains_with_state`."""
+    return run_chains_with_state(
+        name, algorithm, posterior, rng_key, num_chains=num_chains, num_burnin_steps=num_burnin_steps,
+        num_draws=num_draws, num_steps_bw_draws=num_steps_bw_draws, num_projections=num_projections,
+        chunk_size=chunk_size, progress=progress)[0]
+
+
+def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: jax.Array, *,
+                          num_chains: int, num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int,
+                          num_projections: int = 4, chunk_size: int = 0, progress: bool = True):
+    """(ChainResult, final sampler states (C, ...)): warm up, burn in, then draw every k steps.
+
+    T = num_burnin_steps + num_draws * k steps (k = num_steps_bw_draws); draw d is taken after
+    0-based step num_burnin_steps + (d + 1) k − 1, where the full-data L_n and the projections are
+    evaluated. Those num_draws forward passes over the full data per chain are NOT counted in
+    grad_evals (which is warm-up work plus the sum of StepInfo.grad_evals over all T steps).
+
+    Keys: chain c uses fold_in(fold_in(rng_key, 0), c), split by fold_in into warm-up and sampling
+    keys; step t uses fold_in(sampling key, t), then fold_in 0 (sampler) and 1 (minibatch indices).
+    The projection directions come from fold_in(rng_key, 1) and are shared by all chains.
+
+    Execution: two executables compiled once each (burn-in chunk: a scan of plain steps; draw
+    chunk: a scan over blocks of k steps + one draw), called from a host loop so the progress bar
+    advances between chunks. chunk_size is steps per chunk (0 = about 1/20 of each phase); the
+    last chunk is padded with masked no-op steps rather than compiled at a second shape.
+    wall_s and warmup_s exclude compile time, reported as compile_s.
+    """
+    if num_chains < 1 or num_draws < 1 or num_steps_bw_draws < 1 or num_burnin_steps < 0:
+        raise ValueError("need num_chains, num_draws, num_steps_bw_draws >= 1 and num_burnin_steps >= 0")
+    k = num_steps_bw_draws
+    total_steps = num_burnin_steps + num_draws * k
+    target = chunk_size if chunk_size > 0 else max(1, math.ceil(total_steps / _AUTO_CHUNKS))
+    burn_len, burn_count = chunk_plan(num_burnin_steps, target)
+    blocks, draw_count = chunk_plan(num_draws, max(1, target // k))
+
+    warmup_keys, run_keys, proj_key = chain_keys(rng_key, num_chains)
+    w_star = jnp.asarray(posterior.w_star)
+    positions0 = jnp.broadcast_to(w_star, (num_chains, w_star.shape[0]))
+
+    with Bar(f"{name}: warm-up", total_steps, progress_enabled(progress)) as bar:
+        warmup, compile_s = _compile(jax.vmap(algorithm.warmup), warmup_keys, positions0)
+        (state, params, warmup_work), warmup_s = _timed(warmup, warmup_keys, positions0)
+        bar.describe(f"{name}: sampling")
+
+        directions = random_directions(proj_key, w_star.shape[0], num_projections, w_star.dtype)
+        consts = _Consts(run_keys, params, jnp.asarray(posterior.x), jnp.asarray(posterior.y), w_star, directions)
+        # A warm-up that already left the finite region counts as diverged at step 0.
+        finite0 = jnp.all(jnp.isfinite(jax.vmap(algorithm.position)(state)), axis=1)
+        carry = _Carry(state, jnp.where(finite0, -1, 0).astype(jnp.int32))
+
+        infos, wall_s = [], 0.0
+        if burn_count:
+            burn, seconds = _compile(_burnin_chunk_fn(algorithm, burn_len, num_burnin_steps), carry, jnp.int32(0), consts)
+            compile_s += seconds
+            for c in range(burn_count):
+                (carry, info), seconds = _timed(burn, carry, jnp.int32(c * burn_len), consts)
+                wall_s += seconds
+                infos.append(jax.tree.map(np.asarray, info))
+                bar.advance(min(burn_len, num_burnin_steps - c * burn_len))
+
+        draw, seconds = _compile(_draw_chunk_fn(algorithm, posterior, blocks, k, num_burnin_steps, total_steps),
+                                 carry, jnp.int32(0), consts)
+        compile_s += seconds
+        draw_loss, projections = [], []
+        for c in range(draw_count):
+            (carry, (info, loss, proj)), seconds = _timed(draw, carry, jnp.int32(c * blocks), consts)
+            wall_s += seconds
+            infos.append(jax.tree.map(lambda a: np.asarray(a).reshape(blocks * k, num_chains), info))
+            draw_loss.append(np.asarray(loss))
+            projections.append(np.asarray(proj))
+            bar.advance(min(blocks, num_draws - c * blocks) * k)
+
+    # Host side: concatenate chunks, drop the padding, put chains first.
+    trace = StepInfo(*(np.concatenate([getattr(i, f) for i in infos])[:total_steps].T for f in StepInfo._fields))
+    warmup_work = np.asarray(warmup_work, np.float64).reshape(num_chains)
+    result = ChainResult(
+        sampler=name,
+        loss_trace=trace.loss,
+        accept=trace.accept,
+        energy_change=trace.energy_change,
+        diverging=trace.diverging.astype(bool),
+        draw_loss=np.concatenate(draw_loss)[:num_draws].T,
+        draw_steps=num_burnin_steps + (np.arange(num_draws) + 1) * k - 1,
+        projections=np.concatenate(projections)[:num_draws].transpose(1, 0, 2),
+        diverged_at=np.asarray(carry.diverged_at, np.int64),
+        grad_evals=warmup_work + trace.grad_evals.astype(np.float64).sum(axis=1),
+        warmup_grad_evals=warmup_work,
+        num_burnin_steps=num_burnin_steps,
+        loss_at_wstar=float(posterior.loss_at_wstar),
+        n_beta=float(posterior.n_beta),
+        wall_s=wall_s,
+        warmup_s=warmup_s,
+        compile_s=compile_s,
+        tuned=summarize_tuned(params),
+    )
+    return result, carry.state

@@ -1,0 +1,113 @@
+"""Configuration: every bad input is refused before any work, in one line with exit status 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llc_bench import cli
+from llc_bench.config import Config, ConfigError, from_dict, load_config, replace, to_dict, to_toml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BAD_INPUTS = [
+    (["--set", "model.widths=[16,0]"], "model.widths"),
+    (["--set", "model.widths=[-3]"], "model.widths"),
+    (["--set", "teacher.widths=[8,-1]"], "teacher.widths"),
+    (["--set", "model.activation=relux"], "model.activation: unknown value 'relux' (did you mean 'relu'?)"),
+    (["--set", "data.distribution=gausian"], "data.distribution: unknown value 'gausian' (did you mean 'gaussian'?)"),
+    (["--set", "data.noise=student"], "data.noise: unknown value 'student'"),
+    (["--sampler", "sgldd"], "run.samplers: unknown sampler 'sgldd' (did you mean 'sgld'?)"),
+    (["--set", "teacher.kind=dln", "--set", "teacher.widths=[4,4]", "--set", "teacher.rank=9"],
+     "teacher.rank: must be <= the smallest teacher width"),
+    (["--set", "sampler.sgld.batch_size=20000"], "sampler.sgld.batch_size: must be <= data.n"),
+    (["--set", "train.batch_size=20000"], "train.batch_size: must be <= data.n"),
+    (["--set", "sampler.sgld.step_size=-1e-4"], "sampler.sgld.step_size: must be > 0"),
+    (["--set", "sampler.sgld.step_size=nan"], "sampler.sgld.step_size: must be a finite number"),
+    (["--set", "sampler.rmsprop_sgld.step_size=inf"], "sampler.rmsprop_sgld.step_size: must be a finite number"),
+    (["--set", "posterior.beta0=-1"], "posterior.beta0: must be > 0"),
+    (["--set", "posterior.gamma=-5"], "posterior.gamma: must be >= 0"),
+    (["--set", "sampler.rmsprop_sgld.eps=2"], "sampler.rmsprop_sgld.eps: must be in (0, 1]"),
+    (["--set", "data.nn=5"], "data.nn: unknown key (did you mean 'n'?)"),
+    (["--set", "sampler.sgld.stepsize=1e-4"], "sampler.sgld.stepsize: unknown key (did you mean 'step_size'?)"),
+    (["--set", "datta.n=5"], "datta: unknown section (did you mean 'data'?)"),
+    (["--set", "data.n=abc"], "data.n: must be an integer"),
+    (["--set", "data.n=0"], "data.n: must be > 0"),
+    (["--set", "run.num_chains=2.5"], "run.num_chains: must be an integer"),
+    (["--preset", "nosuch"], "--preset: unknown preset 'nosuch'"),
+    (["--config", "/nonexistent/x.toml"], "--config /nonexistent/x.toml: file not found"),
+    (["--set", "posterior.prior_radius=2"], "posterior.gamma: set exactly one"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+]
+
+
+@pytest.mark.parametrize(("argv", "expected"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_exit_2(argv, expected, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_real_command_line_bad_input_and_unwritable_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for argv, expected in [
+        (["--set", "model.activation=relux"], "model.activation: unknown value"),
+        (["--out", str(blocker / "sub")], "--out"),
+        (["--config", str(tmp_path / "missing.toml")], "file not found"),
+    ]:
+        proc = subprocess.run([sys.executable, str(ROOT / "main.py"), *argv], capture_output=True,
+                              text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and expected in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert proc.stdout == ""
+
+
+def test_invalid_toml_file(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data\nn = 3")
+    assert cli.main(["--config", str(bad)]) == 2
+    assert "invalid TOML" in capsys.readouterr().err
+
+
+def test_layering_defaults_preset_file_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[data]\nn = 777\nin_dim = 5\n[sampler.sgld]\nstep_size = 3e-5\n")
+    cfg = load_config("quick", f, ["data.in_dim=7", "run.samplers=sgld,hmc"])
+    assert cfg.data.n == 777 and cfg.data.in_dim == 7
+    assert cfg.run.samplers == ("sgld", "hmc")
+    assert cfg.sampler["sgld"].step_size == 3e-5
+    assert set(cfg.sampler) >= {"sgld", "hmc"}
+
+
+def test_round_trip_through_toml(tmp_path):
+    cfg = load_config("quick", None, ["posterior.gamma=none", "posterior.prior_radius=3.0"])
+    f = tmp_path / "resolved.toml"
+    f.write_text(to_toml(cfg))
+    again = load_config(None, f)
+    assert to_dict(again) == to_dict(cfg)
+    assert again.posterior.gamma is None and again.posterior.prior_radius == 3.0
+
+
+def test_frozen_and_replace():
+    cfg = from_dict({})
+    assert isinstance(cfg, Config)
+    with pytest.raises(AttributeError):
+        cfg.data.n = 5  # type: ignore[misc]
+    cfg2 = replace(cfg, **{"sampler.sgld.step_size": 1e-6, "data.n": 500})
+    assert cfg2.sampler["sgld"].step_size == 1e-6 and cfg2.data.n == 500
+    with pytest.raises(ConfigError, match="sampler.sgld.step_size"):
+        replace(cfg, **{"sampler.sgld.step_size": 0.0})
+
+
+def test_every_preset_loads():
+    from llc_bench.config import preset_names
+
+    names = preset_names()
+    assert {"default", "quick", "dln"} <= set(names)
+    for name in names:
+        load_config(name)
