@@ -51,9 +51,7 @@ def usable_chains(draw_loss: np.ndarray, diverged_at=None) -> np.ndarray:
     if diverged_at is not None:
         diverged_at = np.asarray(diverged_at)
         if diverged_at.shape != usable.shape:
-            raise ValueError(
-                f"diverged_at must have shape {usable.shape}, got {diverged_at.shape}"
-            )
+            raise ValueError(f"diverged_at must have shape {usable.shape}, got {diverged_at.shape}")
         usable &= diverged_at < 0
     return usable
 
@@ -90,7 +88,9 @@ def estimate_llc(draw_loss, loss_at_wstar: float, n_beta: float, diverged_at=Non
     excluded = tuple(int(c) for c in np.flatnonzero(~usable))
     # Divergent chains overflow in cumsum by design (inf/NaN rows); that is what the plot should show.
     with np.errstate(over="ignore", invalid="ignore"):
-        running = n_beta * (np.cumsum(draw_loss, axis=1) / np.arange(1, num_draws + 1) - loss_at_wstar)
+        running = n_beta * (
+            np.cumsum(draw_loss, axis=1) / np.arange(1, num_draws + 1) - loss_at_wstar
+        )
     per_chain = np.where(usable, running[:, -1], np.nan)
     num_used = int(usable.sum())
 
