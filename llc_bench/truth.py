@@ -58,7 +58,7 @@ def select_subset(reduced_widths: Sequence[int]) -> tuple[int, ...]:
 
 
 def dln_learning_coefficient_exact(widths: Sequence[int], rank: int) -> Fraction:
-    """λ of a deep linear network as an exact Fraction (Aoyagi 2024, Neural Networks 172, Thm. 1).
+    """λ of a deep linear network as an exact Fraction (Aoyagi 2024, Neural Networks, doi:10.1016/j.neunet.2024.106132).
 
     widths = [H_in, H_1, ..., H_out], rank r of the teacher's end-to-end matrix.
     M_s = H_s - r; Σ from `select_subset`, ℓ = |Σ| - 1, S = Σ_{σ∈Σ} M_σ,

@@ -141,8 +141,8 @@ def test_inserting_a_very_wide_layer_changes_nothing():
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 5, 8])
 def test_scalar_chain(depth):
-    # f = w_1 ... w_L. Teacher 0: K = (w_1 ... w_L)^2, a normal crossing monomial, RLCT = 1/2 for
-    # depth >= 2 (1/2 for depth 1 too: w^2). Teacher != 0: {Π w = c} is a smooth hypersurface, 1/2.
+    # f = w_1 ... w_L. Teacher 0: K = (w_1 ... w_L)^2, a normal crossing monomial, RLCT = 1/2 at any
+    # depth (depth 1: w², also 1/2). Teacher != 0: {Π w = c} is a smooth hypersurface, 1/2.
     assert dln_learning_coefficient_exact([1] * (depth + 1), 0) == Fraction(1, 2)
     assert dln_learning_coefficient_exact([1] * (depth + 1), 1) == Fraction(1, 2)
 
