@@ -47,7 +47,11 @@ def run_algorithm(algorithm, posterior, key, num_chains: int, num_steps: int):
         keys = jax.random.split(step_key, num_chains)
         batch = None
         if algorithm.batch_size is not None:
-            idx = jax.vmap(lambda k: jax.random.randint(k, (algorithm.batch_size,), 0, posterior.n))(keys)
+            # A key of its own for the batch indices: reusing the sampler's key would correlate
+            # the minibatch with the injected noise (the runner folds in 0 and 1 the same way).
+            batch_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+            keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+            idx = jax.vmap(lambda k: jax.random.randint(k, (algorithm.batch_size,), 0, posterior.n))(batch_keys)
             batch = (posterior.x[idx], posterior.y[idx])
             step = jax.vmap(algorithm.step)
         else:
