@@ -205,6 +205,11 @@ def _compile(fn, *args):
     return compiled, time.perf_counter() - start
 
 
+def _stack(chunks: list[StepInfo], length: int) -> StepInfo:
+    """One phase's per-chunk (L, C) arrays joined into (length, C), the padded tail dropped."""
+    return StepInfo(*(np.concatenate([getattr(c, f) for c in chunks])[:length] for f in StepInfo._fields))
+
+
 def _timed(fn, *args):
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
@@ -264,14 +269,14 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
         finite0 = jnp.all(jnp.isfinite(jax.vmap(algorithm.position)(state)), axis=1)
         carry = _Carry(state, jnp.where(finite0, -1, 0).astype(jnp.int32))
 
-        infos, wall_s = [], 0.0
+        burn_infos, draw_infos, wall_s = [], [], 0.0
         if burn_count:
             burn, seconds = _compile(_burnin_chunk_fn(algorithm, burn_len, num_burnin_steps), carry, jnp.int32(0), consts)
             compile_s += seconds
             for c in range(burn_count):
                 (carry, info), seconds = _timed(burn, carry, jnp.int32(c * burn_len), consts)
                 wall_s += seconds
-                infos.append(jax.tree.map(np.asarray, info))
+                burn_infos.append(jax.tree.map(np.asarray, info))
                 bar.advance(min(burn_len, num_burnin_steps - c * burn_len))
 
         draw, seconds = _compile(_draw_chunk_fn(algorithm, posterior, blocks, k, num_burnin_steps, total_steps),
@@ -281,13 +286,14 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
         for c in range(draw_count):
             (carry, (info, loss, proj)), seconds = _timed(draw, carry, jnp.int32(c * blocks), consts)
             wall_s += seconds
-            infos.append(jax.tree.map(lambda a: np.asarray(a).reshape(blocks * k, num_chains), info))
+            draw_infos.append(jax.tree.map(lambda a: np.asarray(a).reshape(blocks * k, num_chains), info))
             draw_loss.append(np.asarray(loss))
             projections.append(np.asarray(proj))
             bar.advance(min(blocks, num_draws - c * blocks) * k)
 
-    # Host side: concatenate chunks, drop the padding, put chains first.
-    trace = StepInfo(*(np.concatenate([getattr(i, f) for i in infos])[:total_steps].T for f in StepInfo._fields))
+    # Host side: drop each phase's padding, concatenate the phases, put chains first.
+    phases = ([_stack(burn_infos, num_burnin_steps)] if burn_infos else []) + [_stack(draw_infos, num_draws * k)]
+    trace = StepInfo(*(np.concatenate(arrays).T for arrays in zip(*phases, strict=True)))
     warmup_work = np.asarray(warmup_work, np.float64).reshape(num_chains)
     result = ChainResult(
         sampler=name,
