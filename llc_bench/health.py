@@ -1,0 +1,371 @@
+"""Loss-trace health checks (the sampling guide's rules and remedies), a MALA-style acceptance diagnostic for SGLD, and the ε-halving check."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import arviz_stats as azs
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy.special import ndtri
+from scipy.stats import rankdata
+
+from llc_bench.runner import ChainResult
+
+# ---------------------------------------------------------------------------------------------
+# Thresholds. All are heuristics chosen so that a stationary trace of a few hundred effective
+# draws fires nothing, while each textbook failure fires its own flag.
+# ---------------------------------------------------------------------------------------------
+
+# not_leveling / burnin_too_short: a rise between two windows counts only if it is both
+# statistically real (TREND_Z Monte Carlo standard errors, autocorrelation-aware via ArviZ's
+# MCSE) and material (TREND_MIN_FRACTION of the rise above L_n(w*)).
+TREND_Z = 4.0
+TREND_MIN_FRACTION = 0.05
+# burnin_too_short compares the first EARLY_FRACTION of the post-burn-in series with its last half.
+EARLY_FRACTION = 0.1
+# A window shorter than this gives no usable MCSE; the check is skipped (never fired).
+MIN_WINDOW = 8
+# spikes: a point above median + SPIKE_K robust standard deviations (1.4826 · MAD). With
+# Gaussian-like noise a 10σ excursion never happens by chance; only upward jumps count.
+SPIKE_K = 10.0
+MAD_TO_SD = 1.4826
+# below_wstar: a chain's mean loss is below L_n(w*) by more than BELOW_WSTAR_Z of its MCSE.
+BELOW_WSTAR_Z = 4.0
+# low_snr: the guide wants the average rise above L_n(w*) to exceed the within-chain standard
+# deviation, i.e. signal / noise >= LOW_SNR_MIN. Caveat: for an exact sampler on a quadratic
+# basin, nβ(L_n − L*) ~ ½χ²_{2λ}, so a full-data trace has SNR ≈ √λ; the rule is informative
+# for minibatch traces and for λ ≳ 1.
+LOW_SNR_MIN = 1.0
+# chains_disagree: rank-normalized R̂ WITHOUT chain splitting, so a common trend (not_leveling)
+# does not masquerade as disagreement. 1.05 is the classic looser cut (Vehtari et al. use 1.01).
+RHAT_DISAGREE = 1.05
+# divergences: any sampler-reported divergent transition after burn-in (HMC/NUTS) is reported.
+MAX_DIVERGENT_FRACTION = 0.0
+# mala: mean MALA acceptance below this suggests the SGLD step is too coarse for the local
+# curvature. A heuristic (optimal MALA acceptance is ~0.57 in high dimension), not a theorem.
+MALA_MIN_ACCEPT = 0.5
+# step_size_check: relative change of λ̂ when ε is halved above this means discretization bias.
+STEP_SIZE_MAX_REL_CHANGE = 0.10
+STEP_SIZE_Z = 2.0
+
+# Remedies, verbatim in spirit from the guide's table (seed 000) where it has one.
+REMEDIES = {
+    "nan": "First decrease ε; also consider if nβ and/or γ are too large.",
+    "not_leveling": "Increase ε and/or take more total steps; if that fails, increase γ.",
+    "burnin_too_short": "Increase num_burnin_steps until the trace is flat before the first draw.",
+    "spikes": "First decrease ε; also consider if nβ and/or γ are too large.",
+    "below_wstar": "Increase γ and/or decrease nβ.",
+    "low_snr": "Increase nβ, possibly while decreasing γ and ε; or increase the batch size.",
+    "chains_disagree": (
+        "Run longer / check burn-in; chains leveling at different values usually mean they have "
+        "not converged or explore different basins (then increase γ)."
+    ),
+    "divergences": "Decrease the step size (raise the adaptation's target acceptance rate).",
+    "mala_low_accept": "Decrease ε (the acceptance threshold is a heuristic).",
+    "step_size_bias": (
+        "Discretization bias: the estimate moved when ε was halved; use a smaller ε."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class HealthFlag:
+    """One failed check: a code, what was seen in plain words, and what to change."""
+
+    code: str
+    message: str
+    remedy: str
+    chains: tuple[int, ...] = ()
+
+
+def _flag(code: str, message: str, chains=()) -> HealthFlag:
+    return HealthFlag(code, message, REMEDIES[code], tuple(int(c) for c in chains))
+
+
+@dataclass(frozen=True)
+class HealthThresholds:
+    """The module constants, overridable per call."""
+
+    trend_z: float = TREND_Z
+    trend_min_fraction: float = TREND_MIN_FRACTION
+    early_fraction: float = EARLY_FRACTION
+    min_window: int = MIN_WINDOW
+    spike_k: float = SPIKE_K
+    below_wstar_z: float = BELOW_WSTAR_Z
+    low_snr_min: float = LOW_SNR_MIN
+    rhat_disagree: float = RHAT_DISAGREE
+    max_divergent_fraction: float = MAX_DIVERGENT_FRACTION
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics on (C, N) series of healthy chains
+# ---------------------------------------------------------------------------------------------
+
+
+def _mcse_mean(x: np.ndarray) -> float:
+    """Autocorrelation-aware MCSE of the pooled mean of (C, N); 0 for a constant window."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        se = float(azs.mcse(x, method="mean", chain_axis=0, draw_axis=1))
+    return 0.0 if not np.isfinite(se) else se
+
+
+def window_rise(early: np.ndarray, late: np.ndarray) -> tuple[float, float]:
+    """(mean(late) − mean(early), its standard error) for two (C, n) windows."""
+    diff = float(np.mean(late) - np.mean(early))
+    return diff, float(np.hypot(_mcse_mean(early), _mcse_mean(late)))
+
+
+def unsplit_rank_rhat(x: np.ndarray) -> float:
+    """Gelman–Rubin R̂ on rank-normalized (C, N) values, chains not split.
+
+    Ranks make it robust to spikes; not splitting makes it blind to a trend shared by all chains,
+    so it measures only whether chains sit at different levels.
+    """
+    if x.shape[0] < 2 or x.shape[1] < 2:
+        return float("nan")
+    z = ndtri((rankdata(x, axis=None).reshape(x.shape) - 0.375) / (x.size + 0.25))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(azs.rhat(z, method="identity", chain_axis=0, draw_axis=1))
+
+
+def _spike_counts(x: np.ndarray, k: float) -> np.ndarray:
+    """Per chain, how many points exceed median + k · 1.4826 · MAD."""
+    med = np.median(x, axis=1, keepdims=True)
+    scale = MAD_TO_SD * np.median(np.abs(x - med), axis=1, keepdims=True)
+    # A constant trace has MAD 0; any real jump off it is still a spike.
+    scale = np.maximum(scale, 1e-12 * np.maximum(1.0, np.abs(med)))
+    return np.sum(x > med + k * scale, axis=1)
+
+
+def _trend_flags(name: str, x: np.ndarray, loss_at_wstar: float, th: HealthThresholds) -> list[HealthFlag]:
+    """not_leveling (last quarter vs the quarter before) and, if that is quiet, burnin_too_short."""
+    n = x.shape[1]
+    quarter = n // 4
+    if quarter < th.min_window:
+        return []
+    late_half = x[:, n - 2 * quarter :]
+    rise = float(np.mean(late_half) - loss_at_wstar)
+    q3, q4 = x[:, n - 2 * quarter : n - quarter], x[:, n - quarter :]
+    diff, se = window_rise(q3, q4)
+    if diff > th.trend_z * se and diff > th.trend_min_fraction * abs(rise):
+        return [_flag(
+            "not_leveling",
+            f"{name}: the last quarter's mean is {diff:.3g} above the quarter before "
+            f"({diff / se if se > 0 else np.inf:.1f} standard errors, {diff / abs(rise) if rise else np.inf:.0%} "
+            f"of the rise above L_n(w*)); the trace is still climbing.",
+        )]
+    early = x[:, : max(th.min_window, int(th.early_fraction * n))]
+    diff, se = window_rise(early, late_half)
+    if diff > th.trend_z * se and diff > th.trend_min_fraction * abs(rise):
+        return [_flag(
+            "burnin_too_short",
+            f"{name}: the first {early.shape[1]} points after burn-in average {diff:.3g} below the "
+            f"last half ({diff / se if se > 0 else np.inf:.1f} standard errors); the chains were "
+            "still rising when draws began.",
+        )]
+    return []
+
+
+def _series_flags(name: str, x: np.ndarray, chains: np.ndarray, loss_at_wstar: float,
+                  th: HealthThresholds, *, snr: bool) -> list[HealthFlag]:
+    flags = _trend_flags(name, x, loss_at_wstar, th)
+
+    spikes = _spike_counts(x, th.spike_k)
+    if spikes.any():
+        bad = chains[spikes > 0]
+        flags.append(_flag(
+            "spikes",
+            f"{name}: {int(spikes.sum())} point(s) jump more than {th.spike_k:g} robust standard "
+            f"deviations above the chain's median (chains {bad.tolist()}).",
+            bad,
+        ))
+
+    means = np.mean(x, axis=1)
+    ses = np.array([_mcse_mean(x[c : c + 1]) for c in range(x.shape[0])])
+    below = means < loss_at_wstar - th.below_wstar_z * ses
+    if below.any():
+        bad = chains[below]
+        flags.append(_flag(
+            "below_wstar",
+            f"{name}: chains {bad.tolist()} average {np.min(means[below]) - loss_at_wstar:.3g} "
+            f"relative to L_n(w*) = {loss_at_wstar:.6g}, below it by more than "
+            f"{th.below_wstar_z:g} standard errors; the sampler found lower loss than w*.",
+            bad,
+        ))
+    elif snr:
+        rise = float(np.mean(x) - loss_at_wstar)
+        noise = float(np.sqrt(np.mean(np.var(x, axis=1, ddof=1))))
+        if rise < th.low_snr_min * noise:
+            flags.append(_flag(
+                "low_snr",
+                f"{name}: the average rise above L_n(w*) ({rise:.3g}) is smaller than "
+                f"{th.low_snr_min:g}× the within-chain standard deviation ({noise:.3g}).",
+            ))
+
+    rhat = unsplit_rank_rhat(x)
+    if rhat > th.rhat_disagree:
+        flags.append(_flag(
+            "chains_disagree",
+            f"{name}: chain means {np.array2string(means, precision=4)} differ beyond their "
+            f"noise (unsplit rank R̂ = {rhat:.3f} > {th.rhat_disagree:g}).",
+        ))
+    return flags
+
+
+def _first_bad_step(trace_c: np.ndarray, diverged_at_c: int) -> int:
+    """The runner's divergence step, else the first non-finite loss, else −1 (only draws were bad)."""
+    if diverged_at_c >= 0:
+        return diverged_at_c
+    nonfinite = ~np.isfinite(trace_c)
+    return int(np.argmax(nonfinite)) if nonfinite.any() else -1
+
+
+def check_health(result: ChainResult, thresholds: HealthThresholds = HealthThresholds()) -> list[HealthFlag]:
+    """Every failed check, one flag per code, in the guide's order.
+
+    Checks run on the post-burn-in per-step loss trace and on the full-data L_n draws; a flag
+    fires if either series shows the failure (its message names the series). low_snr is judged on
+    the per-step trace only, as in the guide (its batch-size remedy concerns that trace). Chains
+    that went non-finite raise `nan` and are excluded from every other check.
+    """
+    th = thresholds
+    trace = np.asarray(result.loss_trace, dtype=float)
+    draws = np.asarray(result.draw_loss, dtype=float)
+    diverged_at = np.asarray(result.diverged_at)
+    bad = (diverged_at >= 0) | ~np.all(np.isfinite(trace), axis=1) | ~np.all(np.isfinite(draws), axis=1)
+    flags: list[HealthFlag] = []
+    if bad.any():
+        where = {int(c): _first_bad_step(trace[c], int(diverged_at[c])) for c in np.flatnonzero(bad)}
+        flags.append(_flag(
+            "nan",
+            f"{int(bad.sum())} of {len(bad)} chains went non-finite (chain: first bad step "
+            f"{where}); they are excluded "
+            "from every estimate, never averaged.",
+            np.flatnonzero(bad),
+        ))
+    good = np.flatnonzero(~bad)
+    if good.size == 0:
+        return flags
+
+    series = []
+    post = trace[good, result.num_burnin_steps :]
+    if post.shape[1] >= 2:
+        series.append(("loss trace after burn-in", post, True))
+    if draws.shape[1] >= 2:
+        series.append(("L_n draws", draws[good], post.shape[1] < 2))
+    seen = {f.code for f in flags}
+    for name, x, snr in series:
+        for f in _series_flags(name, x, good, result.loss_at_wstar, th, snr=snr):
+            if f.code not in seen:
+                seen.add(f.code)
+                flags.append(f)
+
+    diverging = np.asarray(result.diverging, dtype=bool)[good, result.num_burnin_steps :]
+    if diverging.size and diverging.mean() > th.max_divergent_fraction:
+        chains = good[diverging.any(axis=1)]
+        flags.append(_flag(
+            "divergences",
+            f"{int(diverging.sum())} divergent transitions after burn-in "
+            f"({diverging.mean():.2%} of steps; chains {chains.tolist()}).",
+            chains,
+        ))
+    return flags
+
+
+# ---------------------------------------------------------------------------------------------
+# MALA-style acceptance diagnostic for SGLD (seed 002): no accept step is taken, the
+# Metropolis–Hastings ratio of the SGLD proposal only measures how coarse ε is.
+# ---------------------------------------------------------------------------------------------
+
+LogDensityAndGrad = Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def mala_log_accept_ratio(logdensity_and_grad: LogDensityAndGrad, w, w_new, step_size) -> jax.Array:
+    """log [π(w') q(w | w') / (π(w) q(w' | w))] for the SGLD proposal q(·|w) = N(w + ε/2 ∇log π(w), ε I).
+
+    Uses the full-data log-density and gradient at both points. `step_size` is ε in the seed
+    convention (scalar, or per-parameter ε·G for a frozen diagonal preconditioner G).
+    The acceptance probability is exp(min(0, ratio)).
+    """
+    logp, grad = logdensity_and_grad(w)
+    logp_new, grad_new = logdensity_and_grad(w_new)
+    forward = w_new - w - 0.5 * step_size * grad
+    backward = w - w_new - 0.5 * step_size * grad_new
+    log_q_forward = -jnp.sum(forward**2 / (2.0 * step_size))
+    log_q_backward = -jnp.sum(backward**2 / (2.0 * step_size))
+    return logp_new - logp + log_q_backward - log_q_forward
+
+
+@dataclass(frozen=True)
+class MalaCheck:
+    mean_accept: float
+    accept: np.ndarray  # (K,) acceptance probability of one SGLD proposal from each saved position
+    flag: HealthFlag | None
+
+
+def mala_acceptance(logdensity_and_grad: LogDensityAndGrad, positions, step_size, rng_key,
+                    min_accept: float = MALA_MIN_ACCEPT) -> MalaCheck:
+    """Mean MALA acceptance of one full-gradient SGLD proposal from each of K saved (K, d) positions."""
+    positions = jnp.asarray(positions)
+    noise = jax.random.normal(rng_key, positions.shape, dtype=positions.dtype)
+
+    def one(w, eta):
+        _, grad = logdensity_and_grad(w)
+        w_new = w + 0.5 * step_size * grad + jnp.sqrt(step_size) * eta
+        return mala_log_accept_ratio(logdensity_and_grad, w, w_new, step_size)
+
+    log_ratio = np.asarray(jax.vmap(one)(positions, noise), dtype=float)
+    # A non-finite ratio means the proposal blew up: count it as a rejection.
+    accept = np.where(np.isfinite(log_ratio), np.exp(np.minimum(0.0, np.nan_to_num(log_ratio))), 0.0)
+    mean = float(np.mean(accept))
+    flag = None
+    if mean < min_accept:
+        flag = _flag(
+            "mala_low_accept",
+            f"mean MALA acceptance of the SGLD proposal is {mean:.2f} < {min_accept:g} "
+            "(heuristic threshold): the step is coarse for the local curvature.",
+        )
+    return MalaCheck(mean, accept, flag)
+
+
+# ---------------------------------------------------------------------------------------------
+# ε-halving check: chains that share a step-size bias agree with each other (R̂ ≈ 1), so only
+# rerunning at ε/2 exposes it.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepSizeCheck:
+    relative_change: float  # |λ̂(ε/2) − λ̂(ε)| / |λ̂(ε/2)|
+    flag: HealthFlag | None
+
+
+def step_size_check_summary(llc_eps: float, llc_half: float, *, se_eps: float | None = None,
+                            se_half: float | None = None,
+                            max_rel_change: float = STEP_SIZE_MAX_REL_CHANGE) -> StepSizeCheck:
+    """Flag discretization bias when λ̂ moves by more than `max_rel_change` on halving ε.
+
+    With standard errors given, the move must also exceed STEP_SIZE_Z combined standard errors,
+    so Monte Carlo noise alone does not fire it.
+    """
+    change = abs(llc_half - llc_eps)
+    rel = change / abs(llc_half) if llc_half != 0 else (0.0 if change == 0 else float("inf"))
+    if not np.isfinite(llc_eps) or not np.isfinite(llc_half):
+        rel = float("nan")
+    noisy = False
+    if se_eps is not None and se_half is not None:
+        noisy = change <= STEP_SIZE_Z * float(np.hypot(se_eps, se_half))
+    flag = None
+    if (not np.isfinite(rel) or rel > max_rel_change) and not noisy:
+        flag = _flag(
+            "step_size_bias",
+            f"λ̂ = {llc_eps:.4g} at ε and {llc_half:.4g} at ε/2: a {rel:.1%} change "
+            f"(> {max_rel_change:.0%}).",
+        )
+    return StepSizeCheck(float(rel), flag)

@@ -1,0 +1,174 @@
+"""Health checks: each synthetic failure fires exactly its flag; MALA acceptance; the ε-halving check."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llc_bench.health import (
+    MALA_MIN_ACCEPT,
+    REMEDIES,
+    HealthFlag,
+    check_health,
+    mala_acceptance,
+    mala_log_accept_ratio,
+    step_size_check_summary,
+    unsplit_rank_rhat,
+)
+from llc_bench.runner import ChainResult
+
+L_STAR = 0.5
+RISE = 1.0
+
+
+def synthetic_result(level, *, num_chains=4, num_steps=2000, num_burnin=400, thin=5,
+                     noise=0.1, phi=0.8, seed=0, sampler="sgld") -> ChainResult:
+    """loss_t = L* + level(c, t) + stationary AR(1) noise of marginal sd `noise`; draws every `thin` steps.
+
+    `level` maps (chain index (C, 1), step index (1, T)) arrays to the noiseless trace.
+    """
+    rng = np.random.default_rng(seed)
+    eps = rng.normal(size=(num_chains, num_steps)) * noise * np.sqrt(1 - phi**2)
+    ar = np.empty_like(eps)
+    ar[:, 0] = rng.normal(size=num_chains) * noise
+    for t in range(1, num_steps):
+        ar[:, t] = phi * ar[:, t - 1] + eps[:, t]
+    c = np.arange(num_chains)[:, None]
+    t = np.arange(num_steps)[None, :]
+    trace = L_STAR + np.broadcast_to(level(c, t), (num_chains, num_steps)) + ar
+    steps = np.arange(num_burnin, num_steps, thin)
+    nan = np.full((num_chains, num_steps), np.nan)
+    return ChainResult(
+        sampler=sampler, loss_trace=trace, accept=nan, energy_change=nan,
+        diverging=np.zeros((num_chains, num_steps), bool), draw_loss=trace[:, steps],
+        draw_steps=steps, projections=rng.normal(size=(num_chains, steps.size, 2)),
+        diverged_at=-np.ones(num_chains, int), grad_evals=np.full(num_chains, 100.0),
+        warmup_grad_evals=np.zeros(num_chains), num_burnin_steps=num_burnin,
+        loss_at_wstar=L_STAR, n_beta=10.0, wall_s=1.0, warmup_s=0.0, compile_s=0.0, tuned={},
+    )
+
+
+def clean(c, t):
+    return RISE * (1 - np.exp(-t / 50.0))
+
+
+def with_nan(res: ChainResult, chain: int, step: int) -> ChainResult:
+    trace = res.loss_trace.copy()
+    trace[chain, step:] = np.nan
+    draws = res.draw_loss.copy()
+    draws[chain, res.draw_steps >= step] = np.nan
+    diverged_at = res.diverged_at.copy()
+    diverged_at[chain] = step
+    return res.__class__(**{**res.__dict__, "loss_trace": trace, "draw_loss": draws,
+                            "diverged_at": diverged_at})
+
+
+def with_spikes(res: ChainResult, chain: int, steps, height: float) -> ChainResult:
+    trace = res.loss_trace.copy()
+    trace[chain, steps] += height
+    return res.__class__(**{**res.__dict__, "loss_trace": trace, "draw_loss": trace[:, res.draw_steps]})
+
+
+CASES = {
+    "clean": (lambda s: synthetic_result(clean, seed=s), set()),
+    "nan": (lambda s: with_nan(synthetic_result(clean, seed=s), chain=1, step=1200), {"nan"}),
+    "not_leveling": (lambda s: synthetic_result(lambda c, t: RISE * t / 2000, seed=s), {"not_leveling"}),
+    "burnin_too_short": (
+        lambda s: synthetic_result(lambda c, t: RISE * (1 - np.exp(-t / 300.0)), num_burnin=50, seed=s),
+        {"burnin_too_short"},
+    ),
+    # spikes land on draw steps too (multiples of 5 after burn-in), 50 noise sds high
+    "spikes": (lambda s: with_spikes(synthetic_result(clean, seed=s), 2, [700, 1105, 1650], 5.0), {"spikes"}),
+    "below_wstar": (lambda s: synthetic_result(lambda c, t: -0.3 * (1 - np.exp(-t / 50.0)), seed=s),
+                    {"below_wstar"}),
+    "low_snr": (lambda s: synthetic_result(lambda c, t: 0.05 * (1 - np.exp(-t / 50.0)), seed=s), {"low_snr"}),
+    "chains_disagree": (
+        lambda s: synthetic_result(lambda c, t: (RISE + 0.3 * (c >= 2)) * (1 - np.exp(-t / 50.0)), seed=s),
+        {"chains_disagree"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_failure_fires_exactly_its_flag(case, seed):
+    make, expected = CASES[case]
+    flags = check_health(make(seed))
+    assert {f.code for f in flags} == expected, [f.message for f in flags]
+    for f in flags:
+        assert isinstance(f, HealthFlag) and f.remedy == REMEDIES[f.code] and f.message
+
+
+def test_nan_flag_names_chain_and_step_and_other_checks_ignore_it():
+    res = with_nan(synthetic_result(clean), chain=3, step=900)
+    (flag,) = check_health(res)
+    assert flag.code == "nan" and flag.chains == (3,) and "900" in flag.message
+    assert flag.remedy.startswith("First decrease ε")
+
+
+def test_remedies_follow_the_guide():
+    assert REMEDIES["not_leveling"].startswith("Increase ε and/or take more total steps")
+    assert REMEDIES["below_wstar"] == "Increase γ and/or decrease nβ."
+    assert REMEDIES["spikes"] == REMEDIES["nan"]
+    assert "batch size" in REMEDIES["low_snr"]
+
+
+def test_divergent_transitions_are_reported():
+    res = synthetic_result(clean, sampler="hmc")
+    diverging = res.diverging.copy()
+    diverging[0, [1000, 1500]] = True
+    diverging[1, 100] = True  # during burn-in: not counted
+    res = res.__class__(**{**res.__dict__, "diverging": diverging})
+    (flag,) = check_health(res)
+    assert flag.code == "divergences" and flag.chains == (0,) and flag.message.startswith("2 ")
+
+
+def test_unsplit_rhat_ignores_a_shared_trend_but_sees_a_shift():
+    rng = np.random.default_rng(0)
+    trend = np.linspace(0, 5, 1000)[None] + rng.normal(size=(4, 1000))
+    assert unsplit_rank_rhat(trend) < 1.01
+    shifted = rng.normal(size=(4, 1000)) + np.array([0, 0, 1, 1])[:, None]
+    assert unsplit_rank_rhat(shifted) > 1.1
+
+
+# --- MALA acceptance on a standard Gaussian ------------------------------------------------
+
+def gaussian_logdensity_and_grad(w):
+    return jax.value_and_grad(lambda v: -0.5 * jnp.sum(v**2))(w)
+
+
+def test_mala_log_ratio_matches_hand_computation():
+    w = jnp.array([0.3, -1.2])
+    w_new = jnp.array([0.1, -0.7])
+    eps = 0.4
+    # log π(w') − log π(w) + log q(w|w') − log q(w'|w), with q(b|a) = N(b; a(1 − ε/2), ε I)
+    expected = (-0.5 * np.sum(w_new**2) + 0.5 * np.sum(w**2)
+                - np.sum((w - w_new * (1 - eps / 2)) ** 2) / (2 * eps)
+                + np.sum((w_new - w * (1 - eps / 2)) ** 2) / (2 * eps))
+    got = mala_log_accept_ratio(gaussian_logdensity_and_grad, w, w_new, eps)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_mala_acceptance_near_one_for_tiny_step_and_small_for_huge_step():
+    key = jax.random.key(0)
+    positions = jax.random.normal(key, (64, 10))  # draws from the target itself
+    tiny = mala_acceptance(gaussian_logdensity_and_grad, positions, 1e-4, jax.random.key(1))
+    assert tiny.mean_accept > 0.99 and tiny.flag is None
+    huge = mala_acceptance(gaussian_logdensity_and_grad, positions, 3.0, jax.random.key(1))
+    assert huge.mean_accept < 0.1
+    assert huge.flag is not None and huge.flag.code == "mala_low_accept"
+    assert huge.mean_accept < MALA_MIN_ACCEPT
+    assert huge.accept.shape == (64,)
+
+
+# --- step-size halving ----------------------------------------------------------------------
+
+def test_step_size_check():
+    ok = step_size_check_summary(10.0, 10.5)
+    assert ok.relative_change == pytest.approx(0.5 / 10.5) and ok.flag is None
+    biased = step_size_check_summary(20.0, 10.0)
+    assert biased.relative_change == pytest.approx(1.0)
+    assert biased.flag.code == "step_size_bias" and "smaller ε" in biased.flag.remedy
+    # a 20% move inside two standard errors of noise is not evidence of bias
+    assert step_size_check_summary(12.0, 10.0, se_eps=1.5, se_half=1.5).flag is None
+    assert step_size_check_summary(12.0, 10.0, se_eps=0.1, se_half=0.1).flag is not None
