@@ -42,18 +42,21 @@ def to_datatree(result: ChainResult, llc_running: np.ndarray | None = None) -> x
         "loss_at_wstar": float(result.loss_at_wstar),
         "num_burnin_steps": int(result.num_burnin_steps),
     }
-    tree = azb.from_dict(
-        {
-            "posterior": {
-                "L_n": draw_loss,
-                "llc": llc,
-                "theta_proj": np.asarray(result.projections, dtype=float),
-            }
-        },
-        coords={"draw": np.asarray(result.draw_steps, dtype=int)},
-        dims={"theta_proj": ["proj"]},
-        attrs={"/": attrs},
-    )
+    with warnings.catch_warnings():
+        # Short runs legitimately have more chains than draws; arviz's dimension-naming hint is noise.
+        warnings.filterwarnings("ignore", message="Found chain dimension to be longer")
+        tree = azb.from_dict(
+            {
+                "posterior": {
+                    "L_n": draw_loss,
+                    "llc": llc,
+                    "theta_proj": np.asarray(result.projections, dtype=float),
+                }
+            },
+            coords={"draw": np.asarray(result.draw_steps, dtype=int)},
+            dims={"theta_proj": ["proj"]},
+            attrs={"/": attrs},
+        )
     # Per-step and per-chain arrays have no `draw` axis, so only `chain` is a sample dim here.
     sample_stats = azb.dict_to_dataset(
         {
