@@ -60,7 +60,8 @@ class _Carry(NamedTuple):
 class _Consts(NamedTuple):
     """Arrays every chunk reads, passed as arguments (not closed over) so they are not baked into the executable."""
 
-    run_keys: jax.Array  # (C, key) per-chain base key of the sampling phase
+    step_keys: jax.Array  # (C,) ChainKeys.step
+    batch_keys: jax.Array  # (C,) ChainKeys.batch
     params: Any  # tuned parameters, leading axis = chains
     x: jax.Array  # (n, in_dim)
     y: jax.Array  # (n, out_dim)
@@ -68,16 +69,21 @@ class _Consts(NamedTuple):
     directions: jax.Array  # (d, P) random unit columns
 
 
-def chain_keys(rng_key: jax.Array, num_chains: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(warm-up keys (C,), sampling keys (C,), projection key) derived from one key by fold_in.
+class ChainKeys(NamedTuple):
+    """Independent key streams, all derived from one key by fold_in."""
 
-    Chain c's keys depend only on (rng_key, c), so adding chains never changes existing ones.
-    """
+    warmup: jax.Array  # (C,) one per chain
+    step: jax.Array  # (C,) per-chain base of the sampler's noise; step t uses fold_in(step[c], t)
+    batch: jax.Array  # (C,) per-chain base of the minibatch indices; step t uses fold_in(batch[c], t)
+    projection: jax.Array  # one key for the projection directions shared by all chains
+
+
+def chain_keys(rng_key: jax.Array, num_chains: int) -> ChainKeys:
+    """Chain c's keys depend only on (rng_key, c): adding chains never changes the existing ones."""
     chains_root = jax.random.fold_in(rng_key, 0)
     per_chain = jax.vmap(lambda c: jax.random.fold_in(chains_root, c))(jnp.arange(num_chains))
-    warmup_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(per_chain)
-    run_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(per_chain)
-    return warmup_keys, run_keys, jax.random.fold_in(rng_key, 1)
+    stream = [jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(per_chain) for i in range(3)]
+    return ChainKeys(*stream, jax.random.fold_in(rng_key, 1))
 
 
 def random_directions(rng_key: jax.Array, dim: int, num: int, dtype=jnp.float32) -> jax.Array:
@@ -124,12 +130,13 @@ def _step_chains(algorithm: Algorithm, consts: _Consts, carry: _Carry, t: jax.Ar
     minibatch = algorithm.batch_size is not None
     n = consts.x.shape[0]
 
-    def one_chain(run_key, state, params, diverged_at):
+    def one_chain(step_key, batch_key, state, params, diverged_at):
         # Keys by fold_in on the global step index: results do not depend on how steps are chunked.
-        key = jax.random.fold_in(run_key, t)
-        step_key, batch_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+        # (One fold_in per stream and step: each threefry call site costs compile time on CPU.)
+        step_key = jax.random.fold_in(step_key, t)
         batch = None
         if minibatch:
+            batch_key = jax.random.fold_in(batch_key, t)
             # With replacement: independent uniform indices, so each step's batch gradient is an
             # unbiased estimate of the full-data gradient and chains never share batches.
             idx = jax.random.randint(batch_key, (algorithm.batch_size,), 0, n)
@@ -152,7 +159,8 @@ def _step_chains(algorithm: Algorithm, consts: _Consts, carry: _Carry, t: jax.Ar
         )
         return state, diverged_at, out
 
-    state, diverged_at, info = jax.vmap(one_chain)(consts.run_keys, carry.state, consts.params, carry.diverged_at)
+    state, diverged_at, info = jax.vmap(one_chain)(
+        consts.step_keys, consts.batch_keys, carry.state, consts.params, carry.diverged_at)
     return _Carry(state, diverged_at), info
 
 
@@ -236,9 +244,9 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
     evaluated. Those num_draws forward passes over the full data per chain are NOT counted in
     grad_evals (which is warm-up work plus the sum of StepInfo.grad_evals over all T steps).
 
-    Keys: chain c uses fold_in(fold_in(rng_key, 0), c), split by fold_in into warm-up and sampling
-    keys; step t uses fold_in(sampling key, t), then fold_in 0 (sampler) and 1 (minibatch indices).
-    The projection directions come from fold_in(rng_key, 1) and are shared by all chains.
+    Keys: see `chain_keys`; step t of chain c uses fold_in(keys.step[c], t) for the sampler and
+    fold_in(keys.batch[c], t) for its minibatch indices. The projection directions come from one
+    key and are shared by all chains.
 
     Execution: two executables compiled once each (burn-in chunk: a scan of plain steps; draw
     chunk: a scan over blocks of k steps + one draw), called from a host loop so the progress bar
@@ -254,17 +262,17 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
     burn_len, burn_count = chunk_plan(num_burnin_steps, target)
     blocks, draw_count = chunk_plan(num_draws, max(1, target // k))
 
-    warmup_keys, run_keys, proj_key = chain_keys(rng_key, num_chains)
+    keys = chain_keys(rng_key, num_chains)
     w_star = jnp.asarray(posterior.w_star)
     positions0 = jnp.broadcast_to(w_star, (num_chains, w_star.shape[0]))
 
     with Bar(f"{name}: warm-up", total_steps, progress_enabled(progress)) as bar:
-        warmup, compile_s = _compile(jax.vmap(algorithm.warmup), warmup_keys, positions0)
-        (state, params, warmup_work), warmup_s = _timed(warmup, warmup_keys, positions0)
+        warmup, compile_s = _compile(jax.vmap(algorithm.warmup), keys.warmup, positions0)
+        (state, params, warmup_work), warmup_s = _timed(warmup, keys.warmup, positions0)
         bar.describe(f"{name}: sampling")
 
-        directions = random_directions(proj_key, w_star.shape[0], num_projections, w_star.dtype)
-        consts = _Consts(run_keys, params, jnp.asarray(posterior.x), jnp.asarray(posterior.y), w_star, directions)
+        directions = random_directions(keys.projection, w_star.shape[0], num_projections, w_star.dtype)
+        consts = _Consts(keys.step, keys.batch, params, jnp.asarray(posterior.x), jnp.asarray(posterior.y), w_star, directions)
         # A warm-up that already left the finite region counts as diverged at step 0.
         finite0 = jnp.all(jnp.isfinite(jax.vmap(algorithm.position)(state)), axis=1)
         carry = _Carry(state, jnp.where(finite0, -1, 0).astype(jnp.int32))
