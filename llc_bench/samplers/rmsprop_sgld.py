@@ -79,6 +79,14 @@ def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
     ε = settings.step_size in the DESIGN.md convention (G = 1 gives SGLD with the same ε); the
     largest per-parameter step factor εG is ε/a, reached where v̂ = 0. State = (position, (v, t)).
     StepInfo.loss is L_m at the position before the step; grad_evals = m/n.
+
+    Known bias beyond O(ε): G follows the chain's recent gradients and there is no Γ (divergence
+    of G) correction term. When the chain relaxes more slowly than v forgets (≈ 1/(1 − α) steps)
+    and √v̂ is comparable to a, v tracks the position and the stationary law tilts toward large
+    gradients. On tests/sampler_utils' Gaussian (nβ ≈ 22, √v̂ ≈ 0.2–0.3 vs a = 0.1) the defaults
+    inflate variances by ≈ 10–20%; α = 0.999 cuts that to ≲ 5%. Where √v̂ ≪ a (large nβ) or v
+    is dominated by position-independent minibatch noise, G is nearly constant and the effect
+    should be small (not measured here).
     """
     epsilon = settings.step_size
     n_beta = posterior.n_beta
