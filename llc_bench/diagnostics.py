@@ -26,8 +26,8 @@ def to_datatree(result: ChainResult, llc_running: np.ndarray | None = None) -> x
     """DataTree with `posterior` (chain, draw) and `sample_stats` (chain, step) groups.
 
     posterior: L_n (full-data loss per draw), llc (the running λ̂ if given, else the per-draw
-    summand nβ (L_n − L*)), theta_proj (chain, draw, proj). The `draw` coordinate holds the
-    sampler step of each draw so trace plots read in steps.
+    summand nβ (L_n − L*)), theta_proj (chain, draw, proj); the non-index coordinate
+    `draw_step` holds the sampler step of each draw.
     sample_stats: per-step loss / accept / energy_change / diverging over ALL steps (burn-in
     included, hence `step` rather than ArviZ's `draw`), and per-chain grad_evals, warmup_grad_evals,
     diverged_at.
@@ -53,10 +53,14 @@ def to_datatree(result: ChainResult, llc_running: np.ndarray | None = None) -> x
                     "theta_proj": np.asarray(result.projections, dtype=float),
                 }
             },
-            coords={"draw": np.asarray(result.draw_steps, dtype=int)},
             dims={"theta_proj": ["proj"]},
             attrs={"/": attrs},
         )
+    # `draw` stays 0..D−1 (arviz slices lags and ranks by label); the sampler step rides along.
+    posterior = tree["posterior"].to_dataset()
+    tree["posterior"] = xr.DataTree(
+        posterior.assign_coords(draw_step=("draw", np.asarray(result.draw_steps, dtype=int)))
+    )
     # Per-step and per-chain arrays have no `draw` axis, so only `chain` is a sample dim here.
     sample_stats = azb.dict_to_dataset(
         {

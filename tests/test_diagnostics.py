@@ -48,7 +48,8 @@ def test_datatree_layout_and_values():
     tree = to_datatree(res)
     post, stats = tree["posterior"], tree["sample_stats"]
     assert post["L_n"].dims == ("chain", "draw") and post["theta_proj"].dims == ("chain", "draw", "proj")
-    np.testing.assert_array_equal(post["draw"].values, res.draw_steps)
+    np.testing.assert_array_equal(post["draw"].values, np.arange(D))
+    np.testing.assert_array_equal(post["draw_step"].values, res.draw_steps)
     # default llc is the per-draw summand nβ (L_n − L*)
     np.testing.assert_allclose(post["llc"].values, 20.0 * (draw_loss - 0.25))
     assert stats["loss"].dims == ("chain", "step") and stats["loss"].shape == res.loss_trace.shape
