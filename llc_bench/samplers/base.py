@@ -16,7 +16,9 @@ Batch = tuple[jax.Array, jax.Array] | None
 class StepInfo(NamedTuple):
     """Per-step scalars, identical fields for every sampler (NaN where a field does not apply)."""
 
-    loss: jax.Array  # loss at the new position: minibatch L_m for SG samplers, full-data L_n otherwise
+    # SG samplers: minibatch L_m at the position the step started from (the loss the gradient used,
+    # as in the guide's loss traces); full-batch samplers: full-data L_n at the new position.
+    loss: jax.Array
     accept: jax.Array  # Metropolis acceptance probability (NaN for unadjusted samplers)
     energy_change: jax.Array  # MCLMC energy change / HMC energy error (NaN where not applicable)
     diverging: jax.Array  # bool: the sampler's own divergence flag (HMC/NUTS); False otherwise
