@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -97,7 +98,14 @@ def hidden_widths_for_target(in_dim: int, out_dim: int, target_params: int, dept
 def init_params(key: jax.Array, widths_full: tuple[int, ...], activation: str, bias: bool,
                 scale: float = 1.0, bias_scale: float = 0.0) -> Params:
     """Random MLP parameters: kernels N(0, scale²/fan_in), biases N(0, bias_scale²)."""
-    model = MLP(tuple(widths_full[1:]), activation, bias, scale, bias_scale)
+    widths_full = tuple(int(h) for h in widths_full)
+    return _init_params(key, widths_full, activation, bias, float(scale), float(bias_scale))
+
+
+# One compiled program per architecture: eager flax init dispatches (and compiles) op by op.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _init_params(key, widths_full, activation, bias, scale, bias_scale) -> Params:
+    model = MLP(widths_full[1:], activation, bias, scale, bias_scale)
     return model.init(key, jnp.zeros((1, widths_full[0])))["params"]
 
 
@@ -161,13 +169,15 @@ def dln_teacher(key: jax.Array, widths_full: tuple[int, ...], rank: int | None =
         raise ValueError(f"unknown DLN generator {generator!r}; known: rand_rank, deepest")
     if rank is not None and not 0 <= rank <= min(widths_full):
         raise ValueError(f"rank {rank} must lie in [0, min(widths) = {min(widths_full)}]")
-    k_init, k_layer, k_cut, k_rank = jax.random.split(key, 4)
+    k_init, k_ranks = jax.random.split(key)
     params = init_params(k_init, widths_full, "identity", False, scale)
     full = [min(a, b) for a, b in zip(widths_full[:-1], widths_full[1:], strict=True)]
-    # Host-side draws from the JAX key, so the teacher is a pure function of the key.
-    coin = np.asarray(jax.random.bernoulli(k_cut, 0.5, (num_layers,)))
-    uniform = np.asarray(jax.random.uniform(k_rank, (num_layers,)))
-    forced = int(jax.random.randint(k_layer, (), 0, num_layers))
+    # The rank choices are host-side numpy draws seeded by the key's bits: still a pure function
+    # of the key, without compiling a JAX sampler for a handful of integers.
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(k_ranks)).tolist())
+    coin = rng.random(num_layers) < 0.5
+    uniform = rng.random(num_layers)
+    forced = int(rng.integers(num_layers))
 
     def uniform_int(u: float, lo: int, hi: int) -> int:  # uniform on {lo, …, hi}
         return lo + min(int(u * (hi - lo + 1)), hi - lo)
