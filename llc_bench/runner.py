@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llc_bench.posterior import Posterior
 from llc_bench.progress import Bar, progress_enabled
@@ -121,6 +123,14 @@ def _key_name(key) -> str:
     return str(key)
 
 
+def chain_shardings(devices: Sequence[jax.Device], num_chains: int) -> tuple[NamedSharding, NamedSharding]:
+    """(chain axis split over `devices`, replicated) on a one-axis mesh named 'chains'."""
+    if num_chains % len(devices):
+        raise ValueError(f"num_chains={num_chains} is not a multiple of the {len(devices)} devices")
+    mesh = Mesh(np.asarray(devices), ("chains",))
+    return NamedSharding(mesh, PartitionSpec("chains")), NamedSharding(mesh, PartitionSpec())
+
+
 def _step_chains(algorithm: Algorithm, consts: _Consts, carry: _Carry, t: jax.Array, t_end: int):
     """Advance all chains by global step t (0-based); steps t >= t_end are padding and change nothing.
 
@@ -226,17 +236,19 @@ def _timed(fn, *args):
 
 def run_chains(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: jax.Array, *,
                num_chains: int, num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int,
-               num_projections: int = 4, chunk_size: int = 0, progress: bool = True) -> ChainResult:
+               num_projections: int = 4, chunk_size: int = 0, progress: bool = True,
+               devices: Sequence[jax.Device] | None = None) -> ChainResult:
     """Warm up and run `num_chains` vmapped chains from w*; see `run_chains_with_state`."""
     return run_chains_with_state(
         name, algorithm, posterior, rng_key, num_chains=num_chains, num_burnin_steps=num_burnin_steps,
         num_draws=num_draws, num_steps_bw_draws=num_steps_bw_draws, num_projections=num_projections,
-        chunk_size=chunk_size, progress=progress)[0]
+        chunk_size=chunk_size, progress=progress, devices=devices)[0]
 
 
 def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: jax.Array, *,
                           num_chains: int, num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int,
-                          num_projections: int = 4, chunk_size: int = 0, progress: bool = True):
+                          num_projections: int = 4, chunk_size: int = 0, progress: bool = True,
+                          devices: Sequence[jax.Device] | None = None):
     """(ChainResult, final sampler states (C, ...)): warm up, burn in, then draw every k steps.
 
     T = num_burnin_steps + num_draws * k steps (k = num_steps_bw_draws); draw d is taken after
@@ -253,6 +265,10 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
     advances between chunks. chunk_size is steps per chunk (0 = about 1/20 of each phase); the
     last chunk is padded with masked no-op steps rather than compiled at a second shape.
     wall_s and warmup_s exclude compile time, reported as compile_s.
+
+    devices: shard the chain axis over these devices (num_chains must be a multiple of their
+    number); data, w* and directions are replicated. None = JAX's default device. Results equal
+    the unsharded run's: chains never interact.
     """
     if num_chains < 1 or num_draws < 1 or num_steps_bw_draws < 1 or num_burnin_steps < 0:
         raise ValueError("need num_chains, num_draws, num_steps_bw_draws >= 1 and num_burnin_steps >= 0")
@@ -265,14 +281,21 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
     keys = chain_keys(rng_key, num_chains)
     w_star = jnp.asarray(posterior.w_star)
     positions0 = jnp.broadcast_to(w_star, (num_chains, w_star.shape[0]))
+    x, y = jnp.asarray(posterior.x), jnp.asarray(posterior.y)
+    directions = random_directions(keys.projection, w_star.shape[0], num_projections, w_star.dtype)
+    if devices is not None:
+        # The compiled chunks inherit these placements, so chains stay on their devices throughout.
+        per_chain, replicated = chain_shardings(devices, num_chains)
+        *per_chain_keys, positions0 = jax.device_put((keys.warmup, keys.step, keys.batch, positions0), per_chain)
+        keys = ChainKeys(*per_chain_keys, keys.projection)
+        w_star, x, y, directions = jax.device_put((w_star, x, y, directions), replicated)
 
     with Bar(f"{name}: warm-up", total_steps, progress_enabled(progress)) as bar:
         warmup, compile_s = _compile(jax.vmap(algorithm.warmup), keys.warmup, positions0)
         (state, params, warmup_work), warmup_s = _timed(warmup, keys.warmup, positions0)
         bar.describe(f"{name}: sampling")
 
-        directions = random_directions(keys.projection, w_star.shape[0], num_projections, w_star.dtype)
-        consts = _Consts(keys.step, keys.batch, params, jnp.asarray(posterior.x), jnp.asarray(posterior.y), w_star, directions)
+        consts = _Consts(keys.step, keys.batch, params, x, y, w_star, directions)
         # A warm-up that already left the finite region counts as diverged at step 0.
         finite0 = jnp.all(jnp.isfinite(jax.vmap(algorithm.position)(state)), axis=1)
         carry = _Carry(state, jnp.where(finite0, -1, 0).astype(jnp.int32))

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +18,7 @@ from llc_bench.progress import Bar, progress_enabled
 from llc_bench.runner import (
     ChainResult,
     chain_keys,
+    chain_shardings,
     chunk_plan,
     random_directions,
     run_chains,
@@ -278,3 +284,36 @@ def test_progress_switches(monkeypatch):
         bar.describe("x")
     with Bar("shown", 10, enabled=True) as bar:
         bar.advance(10)
+
+
+_SHARDED_RUN = """
+import sys
+sys.path.insert(0, "tests")
+import jax, numpy as np
+from test_runner import RUN, _data_posterior, langevin_toy
+from llc_bench.runner import run_chains_with_state
+assert len(jax.devices()) == 2
+post = _data_posterior()
+algo = langevin_toy(post, 1e-4, 8)
+run = {**RUN, "num_chains": 4}
+a, _ = run_chains_with_state("sgld", algo, post, jax.random.key(0), **run)
+b, state = run_chains_with_state("sgld", algo, post, jax.random.key(0), **run, devices=jax.devices())
+assert len(state.sharding.device_set) == 2, state.sharding
+for f in ("loss_trace", "draw_loss", "projections", "grad_evals", "diverged_at"):
+    np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-6, err_msg=f)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_sharded_chains_match_single_device():
+    # A fresh process: the forced host device count must be set before JAX initializes.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", _SHARDED_RUN], env=env, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_sharding_needs_divisible_chains():
+    with pytest.raises(ValueError, match="multiple"):
+        chain_shardings([jax.devices()[0]] * 2, 3)
