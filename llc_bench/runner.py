@@ -254,7 +254,15 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
     T = num_burnin_steps + num_draws * k steps (k = num_steps_bw_draws); draw d is taken after
     0-based step num_burnin_steps + (d + 1) k − 1, where the full-data L_n and the projections are
     evaluated. Those num_draws forward passes over the full data per chain are NOT counted in
-    grad_evals (which is warm-up work plus the sum of StepInfo.grad_evals over all T steps).
+    grad_evals (which is warm-up work plus the sum of StepInfo.grad_evals over all T steps,
+    including the steps a frozen diverged chain still computes in lockstep with the others).
+
+    Minibatch samplers (algorithm.batch_size = m) get, per chain and step, m indices drawn
+    uniformly with replacement from the n samples; full-batch samplers get batch=None.
+
+    Divergence: a chain whose new loss or position is non-finite records that step in
+    diverged_at and is frozen at its last finite state; its losses, draws and projections are NaN
+    from then on, so estimators exclude it (a warm-up ending non-finite counts as step 0).
 
     Keys: see `chain_keys`; step t of chain c uses fold_in(keys.step[c], t) for the sampler and
     fold_in(keys.batch[c], t) for its minibatch indices. The projection directions come from one
