@@ -48,6 +48,7 @@ def write_text_atomic(path: Path, text: str) -> Path:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
@@ -68,7 +69,7 @@ def write_datatree_atomic(tree, path: Path) -> Path:
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")) / "store.zarr"
     try:
-        tree.to_zarr(tmp, mode="w")
+        tree.to_zarr(tmp, mode="w", consolidated=False)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -251,7 +251,12 @@ def _build_section(section: str, cls, raw: dict) -> Any:
         if name not in names:
             raise _fail(key, f"unknown key{_suggest(name, names)}; allowed: {', '.join(names)}")
         kwargs[name] = _coerce(key, value, hints[name])
-    return cls(**kwargs)
+        if section.startswith("sampler."):
+            _sampler_bound(section.split(".", 1)[1], name, kwargs[name])
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a settings class's own __post_init__ check
+        raise _fail(section, str(exc)) from None
 
 
 def _sampler_bound(name: str, field_name: str, value: Any) -> None:

@@ -105,9 +105,10 @@ def _summarize(name, result: ChainResult, est: LLCEstimate, conv: dict, flags, t
         "llc_ci95": [_finite(c) if c is not None else None for c in ci],
         "llc_per_chain": [_finite(v) for v in est.per_chain],
         "rel_error": _finite(rel) if rel is not None else None,
-        "ess_bulk": _finite(conv.get("ess_bulk", float("nan"))),
-        "ess_tail": _finite(conv.get("ess_tail", float("nan"))),
-        "rhat": _finite(conv.get("rhat", float("nan"))),
+        "ess_bulk": _finite(conv["L_n"]["ess_bulk"]),
+        "ess_tail": _finite(conv["L_n"]["ess_tail"]),
+        "rhat": _finite(conv["L_n"]["rhat"]),
+        "mcse_loss": _finite(conv["L_n"]["mcse_mean"]),
         "accept_rate": accept,
         "energy_change": energy_stats,
         "grad_evals": grad_evals,
@@ -192,6 +193,6 @@ def _write_artifacts(out: Path, cfg: Config, summary: dict, runs: dict, truth, p
     artifacts.write_datatree_atomic(tree, out / "traces.zarr")
     if plots:
         for name, r in runs.items():
-            plot_all(r.result, out / "plots" / name, truth=truth, running=r.estimate.running)
+            plot_all(r.result, out / "plots", truth=truth, llc_running=r.estimate.running)
     # summary.json last: its presence means the run finished
     artifacts.write_json_atomic(out / "summary.json", summary)
