@@ -1,0 +1,271 @@
+"""Diagnostic figures of one sampling run (loss trace, running λ̂, trace/rank, autocorrelation, acceptance, energy, ESS), saved as PNG."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+# Figures are written to files on headless machines (CI, GPU hosts); never open a window.
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from llc_bench.diagnostics import (  # noqa: E402
+    autocorrelation,
+    ess_evolution,
+    healthy_chains,
+    per_draw_llc,
+    to_datatree,
+)
+from llc_bench.runner import ChainResult  # noqa: E402
+
+LOSS_UNITS = "nats / sample"
+DPI = 110
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _figure(nrows: int = 1, ncols: int = 1, size=(8.0, 4.5)):
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
+    return fig, axes
+
+
+def running_llc(result: ChainResult) -> np.ndarray:
+    """Per-chain running WBIC estimate nβ (mean of L_n over draws so far − L*), (C, D)."""
+    summand = per_draw_llc(result)
+    return np.cumsum(summand, axis=1) / np.arange(1, summand.shape[1] + 1)
+
+
+def _post_burnin(result: ChainResult, values: np.ndarray) -> np.ndarray:
+    """Finite post-burn-in values of a (C, T) per-step array, healthy chains only, flattened."""
+    good = healthy_chains(result.draw_loss, result.diverged_at)
+    x = np.asarray(values, dtype=float)[good, result.num_burnin_steps :].ravel()
+    return x[np.isfinite(x)]
+
+
+def plot_loss_trace(result: ChainResult, path: Path) -> Path:
+    """Per-step loss of every chain, burn-in shaded, L_n(w*) dashed; the guide's primary diagnostic."""
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    steps = np.arange(result.loss_trace.shape[1])
+    for c, trace in enumerate(result.loss_trace):
+        ax.plot(steps, trace, lw=0.6, alpha=0.8, label=f"chain {c}")
+        if result.diverged_at[c] >= 0:
+            ax.axvline(result.diverged_at[c], color="red", ls=":", lw=1.0)
+    ax.axvspan(0, result.num_burnin_steps, color="0.85", zorder=0, label="burn-in")
+    ax.axhline(result.loss_at_wstar, color="k", ls="--", lw=1.0, label="L_n(w*)")
+    ax.set_xlabel("sampler step")
+    ax.set_ylabel(f"per-step loss ({LOSS_UNITS})")
+    ax.set_title(f"{result.sampler}: loss trace (red dotted: chain diverged)")
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    return _save(fig, path)
+
+
+def plot_running_llc(result: ChainResult, path: Path, llc_running: np.ndarray | None = None,
+                     truth: float | None = None) -> Path:
+    """Running λ̂ per chain and pooled over healthy chains against the draw's sampler step."""
+    running = running_llc(result) if llc_running is None else np.asarray(llc_running, dtype=float)
+    good = healthy_chains(result.draw_loss, result.diverged_at)
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    for c, series in enumerate(running):
+        ax.plot(result.draw_steps, series, lw=0.8, alpha=0.6, label=f"chain {c}")
+    if good.size:
+        ax.plot(result.draw_steps, running[good].mean(axis=0), color="k", lw=2.0,
+                label=f"pooled ({good.size} healthy chains)")
+    if truth is not None:
+        ax.axhline(truth, color="C3", ls="--", lw=1.5, label=f"truth λ = {truth:g}")
+    ax.set_xlabel("sampler step of draw")
+    ax.set_ylabel("running λ̂ (dimensionless)")
+    ax.set_title(f"{result.sampler}: running LLC estimate nβ (mean L_n − L_n(w*))")
+    ax.legend(fontsize=7, ncol=2, loc="best")
+    return _save(fig, path)
+
+
+def _posterior_subtree(result: ChainResult) -> xr.DataTree:
+    """Posterior group of healthy chains only: ranks and traces of a NaN chain mean nothing."""
+    post = to_datatree(result)["posterior"].to_dataset()
+    good = healthy_chains(result.draw_loss, result.diverged_at)
+    return xr.DataTree.from_dict({"posterior": post.isel(chain=good)})
+
+
+def _pc_figure(pc):
+    fig = pc.get_viz("figure")
+    return fig.item() if isinstance(fig, xr.DataArray) else fig
+
+
+def _rasterize(fig: Figure) -> np.ndarray:
+    """(H, W, 4) uint8 pixels of a rendered figure; the figure is closed."""
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba()).copy()
+    plt.close(fig)
+    return pixels
+
+
+def _side_by_side(images: list[np.ndarray]) -> np.ndarray:
+    height = max(im.shape[0] for im in images)
+    padded = [np.pad(im, ((0, height - im.shape[0]), (0, 0), (0, 0)), constant_values=255) for im in images]
+    return np.concatenate(padded, axis=1)
+
+
+def plot_trace_rank(result: ChainResult, path: Path) -> Path:
+    """ArviZ trace and rank plots of L_n and the θ projections (matplotlib fallback if arviz_plots fails).
+
+    The two arviz_plots figures are rendered separately and placed side by side: combine_plots
+    misplaces the rank plot's annotations in arviz_plots 1.3.
+    """
+    tree = _posterior_subtree(result)
+    rows = 1 + tree["posterior"].sizes["proj"]
+    title = f"{result.sampler}: trace (left, x = draw index) and rank ECDF (right) of L_n and θ projections"
+    try:
+        import arviz_plots as azp
+
+        layout = {"figsize": (6.0, 2.4 * rows), "layout": "constrained", "dpi": DPI}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trace = _pc_figure(azp.plot_trace(tree, var_names=["L_n", "theta_proj"], backend="matplotlib",
+                                              col_wrap=1, figure_kwargs=layout))
+            trace_px = _rasterize(trace)
+            rank = _pc_figure(azp.plot_rank(tree, var_names=["L_n", "theta_proj"], backend="matplotlib",
+                                            col_wrap=1, figure_kwargs=layout))
+            rank_px = _rasterize(rank)
+        pixels = _side_by_side([trace_px, rank_px])
+        fig = plt.figure(figsize=(pixels.shape[1] / DPI, pixels.shape[0] / DPI + 0.4), dpi=DPI)
+        ax = fig.add_axes((0.0, 0.0, 1.0, pixels.shape[0] / (pixels.shape[0] + 0.4 * DPI)))
+        ax.imshow(pixels, interpolation="none")
+        ax.set_axis_off()
+        fig.suptitle(title, fontsize=9)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+        return path
+    except Exception as err:  # noqa: BLE001 - any arviz_plots failure falls back to matplotlib
+        warnings.warn(f"arviz_plots trace/rank failed ({err!r}); using matplotlib fallback", stacklevel=2)
+        plt.close("all")
+        return _trace_rank_fallback(tree, title, path)
+
+
+def _trace_rank_fallback(tree: xr.DataTree, title: str, path: Path) -> Path:
+    post = tree["posterior"]
+    series = [("L_n", post["L_n"].values)]
+    series += [(f"theta_proj[{p}]", post["theta_proj"].values[..., p]) for p in range(post.sizes["proj"])]
+    fig, axes = _figure(len(series), 2, size=(10.0, 2.0 * len(series) + 1))
+    for row, (name, x) in enumerate(series):
+        ranks = np.argsort(np.argsort(x, axis=None)).reshape(x.shape) if x.size else x
+        bins = np.linspace(0, max(x.size, 1), 21)
+        for c in range(x.shape[0]):
+            axes[row, 0].plot(x[c], lw=0.6)
+            axes[row, 1].hist(ranks[c], bins=bins, histtype="step")
+        axes[row, 0].set_ylabel(name)
+        axes[row, 1].set_ylabel("count")
+    axes[-1, 0].set_xlabel("draw index")
+    axes[-1, 1].set_xlabel("pooled rank")
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_autocorr(result: ChainResult, path: Path, max_lag: int = 100) -> Path:
+    """Autocorrelation of the post-burn-in per-step loss (lag in steps: picks thinning) and of L_n draws."""
+    good = healthy_chains(result.draw_loss, result.diverged_at)
+    trace = np.asarray(result.loss_trace, dtype=float)[good, result.num_burnin_steps :]
+    fig, axes = _figure(1, 2, size=(10.0, 4.0))
+    panels = [
+        (axes[0, 0], trace, "lag (sampler steps)", "per-step loss after burn-in"),
+        (axes[0, 1], np.asarray(result.draw_loss, dtype=float)[good], "lag (draws)", "L_n at draws"),
+    ]
+    for ax, x, xlabel, name in panels:
+        if x.shape[0] and x.shape[1] >= 2:
+            rho = autocorrelation(x, max_lag)
+            for c, r in zip(good, rho, strict=True):
+                ax.plot(np.arange(r.size), r, lw=0.8, label=f"chain {c}")
+            ax.axhline(0.0, color="k", lw=0.5)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("autocorrelation ρ (dimensionless)")
+        ax.set_title(f"{result.sampler}: {name}", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_accept_hist(result: ChainResult, path: Path) -> Path:
+    """Histogram of post-burn-in Metropolis acceptance probabilities (HMC, NUTS, adjusted MCLMC)."""
+    x = _post_burnin(result, result.accept)
+    fig, axes = _figure(size=(6.0, 4.0))
+    ax = axes[0, 0]
+    ax.hist(x, bins=np.linspace(0, 1, 41), color="C0")
+    if x.size:
+        ax.axvline(np.mean(x), color="k", ls="--", label=f"mean {np.mean(x):.3f}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("acceptance probability (per step)")
+    ax.set_ylabel("number of steps")
+    ax.set_title(f"{result.sampler}: acceptance after burn-in")
+    return _save(fig, path)
+
+
+def plot_energy_hist(result: ChainResult, path: Path) -> Path:
+    """Histogram of post-burn-in energy changes (MCLMC tuning aims at a fixed Var[ΔE] per dimension)."""
+    x = _post_burnin(result, result.energy_change)
+    fig, axes = _figure(size=(6.0, 4.0))
+    ax = axes[0, 0]
+    ax.hist(x, bins=60, color="C1")
+    if x.size:
+        ax.axvline(0.0, color="k", lw=0.8)
+        ax.set_title(f"{result.sampler}: energy change after burn-in (Var ΔE = {np.var(x):.3g} nats²)")
+    else:
+        ax.set_title(f"{result.sampler}: energy change after burn-in (none recorded)")
+    ax.set_xlabel("energy change ΔE per step (nats)")
+    ax.set_ylabel("number of steps")
+    return _save(fig, path)
+
+
+def plot_ess_evolution(result: ChainResult, path: Path, num_points: int = 20) -> Path:
+    """Bulk ESS of L_n against draws so far; should grow linearly, the iid line is the ceiling."""
+    evo = ess_evolution(result.draw_loss, num_points)
+    num_good = healthy_chains(result.draw_loss, result.diverged_at).size
+    fig, axes = _figure(size=(6.0, 4.0))
+    ax = axes[0, 0]
+    if evo.size:
+        ax.plot(evo[:, 0], evo[:, 1], "o-", label="bulk ESS of L_n")
+        ax.plot(evo[:, 0], num_good * evo[:, 0], "k--", lw=0.8, label="iid draws (chains × draws)")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("draws per chain")
+    ax.set_ylabel("effective sample size (draws)")
+    ax.set_title(f"{result.sampler}: ESS evolution ({num_good} healthy chains)")
+    return _save(fig, path)
+
+
+def _has_finite(values: np.ndarray) -> bool:
+    return bool(np.any(np.isfinite(np.asarray(values, dtype=float))))
+
+
+def plot_all(result: ChainResult, out_dir: Path, truth: float | None = None,
+             llc_running: np.ndarray | None = None) -> list[Path]:
+    """Every figure that applies to this sampler, as `<out_dir>/<sampler>_<figure>.png`."""
+    out_dir = Path(out_dir)
+    stem = result.sampler
+    paths = [
+        plot_loss_trace(result, out_dir / f"{stem}_loss_trace.png"),
+        plot_running_llc(result, out_dir / f"{stem}_running_llc.png", llc_running, truth),
+    ]
+    has_draws = result.draw_loss.shape[1] >= 4 and healthy_chains(result.draw_loss, result.diverged_at).size
+    if has_draws:
+        paths.append(plot_trace_rank(result, out_dir / f"{stem}_trace_rank.png"))
+        paths.append(plot_ess_evolution(result, out_dir / f"{stem}_ess_evolution.png"))
+    paths.append(plot_autocorr(result, out_dir / f"{stem}_autocorr.png"))
+    # Unadjusted samplers record NaN acceptance / energy; their histograms would be empty.
+    if _has_finite(result.accept):
+        paths.append(plot_accept_hist(result, out_dir / f"{stem}_accept_hist.png"))
+    if _has_finite(result.energy_change):
+        paths.append(plot_energy_hist(result, out_dir / f"{stem}_energy_hist.png"))
+    return paths
