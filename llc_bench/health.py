@@ -340,32 +340,41 @@ def mala_acceptance(logdensity_and_grad: LogDensityAndGrad, positions, step_size
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StepSizeCheck:
-    relative_change: float  # |λ̂(ε/2) − λ̂(ε)| / |λ̂(ε/2)|
-    flag: HealthFlag | None
-
-
 def step_size_check_summary(llc_eps: float, llc_half: float, *, se_eps: float | None = None,
                             se_half: float | None = None,
-                            max_rel_change: float = STEP_SIZE_MAX_REL_CHANGE) -> StepSizeCheck:
-    """Flag discretization bias when λ̂ moves by more than `max_rel_change` on halving ε.
+                            max_rel_change: float = STEP_SIZE_MAX_REL_CHANGE) -> dict:
+    """Compare λ̂ at ε and at ε/2; flag discretization bias when it moved by more than `max_rel_change`.
 
-    With standard errors given, the move must also exceed STEP_SIZE_Z combined standard errors,
-    so Monte Carlo noise alone does not fire it.
+    Returns a JSON-ready dict: llc_eps, llc_half, rel_change = (λ̂(ε/2) − λ̂(ε)) / |λ̂(ε)| (signed),
+    flag (bool), and code / message / remedy of the flag (None when not flagged). With standard
+    errors given, the move must also exceed STEP_SIZE_Z combined standard errors, so Monte Carlo
+    noise alone does not fire it. A non-finite estimate on either side is flagged.
     """
-    change = abs(llc_half - llc_eps)
-    rel = change / abs(llc_half) if llc_half != 0 else (0.0 if change == 0 else float("inf"))
-    if not np.isfinite(llc_eps) or not np.isfinite(llc_half):
+    llc_eps, llc_half = float(llc_eps), float(llc_half)
+    change = llc_half - llc_eps
+    if not (np.isfinite(llc_eps) and np.isfinite(llc_half)):
         rel = float("nan")
+    elif llc_eps != 0:
+        rel = change / abs(llc_eps)
+    else:
+        rel = 0.0 if change == 0 else float(np.copysign(np.inf, change))
     noisy = False
     if se_eps is not None and se_half is not None:
-        noisy = change <= STEP_SIZE_Z * float(np.hypot(se_eps, se_half))
+        noisy = abs(change) <= STEP_SIZE_Z * float(np.hypot(se_eps, se_half))
+    flagged = (not np.isfinite(rel) or abs(rel) > max_rel_change) and not noisy
     flag = None
-    if (not np.isfinite(rel) or rel > max_rel_change) and not noisy:
+    if flagged:
         flag = _flag(
             "step_size_bias",
-            f"λ̂ = {llc_eps:.4g} at ε and {llc_half:.4g} at ε/2: a {rel:.1%} change "
-            f"(> {max_rel_change:.0%}).",
+            f"λ̂ = {llc_eps:.4g} at ε and {llc_half:.4g} at ε/2: a {rel:+.1%} change "
+            f"(more than {max_rel_change:.0%}).",
         )
-    return StepSizeCheck(float(rel), flag)
+    return {
+        "llc_eps": llc_eps,
+        "llc_half": llc_half,
+        "rel_change": rel if np.isfinite(rel) else None,
+        "flag": flagged,
+        "code": flag.code if flag else None,
+        "message": flag.message if flag else None,
+        "remedy": flag.remedy if flag else None,
+    }
