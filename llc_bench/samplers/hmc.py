@@ -20,18 +20,24 @@ GRADS_PER_LEAPFROG = 1
 
 
 @dataclass(frozen=True)
-class Settings:
+class HMCSettings:
     """HMC settings. Step size and diagonal inverse mass matrix are tuned, not set."""
 
     num_warmup: int = 500  # window-adaptation steps (each costs num_integration_steps grads)
     num_integration_steps: int = 16  # leapfrog steps per draw, fixed
     target_accept: float = 0.8  # dual-averaging target for the Metropolis acceptance
+    # Each draw uses ε·(1 + frac_jitter·U(−1, 1)). A fixed ε·L can sit near a half-period of
+    # some direction of a near-Gaussian posterior, which then maps w − μ to −(w − μ) and never
+    # changes |w − μ|: second moments (hence λ̂) freeze per chain. 0 = plain BlackJAX HMC.
+    frac_jitter: float = 0.2
 
     def __post_init__(self):
         if self.num_warmup < 1 or self.num_integration_steps < 1:
             raise ValueError("num_warmup and num_integration_steps must be >= 1")
         if not 0.0 < self.target_accept < 1.0:
             raise ValueError("target_accept must lie in (0, 1)")
+        if not 0.0 <= self.frac_jitter < 1.0:
+            raise ValueError("frac_jitter must lie in [0, 1)")
 
 
 class HMCParams(NamedTuple):
@@ -86,20 +92,25 @@ def window_warmup(posterior: Posterior, algorithm, num_warmup: int, target_accep
     return warmup
 
 
-def build(posterior: Posterior, settings: Settings = Settings()) -> Algorithm:
+def build(posterior: Posterior, settings: HMCSettings) -> Algorithm:
     """HMC with a fixed number of velocity-Verlet leapfrog steps and a Metropolis correction.
 
-    Each draw: p ~ N(0, M), L = num_integration_steps leapfrog steps of size ε, accept with
-    probability min(1, exp(−ΔH)). ε and the diagonal M⁻¹ are tuned per chain by Stan's window
-    adaptation (dual averaging to `target_accept`; M⁻¹ = windowed sample variances). Work:
-    L gradients per draw; warm-up 1 + num_warmup·L.
+    Each draw: p ~ N(0, M), L = num_integration_steps leapfrog steps of size
+    ε·(1 + frac_jitter·U(−1, 1)), accept with probability min(1, exp(−ΔH)). ε and the diagonal
+    M⁻¹ are tuned per chain by Stan's window adaptation (dual averaging to `target_accept`;
+    M⁻¹ = windowed sample variances; no jitter during warm-up). Work: L gradients per draw;
+    warm-up 1 + num_warmup·L.
     """
     kernel = blackjax.hmc.build_kernel()
     n_leapfrog = settings.num_integration_steps
 
     def step(rng_key, state, params: HMCParams, batch):
         del batch  # full batch
-        new_state, info = kernel(rng_key, state, posterior.logdensity, params.step_size,
+        step_size = params.step_size
+        if settings.frac_jitter > 0:
+            rng_key, jitter_key = jax.random.split(rng_key)
+            step_size = step_size * (1 + settings.frac_jitter * jax.random.uniform(jitter_key, minval=-1, maxval=1))
+        new_state, info = kernel(rng_key, state, posterior.logdensity, step_size,
                                  params.inverse_mass_matrix, n_leapfrog)
         return new_state, StepInfo(
             loss=loss_from_logdensity(posterior, new_state.position, new_state.logdensity),
@@ -116,7 +127,7 @@ def build(posterior: Posterior, settings: Settings = Settings()) -> Algorithm:
 
 SPEC = SamplerSpec(
     name="hmc",
-    settings=Settings,
+    settings=HMCSettings,
     build=build,
-    description="Full-batch HMC (velocity Verlet, fixed steps), window-adapted step size and diagonal mass",
+    description="Full-batch HMC (velocity Verlet, fixed steps, jittered ε), window-adapted step size and diagonal mass",
 )

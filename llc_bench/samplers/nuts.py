@@ -19,7 +19,7 @@ from llc_bench.samplers.hmc import (
 
 
 @dataclass(frozen=True)
-class Settings:
+class NUTSSettings:
     """NUTS settings. Step size and diagonal inverse mass matrix are tuned, not set."""
 
     num_warmup: int = 500  # window-adaptation steps (each costs that step's trajectory length)
@@ -33,7 +33,7 @@ class Settings:
             raise ValueError("target_accept must lie in (0, 1)")
 
 
-def build(posterior: Posterior, settings: Settings = Settings()) -> Algorithm:
+def build(posterior: Posterior, settings: NUTSSettings) -> Algorithm:
     """NUTS: iterative multinomial No-U-Turn sampler with velocity-Verlet steps of size ε.
 
     Each draw doubles a trajectory in random directions until it U-turns, diverges or reaches
@@ -65,7 +65,7 @@ def build(posterior: Posterior, settings: Settings = Settings()) -> Algorithm:
 
 SPEC = SamplerSpec(
     name="nuts",
-    settings=Settings,
+    settings=NUTSSettings,
     build=build,
     description="Full-batch NUTS (multinomial, velocity Verlet), window-adapted step size and diagonal mass",
 )
