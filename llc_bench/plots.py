@@ -55,20 +55,27 @@ def _post_burnin(result: ChainResult, values: np.ndarray) -> np.ndarray:
 
 
 def plot_loss_trace(result: ChainResult, path: Path) -> Path:
-    """Per-step loss of every chain, burn-in shaded, L_n(w*) dashed; the guide's primary diagnostic."""
-    fig, axes = _figure()
-    ax = axes[0, 0]
+    """Per-step loss of every chain, burn-in shaded, L_n(w*) dashed; the guide's primary diagnostic.
+
+    Top: the whole run. Bottom: after burn-in only, so early transients do not flatten the part
+    the estimate uses.
+    """
+    fig, axes = _figure(2, 1, size=(8.0, 7.0))
     steps = np.arange(result.loss_trace.shape[1])
-    for c, trace in enumerate(result.loss_trace):
-        ax.plot(steps, trace, lw=0.6, alpha=0.8, label=f"chain {c}")
-        if result.diverged_at[c] >= 0:
-            ax.axvline(result.diverged_at[c], color="red", ls=":", lw=1.0)
-    ax.axvspan(0, result.num_burnin_steps, color="0.85", zorder=0, label="burn-in")
-    ax.axhline(result.loss_at_wstar, color="k", ls="--", lw=1.0, label="L_n(w*)")
-    ax.set_xlabel("sampler step")
-    ax.set_ylabel(f"per-step loss ({LOSS_UNITS})")
-    ax.set_title(f"{result.sampler}: loss trace (red dotted: chain diverged)")
-    ax.legend(fontsize=7, ncol=2, loc="best")
+    burnin = result.num_burnin_steps
+    for ax, start in ((axes[0, 0], 0), (axes[1, 0], burnin)):
+        for c, trace in enumerate(result.loss_trace):
+            ax.plot(steps[start:], trace[start:], lw=0.6, alpha=0.8, label=f"chain {c}")
+            if result.diverged_at[c] >= start:
+                ax.axvline(result.diverged_at[c], color="red", ls=":", lw=1.0)
+        ax.axhline(result.loss_at_wstar, color="k", ls="--", lw=1.0, label="L_n(w*)")
+        ax.set_xlabel("sampler step")
+        ax.set_ylabel(f"per-step loss ({LOSS_UNITS})")
+    axes[0, 0].axvspan(0, burnin, color="0.85", zorder=0, label="burn-in")
+    axes[0, 0].set_title(f"{result.sampler}: loss trace (red dotted: chain diverged)")
+    axes[1, 0].set_title(f"{result.sampler}: after burn-in (steps ≥ {burnin})", fontsize=9)
+    axes[0, 0].legend(fontsize=7, ncol=2, loc="best")
+    fig.tight_layout()
     return _save(fig, path)
 
 
