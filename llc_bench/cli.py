@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     try:
         args = build_parser(command).parse_args(argv)
+        from llc_bench.jaxcache import enable_compilation_cache
+
+        enable_compilation_cache()
         if command == "run":
             return _run(args)
         if command == "sweep":

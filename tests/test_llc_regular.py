@@ -1,0 +1,83 @@
+"""End-to-end estimator checks against known LLCs: a regular model (λ = d/2) and a deep linear network."""
+
+import numpy as np
+import pytest
+
+from llc_bench.config import from_dict
+from llc_bench.experiment import build_posterior, run_sampler
+from llc_bench.target import build_target
+from llc_bench.truth import dln_learning_coefficient
+
+
+def regular_config(**run):
+    """Full-rank linear regression (one linear layer, no bias): λ = d/2 = in_dim·out_dim/2 exactly."""
+    return from_dict({
+        "data": {"n": 2000, "in_dim": 4, "out_dim": 2, "noise": "gaussian", "noise_scale": 1.0},
+        "teacher": {"kind": "dln", "widths": [], "generator": "deepest"},
+        "model": {"widths": [], "target_params": "none", "activation": "identity", "bias": False},
+        "train": {"steps": 3000, "learning_rate": 0.05, "grad_tol": 1e-5},
+        "posterior": {"gamma": 1.0},
+        "run": {"samplers": ["sgld", "rmsprop_sgld", "hmc", "mclmc"], "num_chains": 4,
+                "num_burnin_steps": 300, "num_draws": 200, "num_steps_bw_draws": 5, **run},
+        "sampler": {"hmc": {"num_warmup": 300}, "mclmc": {"num_tuning_steps": 600}},
+    })
+
+
+@pytest.fixture(scope="module")
+def regular():
+    cfg = regular_config()
+    target = build_target(cfg)
+    return cfg, target, build_posterior(cfg, target)
+
+
+@pytest.mark.parametrize("name", ["sgld", "rmsprop_sgld", "hmc", "mclmc"])
+def test_regular_model_llc_is_half_dimension(regular, name):
+    cfg, target, posterior = regular
+    d = posterior.dim
+    assert d == 8 and target.truth == pytest.approx(d / 2)
+    # Even an exact sampler sees E[λ̂] = ½ Σ nβh/(nβh + γ) for a quadratic basin; with nβ ≈ 263,
+    # h ≈ 1 and γ = 1 that is 0.4% below d/2, well inside the 10% the issue asks for.
+    run = run_sampler(cfg, name, posterior, truth=target.truth)
+    assert run.summary["status"] in ("ok", "warnings"), run.summary["warnings"]
+    assert run.estimate.mean == pytest.approx(d / 2, rel=0.10)
+    # the reported SE is honest: the truth lies within 4 SE plus the 10% band
+    assert abs(run.estimate.mean - d / 2) < 4 * run.estimate.se + 0.1 * d / 2
+
+
+def test_same_seed_same_estimate(regular):
+    cfg, _, posterior = regular
+    a = run_sampler(cfg, "sgld", posterior).estimate
+    b = run_sampler(cfg, "sgld", posterior).estimate
+    assert a.mean == b.mean
+    np.testing.assert_array_equal(a.per_chain, b.per_chain)
+    assert len(set(np.round(a.per_chain, 6))) == len(a.per_chain)  # chains got different noise
+
+
+def test_huge_step_size_is_flagged_not_averaged(regular):
+    cfg, _, posterior = regular
+    settings = cfg.sampler["sgld"].__class__(step_size=10.0, batch_size=64)
+    run = run_sampler(cfg, "sgld", posterior, settings=settings)
+    assert run.summary["status"] == "failed"
+    assert run.summary["llc_mean"] is None
+    assert all(s >= 0 for s in run.summary["diverged_at"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sgld", "rmsprop_sgld", "hmc", "mclmc"])
+def test_dln_llc_matches_aoyagi(name):
+    """A rank-deficient deep linear network at its teacher (Lau et al. protocol) against Aoyagi's λ."""
+    cfg = from_dict({
+        "data": {"n": 10000, "in_dim": 6, "out_dim": 4, "distribution": "uniform", "box_half_width": 1.0,
+                 "noise": "none"},
+        "teacher": {"kind": "dln", "widths": [5, 4], "rank": 2, "generator": "deepest"},
+        "model": {"widths": [5, 4], "target_params": "none", "activation": "identity", "bias": False},
+        "train": {"use_teacher": True},
+        "posterior": {"gamma": 1.0},
+        "run": {"samplers": [name], "num_chains": 4, "num_burnin_steps": 2000, "num_draws": 400,
+                "num_steps_bw_draws": 10},
+        "sampler": {"sgld": {"step_size": 2e-5}, "rmsprop_sgld": {"step_size": 2e-4}},
+    })
+    target = build_target(cfg)
+    assert target.truth == pytest.approx(dln_learning_coefficient([6, 5, 4, 4], 2))
+    run = run_sampler(cfg, name, build_posterior(cfg, target), truth=target.truth)
+    assert run.estimate.mean == pytest.approx(target.truth, rel=0.15)
