@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -43,6 +43,7 @@ class ChainResult:
     warmup_s: float  # tuning/warm-up seconds, compile excluded
     compile_s: float  # compile seconds (warm-up + sampling functions)
     tuned: dict  # per-sampler tuned parameters summarized for reports (e.g. step_size mean), floats only
+    draw_outputs: Any = None  # pytree of (C, D, ...) arrays from run_chains' draw_fn; None without one
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,6 +51,10 @@ class ChainResult:
 # --------------------------------------------------------------------------------------------
 
 _AUTO_CHUNKS = 20  # chunk_size=0: about this many host round trips (progress updates) per phase
+
+
+# draw_fn(position (d,), chain_index (), draw_index (), draw_data) -> pytree of arrays
+DrawFn = Callable[[jax.Array, jax.Array, jax.Array, Any], Any]
 
 
 class _Carry(NamedTuple):
@@ -69,6 +74,8 @@ class _Consts(NamedTuple):
     y: jax.Array  # (n, out_dim)
     w_star: jax.Array  # (d,)
     directions: jax.Array  # (d, P) random unit columns
+    chain_index: jax.Array  # (C,) int32 0..C-1, for draw_fn
+    draw_data: Any  # run_chains' draw_data pytree (None without one)
 
 
 class ChainKeys(NamedTuple):
@@ -174,13 +181,28 @@ def _step_chains(algorithm: Algorithm, consts: _Consts, carry: _Carry, t: jax.Ar
     return _Carry(state, diverged_at), info
 
 
-def _draw(algorithm: Algorithm, posterior: Posterior, consts: _Consts, carry: _Carry):
-    """Full-data L_n and projections (w − w*) @ P of every chain; NaN for diverged chains."""
+def _draw(algorithm: Algorithm, posterior: Posterior, consts: _Consts, carry: _Carry,
+          draw_fn: DrawFn | None = None, draw_index: jax.Array | None = None):
+    """Full-data L_n, projections (w − w*) @ P and draw_fn's outputs of every chain.
+
+    Floating outputs are NaN for diverged chains (integer outputs are left as computed).
+    """
     positions = jax.vmap(algorithm.position)(carry.state)
     loss = jax.vmap(posterior.batch_loss, in_axes=(0, None, None))(positions, consts.x, consts.y)
     proj = (positions - consts.w_star) @ consts.directions
     dead = carry.diverged_at >= 0
-    return jnp.where(dead, jnp.nan, loss), jnp.where(dead[:, None], jnp.nan, proj)
+    extra = None
+    if draw_fn is not None:
+        extra = jax.vmap(draw_fn, in_axes=(0, 0, None, None))(
+            positions, consts.chain_index, draw_index, consts.draw_data)
+        extra = jax.tree.map(lambda a: _nan_where(dead, a), extra)
+    return jnp.where(dead, jnp.nan, loss), jnp.where(dead[:, None], jnp.nan, proj), extra
+
+
+def _nan_where(dead: jax.Array, a: jax.Array) -> jax.Array:
+    if not jnp.issubdtype(a.dtype, jnp.inexact):
+        return a
+    return jnp.where(dead.reshape(dead.shape + (1,) * (a.ndim - 1)), jnp.nan, a)
 
 
 def _burnin_chunk_fn(algorithm: Algorithm, length: int, num_burnin_steps: int):
@@ -195,8 +217,10 @@ def _burnin_chunk_fn(algorithm: Algorithm, length: int, num_burnin_steps: int):
     return chunk
 
 
-def _draw_chunk_fn(algorithm: Algorithm, posterior: Posterior, blocks: int, k: int, num_burnin_steps: int, total_steps: int):
-    """carry, first block -> carry, (StepInfo (blocks, k, C), draw loss (blocks, C), projections (blocks, C, P)).
+def _draw_chunk_fn(algorithm: Algorithm, posterior: Posterior, blocks: int, k: int, num_burnin_steps: int, total_steps: int,
+                   draw_fn: DrawFn | None = None):
+    """carry, first block -> carry, (StepInfo (blocks, k, C), draw loss (blocks, C), projections (blocks, C, P),
+    draw_fn outputs (blocks, C, ...) or None).
 
     A block is k steps followed by one draw; blocks past the last draw are padding (masked steps).
     """
@@ -209,7 +233,7 @@ def _draw_chunk_fn(algorithm: Algorithm, posterior: Posterior, blocks: int, k: i
                 return _step_chains(algorithm, consts, carry, t_start + i, total_steps)
 
             carry, infos = jax.lax.scan(body, carry, jnp.arange(k, dtype=jnp.int32))
-            return carry, (infos, *_draw(algorithm, posterior, consts, carry))
+            return carry, (infos, *_draw(algorithm, posterior, consts, carry, draw_fn, block0 + j))
 
         return jax.lax.scan(block, carry, jnp.arange(blocks, dtype=jnp.int32))
 
@@ -237,18 +261,20 @@ def _timed(fn, *args):
 def run_chains(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: jax.Array, *,
                num_chains: int, num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int,
                num_projections: int = 4, chunk_size: int = 0, progress: bool = True,
-               devices: Sequence[jax.Device] | None = None) -> ChainResult:
+               devices: Sequence[jax.Device] | None = None, draw_fn: DrawFn | None = None,
+               draw_data: Any = None) -> ChainResult:
     """Warm up and run `num_chains` vmapped chains from w*; see `run_chains_with_state`."""
     return run_chains_with_state(
         name, algorithm, posterior, rng_key, num_chains=num_chains, num_burnin_steps=num_burnin_steps,
         num_draws=num_draws, num_steps_bw_draws=num_steps_bw_draws, num_projections=num_projections,
-        chunk_size=chunk_size, progress=progress, devices=devices)[0]
+        chunk_size=chunk_size, progress=progress, devices=devices, draw_fn=draw_fn, draw_data=draw_data)[0]
 
 
 def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: jax.Array, *,
                           num_chains: int, num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int,
                           num_projections: int = 4, chunk_size: int = 0, progress: bool = True,
-                          devices: Sequence[jax.Device] | None = None):
+                          devices: Sequence[jax.Device] | None = None, draw_fn: DrawFn | None = None,
+                          draw_data: Any = None):
     """(ChainResult, final sampler states (C, ...)): warm up, burn in, then draw every k steps.
 
     T = num_burnin_steps + num_draws * k steps (k = num_steps_bw_draws); draw d is taken after
@@ -277,6 +303,13 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
     devices: shard the chain axis over these devices (num_chains must be a multiple of their
     number); data, w* and directions are replicated. None = JAX's default device. Results equal
     the unsharded run's: chains never interact.
+
+    draw_fn(position (d,), chain_index () int32, draw_index () int32, draw_data) -> pytree of
+    arrays: optional extra per-chain evaluation at every draw (e.g. per-sample losses on fixed
+    data), vmapped over chains inside the draw chunk. draw_data is passed to the compiled chunk
+    as an argument (replicated across devices), not baked into it as a constant. Its outputs come
+    back stacked as ChainResult.draw_outputs with leading axes (C, D); floating leaves are NaN for
+    a chain from the draw after it diverged.
     """
     if num_chains < 1 or num_draws < 1 or num_steps_bw_draws < 1 or num_burnin_steps < 0:
         raise ValueError("need num_chains, num_draws, num_steps_bw_draws >= 1 and num_burnin_steps >= 0")
@@ -303,7 +336,11 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
         (state, params, warmup_work), warmup_s = _timed(warmup, keys.warmup, positions0)
         bar.describe(f"{name}: sampling")
 
-        consts = _Consts(keys.step, keys.batch, params, x, y, w_star, directions)
+        chain_index = jnp.arange(num_chains, dtype=jnp.int32)
+        if devices is not None:
+            chain_index = jax.device_put(chain_index, per_chain)
+            draw_data = jax.device_put(draw_data, replicated)
+        consts = _Consts(keys.step, keys.batch, params, x, y, w_star, directions, chain_index, draw_data)
         # A warm-up that already left the finite region counts as diverged at step 0.
         finite0 = jnp.all(jnp.isfinite(jax.vmap(algorithm.position)(state)), axis=1)
         carry = _Carry(state, jnp.where(finite0, -1, 0).astype(jnp.int32))
@@ -318,16 +355,17 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
                 burn_infos.append(jax.tree.map(np.asarray, info))
                 bar.advance(min(burn_len, num_burnin_steps - c * burn_len))
 
-        draw, seconds = _compile(_draw_chunk_fn(algorithm, posterior, blocks, k, num_burnin_steps, total_steps),
+        draw, seconds = _compile(_draw_chunk_fn(algorithm, posterior, blocks, k, num_burnin_steps, total_steps, draw_fn),
                                  carry, jnp.int32(0), consts)
         compile_s += seconds
-        draw_loss, projections = [], []
+        draw_loss, projections, extras = [], [], []
         for c in range(draw_count):
-            (carry, (info, loss, proj)), seconds = _timed(draw, carry, jnp.int32(c * blocks), consts)
+            (carry, (info, loss, proj, extra)), seconds = _timed(draw, carry, jnp.int32(c * blocks), consts)
             wall_s += seconds
             draw_infos.append(jax.tree.map(lambda a: np.asarray(a).reshape(blocks * k, num_chains), info))
             draw_loss.append(np.asarray(loss))
             projections.append(np.asarray(proj))
+            extras.append(jax.tree.map(np.asarray, extra))
             bar.advance(min(blocks, num_draws - c * blocks) * k)
 
     # Host side: drop each phase's padding, concatenate the phases, put chains first.
@@ -353,5 +391,7 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
         warmup_s=warmup_s,
         compile_s=compile_s,
         tuned=summarize_tuned(params),
+        draw_outputs=None if draw_fn is None else jax.tree.map(
+            lambda *a: np.swapaxes(np.concatenate(a)[:num_draws], 0, 1), *extras),
     )
     return result, carry.state

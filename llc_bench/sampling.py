@@ -1,0 +1,786 @@
+"""devinterp-style `sample()` for any JAX model: chains on a (weight-restricted) local posterior, per-sample losses at every draw in an xarray DataTree, and LLC / BIF / susceptibility post-processing."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from llc_bench.posterior import Posterior
+
+# Format of the stored tree; bump when variables change meaning so old stores are not reused.
+FORMAT_VERSION = 1
+
+SG_METHODS = ("sgld", "rmsprop_sgld")
+FULL_BATCH_METHODS = ("hmc", "nuts", "mclmc", "adjusted_mclmc")
+# devinterp's names for the same samplers
+METHOD_ALIASES = {"sgmcmc_sgld": "sgld"}
+
+# loss_fn(apply_fn, params, x (m, ...), y (m, ...)) -> (m,) per-sample negative log-likelihoods
+LossFn = Callable[[Callable, Any, jax.Array, jax.Array], jax.Array]
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight restrictions: parameter paths -> the flat vector of free entries
+# ---------------------------------------------------------------------------------------------
+
+
+def _key_str(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def param_paths(params) -> list[str]:
+    """'/'-joined path of every leaf of `params` in flattening order, e.g. 'params/Dense_0/kernel'."""
+    return ["/".join(_key_str(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _flatten_mask_spec(spec: Mapping, prefix: str = "") -> dict[str, Any]:
+    """{'params': {'Dense_0': {'kernel': m}}} or {'params/Dense_0/kernel': m} -> {'params/Dense_0/kernel': m}."""
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(_flatten_mask_spec(value, path))
+        else:
+            out[path.strip("/")] = value
+    return out
+
+
+def free_mask(params, param_masks) -> np.ndarray:
+    """(D,) bool over ravel_pytree(params): True for the entries sampling may move.
+
+    param_masks None: everything free. Otherwise a mapping from parameter paths (or nested dicts
+    mirroring the pytree) to a boolean mask of the parameter's exact shape, or None for the whole
+    parameter; a path naming a subtree ('params/Dense_0') with None frees every leaf under it.
+    Every parameter not named is frozen.
+    """
+    leaves = jax.tree_util.tree_leaves(params)
+    paths = param_paths(params)
+    if param_masks is None:
+        return np.ones(sum(int(np.size(leaf)) for leaf in leaves), bool)
+    if not isinstance(param_masks, Mapping):
+        raise ValueError(f"param_masks must be a dict of parameter path -> mask or None, got {type(param_masks).__name__}")
+    masks: list[np.ndarray | None] = [None] * len(leaves)
+    for spec_path, mask in _flatten_mask_spec(param_masks).items():
+        hits = [i for i, p in enumerate(paths) if p == spec_path or p.startswith(spec_path + "/")]
+        if not hits:
+            raise ValueError(f"param_masks: no parameter at path {spec_path!r}; parameter paths are {paths}")
+        if mask is not None and (len(hits) != 1 or paths[hits[0]] != spec_path):
+            raise ValueError(f"param_masks: {spec_path!r} names a group of parameters; a mask array must name "
+                             "one parameter (use None to free the whole group)")
+        for i in hits:
+            if masks[i] is not None:
+                raise ValueError(f"param_masks: parameter {paths[i]!r} is named more than once")
+            shape = np.shape(leaves[i])
+            if mask is None:
+                masks[i] = np.ones(shape, bool)
+                continue
+            m = np.asarray(mask)
+            if m.shape != shape:
+                raise ValueError(f"param_masks: mask for {paths[i]!r} has shape {m.shape}, "
+                                 f"but the parameter has shape {shape}")
+            if m.dtype != bool:
+                if not (np.issubdtype(m.dtype, np.integer) and np.isin(m, (0, 1)).all()):
+                    raise ValueError(f"param_masks: mask for {paths[i]!r} must be boolean (or 0/1), got {m.dtype}")
+                m = m.astype(bool)
+            masks[i] = m
+    flat = np.concatenate([np.zeros(np.size(leaf), bool) if m is None else m.reshape(-1)
+                           for leaf, m in zip(leaves, masks, strict=True)])
+    if not flat.any():
+        raise ValueError("param_masks leaves no parameter free to sample")
+    return flat
+
+
+@dataclass(frozen=True)
+class Restriction:
+    """The map between the model's parameter pytree and the flat vector w of free entries sampled.
+
+    params(w) = unravel(w_all with w_all[free_index] = w); with every entry free it is unravel(w).
+    """
+
+    w_all: jax.Array  # (D,) ravel_pytree(params at w*)
+    unravel: Callable[[jax.Array], Any]
+    free_index: np.ndarray  # (d,) positions of the free entries in w_all
+
+    @classmethod
+    def build(cls, params, param_masks) -> Restriction:
+        w_all, unravel = ravel_pytree(params)
+        mask = free_mask(params, param_masks)
+        return cls(w_all, unravel, np.flatnonzero(mask))
+
+    @property
+    def all_free(self) -> bool:
+        return self.free_index.size == self.w_all.size
+
+    @property
+    def w_star(self) -> jax.Array:
+        return self.w_all if self.all_free else self.w_all[self.free_index]
+
+    def params(self, w: jax.Array):
+        return self.unravel(w if self.all_free else self.w_all.at[self.free_index].set(w))
+
+
+# ---------------------------------------------------------------------------------------------
+# The posterior sample() targets and the sampler built on it
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingPosterior(Posterior):
+    """Posterior plus devinterp's extras on the free vector w:
+
+        p(w) ∝ exp(−nβ L_n(w) − γ/2 ‖w − w*‖² − λ/2 ‖w‖²)      (λ = weight_decay: a N(0, 1/λ) prior)
+
+    and gradient accumulation: a minibatch of accumulation_steps · b samples is processed as
+    accumulation_steps sequential chunks of b whose loss gradients are averaged (the same
+    gradient as one batch, at the memory of one chunk).
+    """
+
+    weight_decay: float = 0.0
+    accumulation_steps: int = 1
+
+    def localization(self, w: jax.Array) -> jax.Array:
+        out = 0.5 * self.gamma * jnp.sum((w - self.w_star) ** 2)
+        if self.weight_decay:
+            out = out + 0.5 * self.weight_decay * jnp.sum(w**2)
+        return out
+
+    def minibatch_loss_and_grads(self, w: jax.Array, x: jax.Array, y: jax.Array):
+        prior_grad = self.gamma * (w - self.w_star)
+        if self.weight_decay:
+            prior_grad = prior_grad + self.weight_decay * w
+        k = self.accumulation_steps
+        if k == 1:
+            loss, grad = jax.value_and_grad(self.batch_loss)(w, x, y)
+            return loss, grad, prior_grad
+        xs = x.reshape(k, x.shape[0] // k, *x.shape[1:])
+        ys = y.reshape(k, y.shape[0] // k, *y.shape[1:])
+
+        def accumulate(acc, chunk):
+            loss, grad = jax.value_and_grad(self.batch_loss)(w, *chunk)
+            return (acc[0] + loss, acc[1] + grad), None
+
+        zero = (jnp.zeros((), w.dtype), jnp.zeros_like(w))
+        (loss, grad), _ = jax.lax.scan(accumulate, zero, (xs, ys))
+        return loss / k, grad / k, prior_grad
+
+
+def _set_position(state, position):
+    if isinstance(state, jax.Array):
+        return position
+    if hasattr(state, "_replace") and "position" in getattr(state, "_fields", ()):
+        return state._replace(position=position)
+    raise ValueError(f"bounding_box_size: cannot set the position of a {type(state).__name__} state")
+
+
+def _wrap_algorithm(algorithm, w_star: jax.Array, init_noise: float | None, box: float | None):
+    """init_noise: w ← w* + init_noise · N(0, I) once per chain before warm-up; box: clip every
+    step's position to [w* − box, w* + box] (both on the free entries only)."""
+    inner_warmup, inner_step = algorithm.warmup, algorithm.step
+    clip = (lambda w: jnp.clip(w, w_star - box, w_star + box)) if box is not None else (lambda w: w)
+    warmup, step = inner_warmup, inner_step
+    if init_noise:
+        def warmup(rng_key, position):
+            noise_key, key = jax.random.split(rng_key)
+            position = clip(position + init_noise * jax.random.normal(noise_key, position.shape, position.dtype))
+            return inner_warmup(key, position)
+    if box is not None:
+        def step(rng_key, state, params, batch):
+            state, info = inner_step(rng_key, state, params, batch)
+            return _set_position(state, clip(algorithm.position(state))), info
+    return algorithm._replace(warmup=warmup, step=step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Option resolution and validation (once, at the edge)
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_dataset(data, what: str) -> tuple[jax.Array, jax.Array]:
+    if not (isinstance(data, tuple | list) and len(data) == 2):
+        raise ValueError(f"{what} must be a pair (x, y) of arrays with the same leading length")
+    x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
+    if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0] or x.shape[0] < 1:
+        raise ValueError(f"{what}: x and y need the same leading length >= 1, got {x.shape} and {y.shape}")
+    return x, y
+
+
+def _observable_specs(observables, batches_per_draw: int, batch_size: int):
+    """name -> (x, y, batches): each observable's dataset and its batches per draw."""
+    if observables is None:
+        return {}
+    if not isinstance(observables, Mapping):
+        raise ValueError("observables must be a dict name -> (x, y) or name -> ((x, y), batches_per_draw)")
+    out = {}
+    for name, value in observables.items():
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise ValueError(f"observable name {name!r} must be a Python identifier (it names variables)")
+        batches = batches_per_draw
+        if isinstance(value, tuple | list) and len(value) == 2 and isinstance(value[1], int | np.integer):
+            value, batches = value
+        if int(batches) < 1:
+            raise ValueError(f"observable {name!r}: batches_per_draw must be >= 1, got {batches}")
+        x, y = _as_dataset(value, f"observable {name!r}")
+        needed = int(batches) * batch_size
+        if x.shape[0] < needed:
+            raise ValueError(f"observable {name!r} has {x.shape[0]} samples, fewer than batches_per_draw × "
+                             f"batch_size = {batches} × {batch_size} = {needed}; pass (dataset, k) with fewer "
+                             "batches or a smaller batch_size")
+        out[name] = (x, y, int(batches))
+    return out
+
+
+def _sampler_settings(method: str, *, lr, batch_size: int, accumulation: int, noise_level: float,
+                      kwargs: dict, rmsprop_eps, rmsprop_alpha):
+    """The registry settings dataclass for `method`, with lr in the ε convention (scaled by σ², see sample())."""
+    from llc_bench.samplers import get_spec
+
+    kwargs = dict(kwargs or {})
+    if method != "rmsprop_sgld" and (rmsprop_eps is not None or rmsprop_alpha is not None):
+        raise ValueError(f"rmsprop_eps / rmsprop_alpha are only valid with sampling_method='rmsprop_sgld', "
+                         f"not {method!r}")
+    for key, value in (("eps", rmsprop_eps), ("alpha", rmsprop_alpha)):
+        if value is not None:
+            if key in kwargs and kwargs[key] != value:
+                raise ValueError(f"rmsprop_{key}={value} conflicts with sampling_method_kwargs[{key!r}]={kwargs[key]}")
+            kwargs[key] = value
+    for reserved, instead in (("step_size", "lr"), ("batch_size", "batch_size")):
+        if reserved in kwargs:
+            raise ValueError(f"set {reserved!r} through sample()'s {instead!r}, not sampling_method_kwargs")
+    spec = get_spec(method)
+    if method in SG_METHODS:
+        if lr is None or not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"{method} needs a positive lr (the SGLD step size ε), got {lr}")
+        kwargs.update(step_size=float(lr) * noise_level**2, batch_size=batch_size * accumulation)
+    elif lr is not None:
+        raise ValueError(f"{method} tunes its own step size; pass lr=None (tuning options go in sampling_method_kwargs)")
+    allowed = [f.name for f in dataclasses.fields(spec.settings)]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"sampling_method_kwargs {unknown} are not options of {method!r}; allowed: "
+                         f"{[a for a in allowed if a not in ('step_size', 'batch_size')]}")
+    return spec, spec.settings(**kwargs)
+
+
+def _sha256(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fn_name(fn) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
+def _json_normalize(obj):
+    from llc_bench.artifacts import jsonable
+
+    return json.loads(json.dumps(jsonable(obj), sort_keys=True, default=str))
+
+
+def _key(seed: int, purpose: str) -> jax.Array:
+    """The experiment pipeline's per-sampler key derivation, also used for sample()'s auxiliary streams."""
+    from llc_bench.experiment import sampler_key
+
+    return sampler_key(seed, purpose)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample()
+# ---------------------------------------------------------------------------------------------
+
+
+def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=None, lr: float | None = None,
+           n_beta: float, localization: float, num_chains: int, num_draws: int, num_burnin_steps: int = 0,
+           num_steps_bw_draws: int = 1, batch_size: int = 32, gradient_accumulation_steps: int = 1,
+           sampling_method: str = "sgld", sampling_method_kwargs: dict | None = None,
+           rmsprop_eps: float | None = None, rmsprop_alpha: float | None = None, noise_level: float = 1.0,
+           weight_decay: float = 0.0, bounding_box_size: float | None = None, init_noise: float | None = None,
+           param_masks=None, batches_per_draw: int = 3, seed: int = 0, output_path: str | Path | None = None,
+           save_metrics: bool = False, overwrite: bool = False, progress: bool = True):
+    """Sample the local posterior of `params` and record per-sample losses at every draw (devinterp's sample()).
+
+    Model and loss: `loss_fn(apply_fn, params, x, y) -> (m,)` per-sample negative log-likelihoods
+    of a batch (x, y) (leading axis m); `params` is any pytree of float arrays (e.g. flax
+    variables); `dataset = (x, y)` with a common leading length n is the sampling dataset.
+
+    Posterior, on the vector w of FREE parameter entries (d of them, see param_masks):
+
+        p(w) ∝ exp(−nβ L_n(w) − γ/2 ‖w − w*‖² − λ/2 ‖w‖²)
+
+    nβ = n_beta exactly as given (devinterp convention, no β0 / log n), γ = localization,
+    λ = weight_decay. SGLD step (ε = lr, σ = noise_level, L_m = batch mean of loss_fn):
+
+        w ← w − ε/2 · ( γ (w − w*) + λ w + nβ ∇L_m(w) ) + σ √ε · η,   η ~ N(0, I)
+
+    σ ≠ 1 is run as exact SGLD at step σ²ε on the posterior with nβ, γ, λ divided by σ² (the
+    same update), i.e. it samples p^(1/σ²): it breaks the posterior guarantee, as in devinterp.
+    "rmsprop_sgld" preconditions the same update (llc_bench.samplers.rmsprop_sgld; eps/alpha via
+    rmsprop_eps/rmsprop_alpha or sampling_method_kwargs, e.g. bias_correction=False for devinterp's
+    exact update). "hmc", "nuts", "mclmc", "adjusted_mclmc" (full batch, self-tuned: lr must be
+    None; their settings via sampling_method_kwargs) target the same posterior; noise_level then
+    tempers it the same way. "sgmcmc_sgld" is accepted as devinterp's name for "sgld".
+
+    Minibatches: each step draws batch_size · gradient_accumulation_steps indices uniformly with
+    replacement (llc_bench.runner), processed in gradient_accumulation_steps chunks.
+    Steps: num_burnin_steps + num_draws · num_steps_bw_draws per chain; a draw follows every
+    num_steps_bw_draws-th step after burn-in.
+
+    Options:
+      param_masks: weight restriction, see `free_mask`; only masked entries move, everything else
+        stays exactly at its value in `params`; localization, noise and prior act on w only.
+      bounding_box_size: clip w to [w* − r, w* + r] after every step (SG methods only).
+      init_noise: start each chain at w* + init_noise · N(0, I) (free entries; localization stays at w*).
+      observables: name -> (x, y) or name -> ((x, y), batches_per_draw). Each observable gets
+        batches_per_draw · batch_size points chosen ONCE (without replacement, sorted; from the seed
+        and the dataset size only, so identical datasets get identical points) and evaluated at
+        every draw of every chain.
+      batches_per_draw: default batches per observable, and the number of fresh random sampling
+        batches evaluated at each draw (sampling_loss).
+      seed: chains use the experiment pipeline's key (llc_bench.experiment.sampler_key(seed,
+        method)); observable points, sampling batches come from their own keys of the same seed.
+
+    Output: an xarray DataTree (root dataset; C chains, D draws, T steps, k = batches_per_draw,
+    b = batch_size):
+      init_loss(chain, sample_init)       per-sample losses of the full dataset at w* (same for every
+                                          chain; its own dim because n ≠ b)
+      full_loss(chain, draw)              full-data L_n(w) at each draw (computed by the runner)
+      sampling_loss(chain, draw, batch, sample)  per-sample losses on k fresh random batches
+      sampling_index(chain, draw, batch, sample) their dataset indices
+      loss_<obs>(chain, draw, batch_<obs>, sample)  per-sample losses on the observable's fixed points
+      index_<obs>(batch_<obs>, sample)    those points' indices in the observable's dataset
+      distance(chain, draw)               ‖w − w*‖ over the free entries
+      diverged_at(chain)                  first non-finite step, −1 if none (its draws are NaN)
+      n_beta ()                           nβ as given
+      metrics_{loss,accept,energy_change,diverging}(chain, step)  per-step sampler info (save_metrics)
+    Root attrs: `options` (every resolved option plus fingerprints of params, masks and data),
+    `run` (sampler settings, d, timings, work).
+
+    output_path: the tree is written as a Zarr store atomically (temp dir, then rename) and the
+    returned tree is read back from it. If a store already exists there, it is reused (no
+    sampling) when its stored options equal the new ones exactly; otherwise a ValueError names the
+    differing options, unless overwrite=True, which replaces it. The fingerprints cover array
+    contents and the names of apply_fn/loss_fn, not their code.
+    """
+    import xarray as xr
+
+    from llc_bench.runner import run_chains
+
+    # ---- validate and resolve ---------------------------------------------------------------
+    method = METHOD_ALIASES.get(sampling_method, sampling_method)
+    if method not in SG_METHODS + FULL_BATCH_METHODS:
+        raise ValueError(f"unknown sampling_method {sampling_method!r}; allowed: "
+                         f"{list(SG_METHODS + FULL_BATCH_METHODS + tuple(METHOD_ALIASES))}")
+    for name, value, low in (("num_chains", num_chains, 1), ("num_draws", num_draws, 1),
+                             ("num_burnin_steps", num_burnin_steps, 0), ("num_steps_bw_draws", num_steps_bw_draws, 1),
+                             ("batch_size", batch_size, 1), ("gradient_accumulation_steps", gradient_accumulation_steps, 1),
+                             ("batches_per_draw", batches_per_draw, 1)):
+        if not isinstance(value, int | np.integer) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, value, ok, rule in (("n_beta", n_beta, lambda v: v > 0, "> 0"),
+                                  ("localization", localization, lambda v: v >= 0, ">= 0"),
+                                  ("noise_level", noise_level, lambda v: v > 0, "> 0"),
+                                  ("weight_decay", weight_decay, lambda v: v >= 0, ">= 0"),
+                                  ("bounding_box_size", bounding_box_size, lambda v: v > 0, "> 0 or None"),
+                                  ("init_noise", init_noise, lambda v: v >= 0, ">= 0 or None")):
+        if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                                      and math.isfinite(value) and ok(value)):
+            raise ValueError(f"{name} must be {rule}, got {value!r}")
+    if bounding_box_size is not None and method not in SG_METHODS:
+        raise ValueError(f"bounding_box_size is only supported for {SG_METHODS}, not {method!r}")
+    spec, settings = _sampler_settings(
+        method, lr=lr, batch_size=batch_size, accumulation=gradient_accumulation_steps,
+        noise_level=float(noise_level), kwargs=sampling_method_kwargs, rmsprop_eps=rmsprop_eps,
+        rmsprop_alpha=rmsprop_alpha)
+    x, y = _as_dataset(dataset, "dataset")
+    n = int(x.shape[0])
+    obs = _observable_specs(observables, batches_per_draw, batch_size)
+    restriction = Restriction.build(params, param_masks)
+    if not jnp.issubdtype(restriction.w_all.dtype, jnp.floating):
+        raise ValueError(f"params must be floating point, got {restriction.w_all.dtype}")
+
+    def per_sample_loss(w, xb, yb):
+        return loss_fn(apply_fn, restriction.params(w), xb, yb)
+
+    out_shape = jax.eval_shape(per_sample_loss, restriction.w_star, x[:2], y[:2])
+    if getattr(out_shape, "shape", None) != (min(2, n),):
+        raise ValueError(f"loss_fn must return per-sample losses of shape (m,), got {getattr(out_shape, 'shape', out_shape)} "
+                         f"for a batch of {min(2, n)}")
+
+    options = _json_normalize({
+        "format_version": FORMAT_VERSION,
+        "sampling_method": method,
+        "sampler_settings": dataclasses.asdict(settings),
+        "sampling_method_kwargs": sampling_method_kwargs or {},
+        "lr": lr, "n_beta": n_beta, "localization": localization, "num_chains": num_chains,
+        "num_draws": num_draws, "num_burnin_steps": num_burnin_steps, "num_steps_bw_draws": num_steps_bw_draws,
+        "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
+        "rmsprop_eps": rmsprop_eps, "rmsprop_alpha": rmsprop_alpha, "noise_level": noise_level,
+        "weight_decay": weight_decay, "bounding_box_size": bounding_box_size, "init_noise": init_noise,
+        "batches_per_draw": batches_per_draw, "seed": seed, "save_metrics": save_metrics,
+        "apply_fn": _fn_name(apply_fn), "loss_fn": _fn_name(loss_fn),
+        "params_sha256": _sha256(*jax.tree_util.tree_leaves(params)),
+        "param_paths": param_paths(params),
+        "free_sha256": _sha256(restriction.free_index),
+        "num_params_free": int(restriction.free_index.size),
+        "dataset": {"n": n, "sha256": _sha256(x, y)},
+        "observables": {name: {"n": int(ox.shape[0]), "batches_per_draw": k, "sha256": _sha256(ox, oy)}
+                        for name, (ox, oy, k) in obs.items()},
+    })
+
+    path = Path(output_path) if output_path is not None else None
+    if path is not None and path.exists():
+        reused = _reuse_store(path, options, overwrite)
+        if reused is not None:
+            return reused
+
+    # ---- posterior, sampler, draws -----------------------------------------------------------
+    temper = float(noise_level) ** 2
+    w_star = restriction.w_star
+    init_loss = per_sample_loss(w_star, x, y)  # eager, as Posterior.build evaluates L_n(w*)
+    loss_at_wstar = float(jnp.mean(init_loss))
+    posterior = SamplingPosterior(per_sample_loss, x, y, w_star, float(n_beta) / temper,
+                                  float(localization) / temper, loss_at_wstar,
+                                  weight_decay=float(weight_decay) / temper,
+                                  accumulation_steps=gradient_accumulation_steps)
+    algorithm = _wrap_algorithm(spec.build(posterior, settings), w_star, init_noise, bounding_box_size)
+
+    fixed = {}
+    obs_index = {}
+    obs_key = _key(seed, "sample:observables")
+    for name, (ox, oy, k) in obs.items():
+        idx = np.sort(np.asarray(jax.random.permutation(obs_key, ox.shape[0]))[: k * batch_size])
+        obs_index[name] = idx.reshape(k, batch_size)
+        fixed[name] = (ox[idx].reshape(k, batch_size, *ox.shape[1:]), oy[idx].reshape(k, batch_size, *oy.shape[1:]))
+    draw_data = {"x": x, "y": y, "w_star": w_star, "key": _key(seed, "sample:sampling_batches"), "obs": fixed}
+    k_sampling = batches_per_draw
+
+    def batch_losses(w, xs, ys):
+        # One batch at a time: the memory of a batch, not of all k.
+        return jax.lax.map(lambda xy: per_sample_loss(w, *xy), (xs, ys))
+
+    def draw_fn(w, chain, draw, data):
+        key = jax.random.fold_in(jax.random.fold_in(data["key"], chain), draw)
+        idx = jax.random.randint(key, (k_sampling, batch_size), 0, n)
+        out = {
+            "sampling_loss": batch_losses(w, data["x"][idx], data["y"][idx]),
+            "sampling_index": idx.astype(jnp.int32),
+            "distance": jnp.linalg.norm(w - data["w_star"]),
+        }
+        for name, (xs, ys) in data["obs"].items():
+            out[f"loss_{name}"] = batch_losses(w, xs, ys)
+        return out
+
+    result = run_chains(method, algorithm, posterior, _key(seed, method), num_chains=num_chains,
+                        num_burnin_steps=num_burnin_steps, num_draws=num_draws,
+                        num_steps_bw_draws=num_steps_bw_draws, progress=progress,
+                        draw_fn=draw_fn, draw_data=draw_data)
+
+    # ---- the tree ----------------------------------------------------------------------------
+    draws = result.draw_outputs
+    chain_dim = np.arange(num_chains)
+    data_vars = {
+        "init_loss": (("chain", "sample_init"), np.broadcast_to(np.asarray(init_loss), (num_chains, n))),
+        "full_loss": (("chain", "draw"), result.draw_loss),
+        "sampling_loss": (("chain", "draw", "batch", "sample"), draws["sampling_loss"]),
+        "sampling_index": (("chain", "draw", "batch", "sample"), draws["sampling_index"]),
+        "distance": (("chain", "draw"), draws["distance"]),
+        "diverged_at": (("chain",), result.diverged_at),
+        "n_beta": ((), np.float64(n_beta)),
+    }
+    for name in obs:
+        data_vars[f"loss_{name}"] = (("chain", "draw", f"batch_{name}", "sample"), draws[f"loss_{name}"])
+        data_vars[f"index_{name}"] = ((f"batch_{name}", "sample"), obs_index[name])
+    if save_metrics:
+        for field in ("loss", "accept", "energy_change", "diverging"):
+            data_vars[f"metrics_{field}"] = (("chain", "step"), getattr(result, field if field != "loss" else "loss_trace"))
+    coords = {"chain": chain_dim, "draw": np.arange(num_draws), "draw_step": ("draw", result.draw_steps)}
+    if save_metrics:
+        coords["step"] = np.arange(result.loss_trace.shape[1])
+    ds = xr.Dataset(data_vars, coords=coords)
+    run_info = {
+        "sampler_description": spec.description,
+        "num_params": int(restriction.w_all.size),
+        "num_params_free": int(restriction.free_index.size),
+        "n": n,
+        "loss_at_wstar": loss_at_wstar,
+        "grad_evals": float(np.sum(result.grad_evals)),
+        "wall_s": result.wall_s, "warmup_s": result.warmup_s, "compile_s": result.compile_s,
+        "tuned": result.tuned,
+    }
+    ds.attrs = {"options": options, "run": _json_normalize(run_info)}
+    tree = xr.DataTree(ds)
+    if path is None:
+        return tree
+    from llc_bench.artifacts import write_datatree_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_datatree_atomic(tree, path)
+    return xr.open_datatree(path, engine="zarr", consolidated=False)
+
+
+def _reuse_store(path: Path, options: dict, overwrite: bool):
+    """The stored tree if its options equal `options`; None if it is to be (re)written."""
+    import xarray as xr
+
+    try:
+        stored = xr.open_datatree(path, engine="zarr", consolidated=False)
+        stored_options = stored.attrs.get("options")
+    except Exception as err:  # not a store sample() wrote
+        stored, stored_options = None, None
+        if not overwrite:
+            raise ValueError(f"{path} exists and is not a readable sample() store ({err}); "
+                             "pass overwrite=True to replace it") from err
+    if stored_options == options:
+        return stored
+    if overwrite:
+        # Replaced only once the new tree is complete (write_datatree_atomic): a failed run keeps the old store.
+        if stored is not None:
+            stored.close()
+        return None
+    stored_options = stored_options or {}
+    differ = sorted(k for k in set(options) | set(stored_options) if options.get(k) != stored_options.get(k))
+    raise ValueError(f"{path} holds a sample() run with different options ({', '.join(differ)}); "
+                     "pass overwrite=True to replace it or choose another output_path")
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-processing
+# ---------------------------------------------------------------------------------------------
+
+
+def _dataset(tree):
+    import xarray as xr
+
+    if isinstance(tree, xr.DataTree):
+        return tree.to_dataset()
+    if isinstance(tree, xr.Dataset):
+        return tree
+    raise TypeError(f"expected the DataTree returned by sample(), got {type(tree).__name__}")
+
+
+def _burnin(num_burnin_draws: int, num_draws: int, need: int = 1) -> int:
+    if not 0 <= num_burnin_draws <= num_draws - need:
+        raise ValueError(f"num_burnin_draws must be in [0, {num_draws - need}] (leaving >= {need} draws), "
+                         f"got {num_burnin_draws}")
+    return num_burnin_draws
+
+
+@dataclass(frozen=True)
+class LLCResult:
+    """λ̂ from a sample() tree: pooled over usable chains, with the experiment pipeline's health checks.
+
+    status: "ok", "warnings" (health flags fired), "diverged" (chains excluded), "failed" (none usable).
+    """
+
+    llc_mean: float
+    llc_se: float
+    per_chain: np.ndarray  # (C,) NaN for excluded chains
+    status: str
+    flags: tuple  # llc_bench.health.HealthFlag
+    estimate: Any  # llc_bench.estimator.LLCEstimate (running estimate, SEs, excluded chains)
+    loss_at_wstar: float
+    n_beta: float
+    source: str
+    num_burnin_draws: int
+
+
+def _llc_draws(ds, source: str, burn: int) -> tuple[np.ndarray, int]:
+    """(C, N) loss series for λ̂ and the number of leading steps of metrics_loss to skip."""
+    k = int(ds.attrs.get("options", {}).get("num_steps_bw_draws", 1))
+    burn_steps = int(ds.attrs.get("options", {}).get("num_burnin_steps", 0)) + burn * k
+    if source == "full":
+        return np.asarray(ds["full_loss"], np.float64)[:, burn:], burn_steps
+    if source == "sampling":
+        return np.asarray(ds["sampling_loss"], np.float64).mean(axis=(2, 3))[:, burn:], burn_steps
+    if source == "minibatch":
+        if "metrics_loss" not in ds:
+            raise ValueError("source='minibatch' needs the per-step losses: sample(..., save_metrics=True)")
+        return np.asarray(ds["metrics_loss"], np.float64)[:, burn_steps:], burn_steps
+    raise ValueError(f"source must be 'full', 'sampling' or 'minibatch', got {source!r}")
+
+
+def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCResult:
+    """λ̂ = nβ ( mean over usable chains and post-burn-in draws of L(w) − L_n(w*) ).
+
+    L_n(w*) = mean of init_loss: the FULL-data loss at w*, never a minibatch average. Draws
+    before `num_burnin_draws` are dropped (on top of the sampler's num_burnin_steps). L(w):
+      source="full"      (default) full-data L_n(w) at each draw (full_loss)
+      source="sampling"  mean of the k fresh random batches at each draw (sampling_loss; unbiased,
+                         noisier: devinterp's estimate)
+      source="minibatch" the sampler's own per-step minibatch loss after burn-in (metrics_loss,
+                         needs save_metrics=True) = the pipeline's estimate_from="minibatch"
+    Per-chain values, SEs and exclusion of diverged / non-finite chains follow
+    llc_bench.estimator.estimate_llc; health flags follow llc_bench.health.check_health on the
+    same post-burn-in series (plus the per-step trace when it was saved).
+    """
+    from llc_bench.estimator import estimate_llc
+    from llc_bench.health import check_health
+    from llc_bench.runner import ChainResult
+
+    ds = _dataset(tree)
+    num_chains, num_draws = ds.sizes["chain"], ds.sizes["draw"]
+    burn = _burnin(num_burnin_draws, num_draws)
+    draws, burn_steps = _llc_draws(ds, source, burn)
+    loss_at_wstar = float(np.mean(np.asarray(ds["init_loss"], np.float64)[0]))
+    n_beta = float(ds["n_beta"])
+    diverged_at = np.asarray(ds["diverged_at"], np.int64)
+    estimate = estimate_llc(draws, loss_at_wstar, n_beta, diverged_at)
+
+    metrics = "metrics_loss" in ds
+
+    def per_step(name, fill, dtype=float):
+        return np.asarray(ds[name], dtype) if metrics else np.full((num_chains, 0), fill, dtype)
+
+    health_input = ChainResult(
+        sampler=str(ds.attrs.get("options", {}).get("sampling_method", "")),
+        loss_trace=per_step("metrics_loss", np.nan),
+        accept=per_step("metrics_accept", np.nan),
+        energy_change=per_step("metrics_energy_change", np.nan),
+        diverging=per_step("metrics_diverging", False, bool),
+        draw_loss=draws if source != "minibatch" else np.asarray(ds["full_loss"], np.float64)[:, burn:],
+        draw_steps=np.asarray(ds["draw_step"])[burn:],
+        projections=np.zeros((num_chains, num_draws - burn, 0)),
+        diverged_at=diverged_at,
+        grad_evals=np.zeros(num_chains), warmup_grad_evals=np.zeros(num_chains),
+        num_burnin_steps=burn_steps if metrics else 0,
+        loss_at_wstar=loss_at_wstar, n_beta=n_beta, wall_s=0.0, warmup_s=0.0, compile_s=0.0, tuned={},
+    )
+    flags = tuple(check_health(health_input))
+    if estimate.status in ("failed", "diverged"):
+        status = estimate.status
+    else:
+        status = "warnings" if flags else "ok"
+    return LLCResult(estimate.mean, estimate.se, estimate.per_chain, status, flags, estimate,
+                     loss_at_wstar, n_beta, source, burn)
+
+
+def _usable(ds, *series: np.ndarray) -> np.ndarray:
+    ok = np.asarray(ds["diverged_at"]) < 0
+    for s in series:
+        ok &= np.all(np.isfinite(s.reshape(s.shape[0], -1)), axis=1)
+    return ok
+
+
+def _pooled_cov(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(C, N, I), (C, N, J) -> (I, J): Σ_c Σ_t (a − ā_c)(b − b̄_c) / (C (N − 1)), each chain centered on its own mean."""
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    return np.einsum("cti,ctj->ij", a, b) / (a.shape[0] * (a.shape[1] - 1))
+
+
+def _obs_losses(ds, name: str, burn: int) -> np.ndarray:
+    var = f"loss_{name}"
+    if var not in ds:
+        have = [v[5:] for v in ds.data_vars if v.startswith("loss_")]
+        raise ValueError(f"no observable {name!r} in this tree; observables: {have}")
+    x = np.asarray(ds[var], np.float64)[:, burn:]
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def compute_bif(tree, obs_a: str, obs_b: str | None = None, *, num_burnin_draws: int = 0,
+                normalize: str = "covariance"):
+    """Bayesian influence function: posterior covariance between per-sample losses of two observables.
+
+        BIF[i, j] = Cov_β( ℓ_i(w), ℓ_j(w) ),   i over obs_a's points, j over obs_b's (obs_b = obs_a if None)
+
+    pooled over usable chains and post-burn-in draws, each chain centered on its own means
+    (Σ_c Σ_t (ℓ_i − ℓ̄_ic)(ℓ_j − ℓ̄_jc) / (C (D − 1))); normalize="correlation" divides by the
+    pooled standard deviations. Interpretation: raising training point i's weight in the tempered
+    likelihood exp(−β Σ_k ℓ_k), β = nβ/n, by ε changes E_β[ℓ_j] by −β · BIF[i, j] · ε to first
+    order; devinterp reports the covariance (or correlation) itself, as here.
+
+    Returns an xarray.DataArray (sample_a, sample_b) with coords index_a / index_b (the points'
+    indices in each observable's dataset); NaN if no chain is usable.
+    """
+    import xarray as xr
+
+    if normalize not in ("covariance", "correlation"):
+        raise ValueError(f"normalize must be 'covariance' or 'correlation', got {normalize!r}")
+    obs_b = obs_a if obs_b is None else obs_b
+    ds = _dataset(tree)
+    burn = _burnin(num_burnin_draws, ds.sizes["draw"], need=2)
+    a, b = _obs_losses(ds, obs_a, burn), _obs_losses(ds, obs_b, burn)
+    ok = _usable(ds, a, b)
+    if ok.any():
+        cov = _pooled_cov(a[ok], b[ok])
+        if normalize == "correlation":
+            sd_a = np.sqrt(np.diag(_pooled_cov(a[ok], a[ok])))
+            sd_b = np.sqrt(np.diag(_pooled_cov(b[ok], b[ok])))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                cov = cov / np.outer(sd_a, sd_b)
+    else:
+        cov = np.full((a.shape[2], b.shape[2]), np.nan)
+    return xr.DataArray(
+        cov, dims=("sample_a", "sample_b"),
+        coords={"index_a": ("sample_a", np.asarray(ds[f"index_{obs_a}"]).reshape(-1)),
+                "index_b": ("sample_b", np.asarray(ds[f"index_{obs_b}"]).reshape(-1))},
+        attrs={"obs_a": obs_a, "obs_b": obs_b, "normalize": normalize, "num_chains_used": int(ok.sum()),
+               "num_draws_used": int(a.shape[1])},
+        name="bif",
+    )
+
+
+def compute_susceptibilities(tree, *, num_burnin_draws: int = 0, source: str = "full"):
+    """Susceptibility of each observable: its linear response to the weight of the sampling data.
+
+        χ_obs = −nβ · Cov_β( L(w), φ_obs(w) ) = nβ · ∂E_β[φ_obs] / ∂(nβ)
+
+    φ_obs = mean loss on the observable's fixed points, L = the sampling dataset's loss
+    (source="full": full-data L_n at each draw; "sampling": the mean of that draw's fresh random
+    batches, an unbiased but noisier proxy: batch noise is independent of w, so the covariance is
+    unchanged in expectation). The identity follows from ∂/∂(nβ) E[φ] = −Cov(φ, L_n) for
+    p ∝ exp(−nβ L_n − …). Sign: χ < 0 means the observable's expected loss falls when the
+    sampling data are weighted more (a relative increase of nβ); χ > 0 means it rises.
+
+    Covariances are pooled over usable chains and post-burn-in draws, each chain centered on its
+    own means. Returns an xarray.Dataset with, per observable: `<obs>` (χ), `<obs>_se` (between-
+    chain standard error of χ; NaN with one usable chain) and `<obs>_per_sample`
+    (batch_<obs>, sample): χ_i = −nβ Cov(L, ℓ_i) for each of its points.
+    """
+    import xarray as xr
+
+    ds = _dataset(tree)
+    burn = _burnin(num_burnin_draws, ds.sizes["draw"], need=2)
+    if source not in ("full", "sampling"):
+        raise ValueError(f"source must be 'full' or 'sampling', got {source!r}")
+    loss, _ = _llc_draws(ds, source, burn)
+    n_beta = float(ds["n_beta"])
+    names = [v[5:] for v in ds.data_vars if v.startswith("loss_")]
+    out = {}
+    for name in names:
+        per_sample = _obs_losses(ds, name, burn)  # (C, N, I)
+        ok = _usable(ds, loss, per_sample)
+        shape = ds[f"index_{name}"].shape
+        dims = ds[f"index_{name}"].dims
+        if not ok.any():
+            out[name] = ((), np.nan)
+            out[f"{name}_se"] = ((), np.nan)
+            out[f"{name}_per_sample"] = (dims, np.full(shape, np.nan))
+            continue
+        L = loss[ok][:, :, None]
+        phi = per_sample[ok].mean(axis=2, keepdims=True)
+        chi = -n_beta * float(_pooled_cov(L, phi)[0, 0])
+        per_chain = [-n_beta * float(_pooled_cov(L[c : c + 1], phi[c : c + 1])[0, 0]) for c in range(L.shape[0])]
+        se = float(np.std(per_chain, ddof=1) / math.sqrt(len(per_chain))) if len(per_chain) > 1 else math.nan
+        out[name] = ((), chi)
+        out[f"{name}_se"] = ((), se)
+        out[f"{name}_per_sample"] = (dims, (-n_beta * _pooled_cov(L, per_sample[ok])[0]).reshape(shape))
+    return xr.Dataset(out, attrs={"n_beta": n_beta, "source": source, "num_burnin_draws": burn})

@@ -1,0 +1,337 @@
+"""sample() and its post-processing: weight restrictions, agreement with the experiment pipeline, BIF and susceptibility identities, option validation, Zarr round trip, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import jax
+import jax.numpy as jnp
+
+import llc_bench
+from llc_bench.sampling import compute_bif, compute_llc, compute_susceptibilities, free_mask, sample
+
+# ---------------------------------------------------------------------------------------------
+# A linear model y = x W + b with a nested (flax-like) parameter tree.
+# ---------------------------------------------------------------------------------------------
+
+IN = 3
+
+
+def apply_linear(params, x):
+    layer = params["params"]["dense"]
+    return x @ layer["kernel"] + layer["bias"]
+
+
+def squared_error(apply_fn, params, x, y):
+    return 0.5 * jnp.sum((apply_fn(params, x) - y) ** 2, axis=-1)
+
+
+def linear_problem(n=128, seed=0):
+    kx, kn = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, (n, IN))
+    w_true = jnp.array([[1.0], [-2.0], [0.5]])
+    y = x @ w_true + 0.3 + jax.random.normal(kn, (n, 1))
+    # w* = least squares (with intercept), so the basin is centered on it
+    design = np.concatenate([np.asarray(x), np.ones((n, 1))], axis=1)
+    coef = np.linalg.lstsq(design, np.asarray(y), rcond=None)[0].astype(np.float32)
+    params = {"params": {"dense": {"bias": jnp.asarray(coef[IN]), "kernel": jnp.asarray(coef[:IN])}}}
+    return params, x, y
+
+
+# Probe points for the weight-restriction test: with y = 0 the loss of x = 0 is ½b², of x = e_i
+# ½(W_i + b)², so each probe's loss depends on exactly the parameters it names.
+PROBE_X = jnp.concatenate([jnp.zeros((1, IN)), jnp.eye(IN)])
+PROBE_Y = jnp.zeros((IN + 1, 1))
+KERNEL_MASK = np.array([[True], [False], [True]])  # W_1 frozen, W_0 and W_2 free; bias frozen
+
+COMMON = dict(lr=1e-3, n_beta=50.0, localization=10.0, num_chains=3, num_draws=30, num_burnin_steps=10,
+              num_steps_bw_draws=2, batch_size=4, seed=3, progress=False)
+
+
+def _observables(x, y):
+    held_out = (x[:16] + 0.5, y[:16])
+    return {"probe": ((PROBE_X, PROBE_Y), 1), "held": (held_out, 2), "held_copy": (held_out, 2)}
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return linear_problem()
+
+
+@pytest.fixture(scope="module")
+def stored(problem, tmp_path_factory):
+    """One restricted run written to Zarr, and its path."""
+    params, x, y = problem
+    path = tmp_path_factory.mktemp("sample") / "run.zarr"
+    tree = sample(apply_linear, params, squared_error, (x, y), observables=_observables(x, y),
+                  param_masks={"params": {"dense": {"kernel": KERNEL_MASK}}}, save_metrics=True,
+                  output_path=path, **COMMON)
+    return tree, path
+
+
+def test_import_llc_bench_is_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, llc_bench; assert 'jax' not in sys.modules, 'jax imported'; print(llc_bench.sample.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "llc_bench.sampling"
+    assert llc_bench.compute_bif is compute_bif
+
+
+def test_free_mask_paths_nested_dicts_and_groups(problem):
+    params, _, _ = problem
+    # flattening order: bias (1) then kernel (3)
+    np.testing.assert_array_equal(free_mask(params, None), [True] * 4)
+    nested = free_mask(params, {"params": {"dense": {"kernel": KERNEL_MASK}}})
+    np.testing.assert_array_equal(nested, [False, True, False, True])
+    np.testing.assert_array_equal(free_mask(params, {"params/dense/kernel": KERNEL_MASK}), nested)
+    np.testing.assert_array_equal(free_mask(params, {"params/dense/bias": None}), [True, False, False, False])
+    np.testing.assert_array_equal(free_mask(params, {"params/dense": None}), [True] * 4)
+
+
+def test_masked_parameters_stay_fixed_and_free_ones_move(stored, problem):
+    tree, _ = stored
+    params, _, _ = problem
+    probe = np.asarray(tree["loss_probe"]).reshape(3, 30, IN + 1)  # (chain, draw, probe point)
+    b = float(params["params"]["dense"]["bias"][0])
+    w = np.asarray(params["params"]["dense"]["kernel"])[:, 0]
+    # x = 0 sees only the (frozen) bias; x = e_1 only frozen entries: bit-identical at every draw
+    np.testing.assert_allclose(probe[0, 0, 0], 0.5 * b * b, rtol=1e-6)
+    assert np.unique(probe[..., 0]).size == 1
+    assert np.unique(probe[..., 2]).size == 1
+    np.testing.assert_allclose(probe[0, 0, 2], 0.5 * (w[1] + b) ** 2, rtol=1e-6)
+    # e_0 and e_2 involve a free kernel entry: they move, differently in each chain
+    for i in (1, 3):
+        assert np.unique(probe[..., i]).size > 50
+        assert np.std(probe[..., i]) > 1e-4
+    assert tree.attrs["run"]["num_params_free"] == 2 and tree.attrs["run"]["num_params"] == 4
+    assert np.all(np.asarray(tree["distance"]) > 0)
+
+
+def test_zarr_round_trip_and_same_seed_identical_tree(stored, problem):
+    tree, path = stored
+    params, x, y = problem
+    again = sample(apply_linear, params, squared_error, (x, y), observables=_observables(x, y),
+                   param_masks={"params": {"dense": {"kernel": KERNEL_MASK}}}, save_metrics=True, **COMMON)
+    # the in-memory tree of a second run with the same seed equals the one read back from Zarr
+    xr.testing.assert_equal(again.to_dataset(), tree.to_dataset())
+    assert again.attrs["options"] == tree.attrs["options"]
+    reread = xr.open_datatree(path, engine="zarr", consolidated=False)
+    xr.testing.assert_identical(reread.to_dataset(), tree.to_dataset())
+    assert tree["sampling_loss"].dims == ("chain", "draw", "batch", "sample")
+    assert tree["loss_held"].dims == ("chain", "draw", "batch_held", "sample")
+    assert tree["metrics_loss"].shape == (3, 10 + 30 * 2)
+    np.testing.assert_array_equal(tree["draw_step"], 10 + 2 * np.arange(30) + 1)
+    # sampling batches are fresh at every draw; observable points are fixed and sorted
+    idx = np.asarray(tree["sampling_index"])
+    assert not np.array_equal(idx[0, 0], idx[0, 1]) and not np.array_equal(idx[0, 0], idx[1, 0])
+    held = np.asarray(tree["index_held"]).reshape(-1)
+    assert np.all(np.diff(held) > 0) and held.size == 8
+
+
+def test_store_reused_only_when_options_match(stored, problem, monkeypatch):
+    tree, path = stored
+    params, x, y = problem
+    import llc_bench.runner
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled although the store matched")
+
+    monkeypatch.setattr(llc_bench.runner, "run_chains", no_sampling)
+    kwargs = dict(observables=_observables(x, y), param_masks={"params": {"dense": {"kernel": KERNEL_MASK}}},
+                  save_metrics=True, output_path=path)
+    reused = sample(apply_linear, params, squared_error, (x, y), **kwargs, **COMMON)
+    xr.testing.assert_identical(reused.to_dataset(), tree.to_dataset())
+    with pytest.raises(ValueError, match="different options.*lr"):
+        sample(apply_linear, params, squared_error, (x, y), **kwargs, **{**COMMON, "lr": 2e-3})
+    shifted = (x, y + 1.0)
+    with pytest.raises(ValueError, match="different options.*dataset"):
+        sample(apply_linear, params, squared_error, shifted, **kwargs, **COMMON)
+    with pytest.raises(AssertionError, match="sampled although"):
+        sample(apply_linear, params, squared_error, (x, y), **kwargs, **{**COMMON, "lr": 2e-3}, overwrite=True)
+
+
+def test_bif_symmetric_for_identical_datasets_diagonal_is_variance(stored):
+    tree, _ = stored
+    # identical datasets get identical points, hence identical losses
+    np.testing.assert_array_equal(tree["index_held"], tree["index_held_copy"])
+    np.testing.assert_array_equal(tree["loss_held"], tree["loss_held_copy"])
+    bif = compute_bif(tree, "held", "held_copy")
+    assert bif.shape == (8, 8)
+    np.testing.assert_allclose(bif, bif.T, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(bif, compute_bif(tree, "held"))
+    # diagonal = per-sample loss variance, per chain (ddof 1), averaged over the 3 chains
+    losses = np.asarray(tree["loss_held"], np.float64).reshape(3, 30, 8)
+    np.testing.assert_allclose(np.diag(bif), np.var(losses, axis=1, ddof=1).mean(axis=0), rtol=1e-10)
+    assert np.all(np.diag(bif) > 0)
+    corr = compute_bif(tree, "held", normalize="correlation")
+    np.testing.assert_allclose(np.diag(corr), 1.0, rtol=1e-10)
+    assert np.all(np.abs(corr) <= 1 + 1e-9)
+    # burn-in drops draws: the same identity on the last 20
+    late = compute_bif(tree, "held", num_burnin_draws=10)
+    np.testing.assert_allclose(np.diag(late), np.var(losses[:, 10:], axis=1, ddof=1).mean(axis=0), rtol=1e-10)
+    np.testing.assert_array_equal(bif["index_a"], tree["index_held"].values.reshape(-1))
+
+
+def test_susceptibility_formula_and_sign(stored):
+    tree, _ = stored
+    chi = compute_susceptibilities(tree)
+    L = np.asarray(tree["full_loss"], np.float64)
+    phi = np.asarray(tree["loss_held"], np.float64).reshape(3, 30, -1)
+    # −nβ · Cov(L_n, φ) with per-chain centering, computed independently
+    Lc = L - L.mean(axis=1, keepdims=True)
+    phic = phi.mean(axis=2) - phi.mean(axis=(1, 2))[:, None]
+    expected = -50.0 * np.sum(Lc * phic) / (3 * 29)
+    assert float(chi["held"]) == pytest.approx(expected, rel=1e-10)
+    # the observable's χ is the mean of its per-sample χ_i (linearity of the covariance)
+    assert float(chi["held_per_sample"].mean()) == pytest.approx(float(chi["held"]), rel=1e-10)
+    # an observable that IS the sampling loss: χ = −nβ Var(L_n) < 0
+    self_chi = -50.0 * np.sum(Lc**2) / (3 * 29)
+    copies = tree["full_loss"].expand_dims({"batch_self": 1, "sample": tree.sizes["sample"]}, axis=(2, 3))
+    tree2 = tree.to_dataset().assign(loss_self=copies, index_self=(("batch_self", "sample"), [[0, 1, 2, 3]]))
+    assert float(compute_susceptibilities(tree2)["self"]) == pytest.approx(self_chi, rel=1e-10)
+    assert self_chi < 0
+    assert np.isfinite(float(chi["held_se"]))
+
+
+def test_compute_llc_baseline_is_full_data_and_burnin_dropped(stored):
+    tree, _ = stored
+    full = compute_llc(tree, num_burnin_draws=5)
+    L = np.asarray(tree["full_loss"], np.float64)[:, 5:]
+    baseline = np.asarray(tree["init_loss"], np.float64)[0].mean()
+    np.testing.assert_allclose(full.per_chain, 50.0 * (L.mean(axis=1) - baseline), rtol=1e-10)
+    assert full.llc_mean == pytest.approx(50.0 * (L.mean() - baseline), rel=1e-10)
+    assert full.loss_at_wstar == pytest.approx(tree.attrs["run"]["loss_at_wstar"], rel=1e-6)
+    assert full.status in ("ok", "warnings") and full.llc_mean > 0
+    sampling = compute_llc(tree, source="sampling")
+    S = np.asarray(tree["sampling_loss"], np.float64).mean(axis=(2, 3))
+    assert sampling.llc_mean == pytest.approx(50.0 * (S.mean() - baseline), rel=1e-10)
+    with pytest.raises(ValueError, match="num_burnin_draws"):
+        compute_llc(tree, num_burnin_draws=30)
+
+
+def test_restricted_llc_of_a_regular_model_is_half_the_free_dimension():
+    """Linear regression with Gaussian noise (σ = 1): λ = d/2 for any d free weights; 2 of 4 free -> 1."""
+    params, x, y = linear_problem(n=2000, seed=1)
+    # Hessian of L_n ≈ E[x xᵀ] ≈ I, nβ = 300, γ = 1: exact-sampler bias ½Σ nβh/(nβh+γ) is -0.3%.
+    # ε nβ h = 0.03 keeps SGLD's step bias ~1%; relaxation ~ 2/(ε nβ) ≈ 70 steps.
+    tree = sample(apply_linear, params, squared_error, (x, y), lr=1e-4, n_beta=300.0, localization=1.0,
+                  num_chains=4, num_draws=150, num_burnin_steps=300, num_steps_bw_draws=10, batch_size=64,
+                  param_masks={"params/dense/kernel": np.array([[True], [False], [True]])}, seed=0,
+                  progress=False)
+    est = compute_llc(tree)
+    assert est.status in ("ok", "warnings")
+    # per-draw nβ(L_n − L*) ~ ½χ²_2 has sd 1; 600 draws (autocorrelated): SE ≈ 0.06
+    assert abs(est.llc_mean - 1.0) < 4 * est.llc_se + 0.05, (est.llc_mean, est.llc_se)
+    assert est.llc_mean == pytest.approx(1.0, abs=0.25)
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment pipeline's λ̂, reproduced by sample() + compute_llc
+# ---------------------------------------------------------------------------------------------
+
+
+def test_compute_llc_equals_experiment_pipeline():
+    """Same posterior, same chains, same numbers.
+
+    The pipeline samples Posterior.build(target.per_sample_loss, x, y, w*, β0, γ) (nβ = n/log n) on
+    the flat vector w with key experiment.sampler_key(seed, "sgld"). sample() gets the same model as
+    a pytree (target.apply_fn on target.unravel(w*): ravel_pytree gives back w* in the same order),
+    the same per-sample NLL, nβ and γ taken from that Posterior, the sampler's ε and batch size, the
+    same step counts and seed (sample() uses the same key derivation), every parameter free. Then
+    the chains are the same, so:
+      compute_llc(tree) (full-data draws)          == estimate_from="full"
+      compute_llc(tree, source="minibatch")        == estimate_from="minibatch"
+    both with the full-data baseline L_n(w*).
+    """
+    from llc_bench.config import from_dict
+    from llc_bench.data import per_sample_nll
+    from llc_bench.estimator import estimate_from_result
+    from llc_bench.experiment import build_posterior, run_sampler
+    from llc_bench.target import build_target
+
+    cfg = from_dict({
+        "data": {"n": 256, "in_dim": 3, "out_dim": 1, "noise": "gaussian", "noise_scale": 0.5},
+        "teacher": {"kind": "mlp", "widths": [3], "activation": "tanh"},
+        "model": {"widths": [3], "target_params": "none", "activation": "tanh", "bias": True},
+        "train": {"steps": 200, "learning_rate": 0.02},
+        "posterior": {"gamma": 20.0},
+        "run": {"samplers": ["sgld"], "num_chains": 2, "num_burnin_steps": 20, "num_draws": 40,
+                "num_steps_bw_draws": 2, "seed": 5},
+        "sampler": {"sgld": {"step_size": 2e-4, "batch_size": 32}},
+    })
+    target = build_target(cfg)
+    posterior = build_posterior(cfg, target)
+    pipeline = run_sampler(cfg, "sgld", posterior)
+
+    nll = per_sample_nll(cfg.data)
+
+    def loss_fn(apply_fn, params, x, y):
+        return nll(apply_fn(params, x), y, x)
+
+    settings, run = cfg.sampler["sgld"], cfg.run
+    tree = sample(target.apply_fn, target.unravel(target.w_star), loss_fn, (target.x, target.y),
+                  lr=settings.step_size, batch_size=settings.batch_size, n_beta=posterior.n_beta,
+                  localization=posterior.gamma, num_chains=run.num_chains, num_draws=run.num_draws,
+                  num_burnin_steps=run.num_burnin_steps, num_steps_bw_draws=run.num_steps_bw_draws,
+                  seed=run.seed, sampling_method="sgld", save_metrics=True, progress=False)
+
+    assert float(np.mean(tree["init_loss"][0])) == pytest.approx(posterior.loss_at_wstar, rel=1e-6)
+    np.testing.assert_allclose(tree["full_loss"], pipeline.result.draw_loss, rtol=1e-5)
+    np.testing.assert_allclose(tree["metrics_loss"], pipeline.result.loss_trace, rtol=1e-5)
+    ours = compute_llc(tree)
+    assert pipeline.estimate.mean != 0
+    assert ours.llc_mean == pytest.approx(pipeline.estimate.mean, rel=1e-4)
+    np.testing.assert_allclose(ours.per_chain, pipeline.estimate.per_chain, rtol=1e-4)
+    assert ours.llc_se == pytest.approx(pipeline.estimate.se, rel=1e-3)
+    minibatch = compute_llc(tree, source="minibatch")
+    assert minibatch.llc_mean == pytest.approx(estimate_from_result(pipeline.result, "minibatch").mean, rel=1e-4)
+    # the same health checks: a flag in one is a flag in the other
+    assert {f.code for f in ours.flags} == {f.code for f in pipeline.flags}
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalid options: clear errors before any sampling
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"rmsprop_eps": 0.1}, "only valid with sampling_method='rmsprop_sgld'"),
+    ({"rmsprop_alpha": 0.9}, "only valid with sampling_method='rmsprop_sgld'"),
+    ({"sampling_method": "langevin"}, "unknown sampling_method 'langevin'; allowed"),
+    ({"batches_per_draw": 0}, "batches_per_draw must be an integer >= 1"),
+    ({"observables": {"held": ((np.zeros((8, IN)), np.zeros((8, 1))), 0)}}, "'held': batches_per_draw must be >= 1"),
+    ({"param_masks": {"params/dense/kernel": np.ones((1, 3), bool)}}, r"has shape \(1, 3\), but the parameter has shape \(3, 1\)"),
+    ({"param_masks": {"params/dense/weight": None}}, "no parameter at path 'params/dense/weight'"),
+    ({"param_masks": {"params/dense/bias": np.zeros(1, bool)}}, "leaves no parameter free"),
+    ({"param_masks": {"params/dense/kernel": np.full((3, 1), 0.5)}}, "must be boolean"),
+    ({"sampling_method": "rmsprop_sgld", "rmsprop_eps": 0.1, "sampling_method_kwargs": {"eps": 0.2}}, "conflicts"),
+    ({"sampling_method": "rmsprop_sgld", "rmsprop_eps": 2.0}, r"must be in \(0, 1\]"),
+    ({"sampling_method_kwargs": {"alpha": 0.9}}, r"not options of 'sgld'"),
+    ({"sampling_method_kwargs": {"step_size": 0.1}}, "through sample\\(\\)'s 'lr'"),
+    ({"sampling_method": "hmc"}, "tunes its own step size"),
+    ({"sampling_method": "hmc", "lr": None, "bounding_box_size": 1.0}, "bounding_box_size is only supported"),
+    ({"lr": None}, "needs a positive lr"),
+    ({"noise_level": 0.0}, "noise_level must be > 0"),
+    ({"num_draws": 0}, "num_draws must be an integer >= 1"),
+    ({"observables": {"big": (np.zeros((5, IN)), np.zeros((5, 1)))}}, "fewer than batches_per_draw"),
+    ({"observables": {"not valid": (np.zeros((64, IN)), np.zeros((64, 1)))}}, "must be a Python identifier"),
+])
+def test_invalid_options_raise_clear_errors(problem, overrides, match):
+    params, x, y = problem
+    kwargs = {**COMMON, **overrides}
+    with pytest.raises(ValueError, match=match):
+        sample(apply_linear, params, squared_error, (x, y), **kwargs)
+
+
+def test_loss_fn_must_be_per_sample(problem):
+    params, x, y = problem
+
+    def mean_loss(apply_fn, params, x, y):
+        return jnp.mean(squared_error(apply_fn, params, x, y))
+
+    with pytest.raises(ValueError, match=r"per-sample losses of shape \(m,\)"):
+        sample(apply_linear, params, mean_loss, (x, y), **COMMON)
