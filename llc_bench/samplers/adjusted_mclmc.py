@@ -46,13 +46,15 @@ class AdjustedMCLMCParams(NamedTuple):
 def build(posterior: Posterior, settings: AdjustedMCLMCSettings) -> Algorithm:
     """Metropolis-adjusted microcanonical HMC with randomized trajectory lengths.
 
-    Each step: draw a unit-speed momentum, run N isokinetic McLachlan steps of size ε with
-    N = ⌈U·s⌉, U ~ U(0, 1), s chosen so E[N] = L/ε (Halton-free random lengths), then accept with
-    probability min(1, exp(−ΔE)); no momentum refresh inside the trajectory. Tuning per chain:
-    dual averaging of ε to `target_accept` at L/ε = 2 (BlackJAX's avg-preserving default), M⁻¹ =
-    posterior variances, then a second dual-averaging pass. Exact (unbiased) stationary law.
-    Work: 2 gradients per integration step; warm-up 1 + 2·(integration steps the tuner ran).
-    energy_change is NaN: BlackJAX's info keeps the potential but not the kinetic part of ΔE.
+    Each step: draw a fresh unit-speed momentum, run N isokinetic McLachlan steps of size ε
+    (velocity scaled by the diagonal M⁻¹) with N = ⌈U·s⌉, U ~ U(0, 1), s chosen so that
+    E[N] = L/ε, then accept with probability min(1, exp(−ΔE)); no refresh inside the trajectory.
+    Random N breaks the periodicity a fixed trajectory length would have. Tuning per chain
+    (adjusted_mclmc_find_L_and_step_size, frac_tune 0.1/0.1/0): dual averaging of ε to
+    `target_accept` with L/ε pinned at 2 (BlackJAX's default), posterior variances → M⁻¹, then a
+    second dual-averaging pass. Metropolis-exact stationary law. Work: 2 gradients per
+    integration step; warm-up 1 + 2·(integration steps of every tuning proposal, as the tuner
+    sums them). energy_change is NaN: BlackJAX's info keeps only the potential part of ΔE.
     """
     kernel = blackjax.adjusted_mclmc_dynamic.build_kernel(
         integration_steps_fn=make_random_trajectory_length_fn(random_trajectory_length=True),
