@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -17,6 +18,20 @@ from llc_bench.config import DataConfig
 # part of the distribution, not of the draw: a fixed key, so train and test sets drawn with
 # different keys come from the same distribution. Pass `structure_key` to vary it on purpose.
 _STRUCTURE_SEED = 20_250_101
+
+# The jitted samplers take cfg as a static argument; they see only the fields they use, so that a
+# sweep over noise models does not recompile the input sampler, and vice versa.
+_NOISE_FIELDS = ("noise", "noise_scale", "hetero_slope", "noise_df", "outlier_fraction", "outlier_scale")
+_DEFAULT = DataConfig()
+
+
+def _inputs_only(cfg: DataConfig) -> DataConfig:
+    return dataclasses.replace(cfg, **{f: getattr(_DEFAULT, f) for f in _NOISE_FIELDS})
+
+
+def _noise_only(cfg: DataConfig) -> DataConfig:
+    return DataConfig(**{f: getattr(cfg, f) for f in _NOISE_FIELDS})
+
 
 # per_sample_nll(pred (m, o), y (m, o), x (m, in_dim)) -> (m,)
 PerSampleNLL = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -85,7 +100,6 @@ def input_structure(cfg: DataConfig, structure_key: jax.Array | None = None) -> 
     return InputStructure(axes, means, embed_a, embed_b, embed_c)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
 def population_moments(cfg: DataConfig, structure_key: jax.Array | None = None
                        ) -> tuple[jax.Array, jax.Array]:
     """(E[x] (in_dim,), Cov[x] (in_dim, in_dim)) of cfg.distribution, in closed form.
@@ -94,6 +108,11 @@ def population_moments(cfg: DataConfig, structure_key: jax.Array | None = None
     manifold: see _manifold_moments. student_t (multivariate, ν > 2): 0, ν/(ν−2) I.
     uniform on [−h, h]: 0, h²/3 I.
     """
+    return _population_moments(dataclasses.replace(_inputs_only(cfg), n=_DEFAULT.n), structure_key)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _population_moments(cfg: DataConfig, structure_key: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     d = cfg.in_dim
     s = input_structure(cfg, structure_key)
     zero, eye = jnp.zeros(d), jnp.eye(d)
@@ -117,7 +136,6 @@ def population_moments(cfg: DataConfig, structure_key: jax.Array | None = None
 
 
 # cfg is a frozen (hashable) dataclass: static, so each configuration compiles once.
-@functools.partial(jax.jit, static_argnames=("cfg",))
 def sample_inputs(key: jax.Array, cfg: DataConfig, structure_key: jax.Array | None = None) -> jax.Array:
     """x (n, in_dim) drawn i.i.d. from cfg.distribution.
 
@@ -128,6 +146,11 @@ def sample_inputs(key: jax.Array, cfg: DataConfig, structure_key: jax.Array | No
     - student_t: multivariate t, x = ξ / √(g/ν), g ~ χ²_ν, ν = input_df (elliptical, heavy-tailed).
     - uniform: Uniform([−h, h]^in_dim), h = box_half_width.
     """
+    return _sample_inputs(key, _inputs_only(cfg), structure_key)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _sample_inputs(key: jax.Array, cfg: DataConfig, structure_key: jax.Array | None) -> jax.Array:
     n, d = cfg.n, cfg.in_dim
     s = input_structure(cfg, structure_key)
     k_main, k_aux = jax.random.split(key)
@@ -161,7 +184,6 @@ def noise_sigma(x: jax.Array, cfg: DataConfig) -> jax.Array:
     return base
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
 def add_noise(key: jax.Array, x: jax.Array, y_clean: jax.Array, cfg: DataConfig) -> jax.Array:
     """y = y_clean + ε, ε (m, o) from cfg.noise; ε is independent across samples and outputs, except
     that an outlier (noise "outliers") is a whole sample: all its outputs get the wide noise.
@@ -169,6 +191,11 @@ def add_noise(key: jax.Array, x: jax.Array, y_clean: jax.Array, cfg: DataConfig)
     none: ε = 0. gaussian: N(0, σ²). heteroscedastic: N(0, σ(x)²). student_t: σ·t_ν.
     outliers: with probability p = outlier_fraction N(0, (outlier_scale·σ)²), else N(0, σ²).
     """
+    return _add_noise(key, x, y_clean, _noise_only(cfg))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _add_noise(key: jax.Array, x: jax.Array, y_clean: jax.Array, cfg: DataConfig) -> jax.Array:
     k_main, k_aux = jax.random.split(key)
     sigma = noise_sigma(x, cfg)[:, None]
     xi = jax.random.normal(k_main, y_clean.shape, dtype=y_clean.dtype)
@@ -238,7 +265,7 @@ def per_sample_nll(cfg: DataConfig, normalized: bool = False) -> PerSampleNLL:
             return out + gaussian_const(x, o) if normalized else out
     else:
         raise ValueError(f"unknown noise model {noise!r}")
-    return nll
+    return jax.jit(nll)
 
 
 def residual_variance(cfg: DataConfig, x: jax.Array | None = None) -> float:

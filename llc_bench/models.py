@@ -98,14 +98,15 @@ def hidden_widths_for_target(in_dim: int, out_dim: int, target_params: int, dept
 def init_params(key: jax.Array, widths_full: tuple[int, ...], activation: str, bias: bool,
                 scale: float = 1.0, bias_scale: float = 0.0) -> Params:
     """Random MLP parameters: kernels N(0, scale²/fan_in), biases N(0, bias_scale²)."""
+    del activation  # the parameters' shapes and laws do not depend on it; one compile serves all
     widths_full = tuple(int(h) for h in widths_full)
-    return _init_params(key, widths_full, activation, bias, float(scale), float(bias_scale))
+    return _init_params(key, widths_full, bias, float(scale), float(bias_scale))
 
 
 # One compiled program per architecture: eager flax init dispatches (and compiles) op by op.
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def _init_params(key, widths_full, activation, bias, scale, bias_scale) -> Params:
-    model = MLP(widths_full[1:], activation, bias, scale, bias_scale)
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _init_params(key, widths_full, bias, scale, bias_scale) -> Params:
+    model = MLP(widths_full[1:], "identity", bias, scale, bias_scale)
     return model.init(key, jnp.zeros((1, widths_full[0])))["params"]
 
 
@@ -119,6 +120,9 @@ def make_apply(widths_full: tuple[int, ...], activation: str, bias: bool
     """apply(params, x (m, H_in)) -> (m, H_out)."""
     model = MLP(tuple(widths_full[1:]), activation, bias)
 
+    # Jitted so that eager callers compile one program instead of dispatching op by op; inside
+    # other jitted code the inner jit is inlined.
+    @jax.jit
     def apply(params: Params, x: jax.Array) -> jax.Array:
         return model.apply({"params": params}, x)
 

@@ -8,7 +8,7 @@ import pytest
 
 from llc_bench.config import Config, DataConfig, ModelConfig, RunConfig, TeacherConfig, TrainConfig
 from llc_bench.models import count_params, end_to_end_matrix, flatten, make_apply
-from llc_bench.target import build_target
+from llc_bench.target import build_target, build_teacher, student_widths
 
 SIGMA = 0.05
 DLN_CFG = Config(
@@ -81,19 +81,30 @@ def test_use_teacher(dln_target):
         build_target(wrong)
 
 
-def test_sized_relu_student_and_mlp_teacher():
-    cfg = Config(
-        data=DataConfig(n=64, in_dim=32, out_dim=1, noise="gaussian", noise_scale=0.1),
-        teacher=TeacherConfig(kind="mlp", widths=(16,), activation="relu", bias=True),
-        model=ModelConfig(widths=None, target_params=10_000, depth=2, activation="relu", bias=True),
-        train=TrainConfig(steps=2),
-    )
-    t = build_target(cfg)
+RELU_CFG = Config(
+    data=DataConfig(n=64, in_dim=32, out_dim=1, noise="gaussian", noise_scale=0.1),
+    teacher=TeacherConfig(kind="mlp", widths=(16,), activation="relu", bias=True),
+    model=ModelConfig(widths=None, target_params=10_000, depth=2, activation="relu", bias=True),
+    train=TrainConfig(steps=2),
+)
+
+
+def test_student_sizing_and_mlp_teacher():
+    widths = student_widths(RELU_CFG)
+    d = count_params(widths, True)
+    assert widths[0] == 32 and widths[-1] == 1 and len(widths) == 4 and abs(d - 10_000) <= 500
+    params, t_widths, act, bias, rank, generator = build_teacher(RELU_CFG)
+    assert t_widths == (32, 16, 1) and (act, bias, rank, generator) == ("relu", True, None, None)
+    # Teacher biases are random (not zero) so that ReLU kinks cut through the data.
+    b = np.asarray(params["layer_000"]["bias"])
+    assert np.abs(b).min() > 0 and 0.5 < b.std() < 1.5
+
+
+@pytest.mark.slow
+def test_sized_relu_target_end_to_end():
+    t = build_target(RELU_CFG)
     assert abs(t.d - 10_000) <= 500 and t.d == count_params(t.widths, True)
-    assert t.widths[0] == 32 and t.widths[-1] == 1 and len(t.widths) == 4
     assert t.truth is None and t.teacher_rank is None and t.generator is None
     assert t.train_report.steps == 2
-    # The teacher's biases are random (not zero), and y − teacher(x) is the noise.
-    assert np.abs(np.asarray(t.teacher_params["layer_000"]["bias"])).min() > 0
     clean = make_apply(t.teacher_widths, "relu", True)(t.teacher_params, t.x)
     assert 0.05 < float(jnp.std(t.y - clean)) < 0.2

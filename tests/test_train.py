@@ -44,7 +44,8 @@ def test_sgd_iterates_and_stopping_step_are_exact():
     assert report.steps == 37 and not report.converged
 
 
-@pytest.mark.parametrize("optimizer, lr, batch", [("adam", 0.05, 0), ("sgd", 0.3, 0), ("adam", 0.02, 64)])
+# SGD is checked exactly above; batch 64 is shared with the determinism test (one compile).
+@pytest.mark.parametrize("optimizer, lr, batch", [("adam", 0.05, 0), ("adam", 0.02, 64)])
 def test_recovers_least_squares(regression, optimizer, lr, batch):
     x, y, w_ls, y_clean, a = regression
     if batch:  # minibatch noise keeps Adam off a noisy optimum; exact targets make every batch agree
@@ -59,7 +60,7 @@ def test_recovers_least_squares(regression, optimizer, lr, batch):
 
 def test_deterministic_and_chunking_invariant(regression, monkeypatch):
     x, y = regression[:2]
-    cfg = TrainConfig(optimizer="adam", learning_rate=0.01, steps=120, batch_size=32, grad_tol=0.0)
+    cfg = TrainConfig(optimizer="adam", learning_rate=0.01, steps=120, batch_size=64, grad_tol=0.0)
     w1, r1 = train_erm(jax.random.key(3), lsq_loss, jnp.zeros(6), x, y, cfg)
     w2, r2 = train_erm(jax.random.key(3), lsq_loss, jnp.zeros(6), x, y, cfg, progress=True)
     np.testing.assert_array_equal(w1, w2)
