@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,11 @@ def write_datatree_atomic(tree, path: Path) -> Path:
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.")) / "store.zarr"
     try:
-        tree.to_zarr(tmp, mode="w", consolidated=False)
+        with warnings.catch_warnings():
+            # zarr 3 warns that consolidated metadata is not in its spec yet; xarray readers still
+            # expect it (and warn without it), so write it.
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            tree.to_zarr(tmp, mode="w", consolidated=True)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -186,6 +186,8 @@ def _write_artifacts(out: Path, cfg: Config, summary: dict, runs: dict, truth, p
 
     from llc_bench.plots import plot_all
 
+    # An earlier summary.json here would claim success while this run overwrites its other files.
+    (out / "summary.json").unlink(missing_ok=True)
     artifacts.write_text_atomic(out / "config.toml", to_toml(cfg))
     tree = xr.DataTree.from_dict({f"/{name}": r.tree for name, r in runs.items()})
     tree.attrs.update(artifacts.jsonable({k: v for k, v in summary.items()
