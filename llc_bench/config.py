@@ -124,6 +124,20 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     # sampler name -> that sampler's frozen settings dataclass (see llc_bench.samplers)
     sampler: dict[str, Any] = field(default_factory=dict)
+    # sampler name -> its Schedule: run.num_burnin_steps etc. unless [sampler.<name>] overrides them
+    schedule: dict[str, Schedule] = field(default_factory=dict)
+
+
+SCHEDULE_KEYS = ("num_burnin_steps", "num_draws", "num_steps_bw_draws")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Steps of one sampler: a full-batch HMC step costs far more than an SGLD step, so each may differ."""
+
+    num_burnin_steps: int
+    num_draws: int
+    num_steps_bw_draws: int
 
 
 SECTIONS = {
@@ -395,11 +409,19 @@ def from_dict(raw: dict) -> Config:
                                           f"allowed: {', '.join(SAMPLER_NAMES)}")
     run_names = sections["run"].samplers
     samplers = {}
+    schedules = {}
+    run_cfg = sections["run"]
     for name in dict.fromkeys([*run_names, *sampler_raw]):
         if name not in SAMPLER_NAMES:
             continue  # reported by _validate with the run.samplers key
-        samplers[name] = _build_section(f"sampler.{name}", get_spec(name).settings, sampler_raw.get(name, {}))
-    cfg = Config(**sections, sampler=samplers)
+        own = dict(sampler_raw.get(name, {}))
+        steps = {k: own.pop(k) for k in SCHEDULE_KEYS if k in own}
+        samplers[name] = _build_section(f"sampler.{name}", get_spec(name).settings, own)
+        for k, v in steps.items():
+            steps[k] = _coerce(f"sampler.{name}.{k}", v, int)
+            _check_bound(f"sampler.{name}.{k}", steps[k], BOUNDS[f"run.{k}"])
+        schedules[name] = Schedule(**{k: steps.get(k, getattr(run_cfg, k)) for k in SCHEDULE_KEYS})
+    cfg = Config(**sections, sampler=samplers, schedule=schedules)
     _validate(cfg)
     return cfg
 
@@ -430,6 +452,9 @@ def to_dict(cfg: Config) -> dict:
 
     d = {section: clean(getattr(cfg, section)) for section in SECTIONS}
     d["sampler"] = {name: clean(s) for name, s in cfg.sampler.items()}
+    for name, sched in cfg.schedule.items():
+        own = {k: getattr(sched, k) for k in SCHEDULE_KEYS if getattr(sched, k) != getattr(cfg.run, k)}
+        d["sampler"].setdefault(name, {}).update(own)
     return d
 
 

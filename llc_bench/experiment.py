@@ -61,10 +61,10 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     spec = get_spec(name)
     settings = settings if settings is not None else cfg.sampler[name]
     algorithm = spec.build(posterior, settings)
-    run = cfg.run
+    run, steps = cfg.run, cfg.schedule[name]
     result = run_chains(name, algorithm, posterior, sampler_key(run.seed, name),
-                        num_chains=run.num_chains, num_burnin_steps=run.num_burnin_steps,
-                        num_draws=run.num_draws, num_steps_bw_draws=run.num_steps_bw_draws,
+                        num_chains=run.num_chains, num_burnin_steps=steps.num_burnin_steps,
+                        num_draws=steps.num_draws, num_steps_bw_draws=steps.num_steps_bw_draws,
                         num_projections=run.num_projections, chunk_size=run.chunk_size,
                         progress=progress)
     estimate = estimate_from_result(result, run.estimate_from)

@@ -111,3 +111,14 @@ def test_every_preset_loads():
     assert {"default", "quick", "dln"} <= set(names)
     for name in names:
         load_config(name)
+
+
+def test_per_sampler_schedule_overrides_run_steps(tmp_path):
+    cfg = load_config("quick", None, ["sampler.hmc.num_draws=37", "sampler.hmc.num_steps_bw_draws=1"])
+    assert cfg.schedule["hmc"].num_draws == 37 and cfg.schedule["hmc"].num_steps_bw_draws == 1
+    assert cfg.schedule["hmc"].num_burnin_steps == cfg.run.num_burnin_steps
+    assert cfg.schedule["sgld"].num_draws == cfg.run.num_draws
+    f = tmp_path / "r.toml"
+    f.write_text(to_toml(cfg))
+    assert load_config(None, f).schedule == cfg.schedule
+    assert cli.main(["--set", "sampler.hmc.num_draws=0"]) == 2
