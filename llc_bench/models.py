@@ -164,8 +164,13 @@ def dln_teacher(key: jax.Array, widths_full: tuple[int, ...], rank: int | None =
     - "deepest": every layer cut to rank exactly r (r = min(widths_full) when rank is None), the
       teacher deepest in the singular set for its rank.
 
-    Returns (params, rank) with rank = numpy.linalg.matrix_rank of the product (in float64), and
-    raises ValueError if it differs from the requested rank.
+    Returns (params, rank): rank = numpy.linalg.matrix_rank of the product of the float64 layers
+    (before the cast to float32); raises ValueError if it differs from the requested rank.
+
+    Caveat: Gaussian layers cut to rank r multiply through random r-dimensional alignments, so
+    deep or wide teachers can have end-to-end singular values many orders below the largest
+    (e.g. ~1e-4 for widths (100, 500, 500, 500, 500, 100), "deepest", r = 100). At finite n such
+    directions are statistically invisible and the effective rank is lower than r.
     """
     widths_full = tuple(int(h) for h in widths_full)
     num_layers = len(widths_full) - 1
@@ -195,27 +200,35 @@ def dln_teacher(key: jax.Array, widths_full: tuple[int, ...], rank: int | None =
         layer_ranks = [uniform_int(u, rank, f) if c else f for c, u, f in zip(coin, uniform, full, strict=True)]
         layer_ranks[forced] = rank
 
-    new = {}
-    for name, k in zip(sorted(params), layer_ranks, strict=True):
-        w = np.asarray(params[name]["kernel"], dtype=np.float64)
-        new[name] = {"kernel": jnp.asarray(_truncate_rank(w, k), dtype=params[name]["kernel"].dtype)}
-    measured = dln_rank(new)
+    cut = [_truncate_rank(np.asarray(params[name]["kernel"], np.float64), k)
+           for name, k in zip(sorted(params), layer_ranks, strict=True)]
+    # Measured on the float64 construction, where cut singular values are zero to ~1e-16: deep or
+    # wide products can have kept singular values near float32 rounding (see the caveat above).
+    measured = _product_rank(cut)
+    new = {name: {"kernel": jnp.asarray(w, dtype=params[name]["kernel"].dtype)}
+           for name, w in zip(sorted(params), cut, strict=True)}
     if rank is not None and measured != rank:
         raise ValueError(f"DLN teacher has end-to-end rank {measured}, requested {rank}")
     return new, measured
 
 
-def dln_rank(params: Params) -> int:
-    """numpy matrix_rank of the end-to-end matrix M = W_1 … W_L.
+def _product_rank(mats: list[np.ndarray], rtol: float | None = None) -> int:
+    out = mats[0]
+    for w in mats[1:]:
+        out = out @ w
+    return int(np.linalg.matrix_rank(out, rtol=rtol))
 
-    The product is taken in float64, but the kernels are stored in float32, where a cut singular
-    value survives as rounding noise of relative size ~eps32; so singular values below
+
+def dln_rank(params: Params) -> int:
+    """numpy matrix_rank of the end-to-end matrix M = W_1 … W_L of stored (e.g. float32) kernels.
+
+    The product is taken in float64, but in float32 storage a zero singular value survives as
+    rounding noise of relative size ~eps32; so singular values below
     σ_max · max(H_in, H_out) · L · eps(kernel dtype) count as zero (numpy's default tolerance,
     scaled to the storage precision and the depth).
     """
     ws = kernels(params)
     eps = float(jnp.finfo(ws[0].dtype).eps)
-    out = np.asarray(ws[0], dtype=np.float64)
-    for w in ws[1:]:
-        out = out @ np.asarray(w, dtype=np.float64)
-    return int(np.linalg.matrix_rank(out, rtol=max(out.shape) * len(ws) * eps))
+    mats = [np.asarray(w, dtype=np.float64) for w in ws]
+    shape = (mats[0].shape[0], mats[-1].shape[1])
+    return _product_rank(mats, rtol=max(shape) * len(ws) * eps)

@@ -141,3 +141,12 @@ def test_dln_rank_of_product_is_min_of_generic_layer_ranks():
     s = np.linalg.svd(np.asarray(end_to_end_matrix(params), np.float64), compute_uv=False)
     assert r == 1 and s[0] > 1e-3 and s[1] < 1e-5 * s[0]
     assert jnp.all(end_to_end_matrix(dln_teacher(jax.random.key(0), (4, 4, 4), 0, "deepest")[0]) == 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generator", ["rand_rank", "deepest"])
+def test_wide_dln_teacher_rank_survives_float32(generator):
+    widths = (10, 200, 200, 200, 10)
+    for rank in (1, 3, 10):
+        params, measured = dln_teacher(jax.random.key(rank), widths, rank, generator)
+        assert measured == rank == dln_rank(params)  # float32 storage keeps the rank readable
