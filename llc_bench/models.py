@@ -157,7 +157,7 @@ def dln_teacher(key: jax.Array, widths_full: tuple[int, ...], rank: int | None =
     smallest singular values. Generic matrices of ranks k_l multiply to rank min_l k_l, which is
     what makes a requested rank exact.
 
-    - "rand_rank" (Lau et al., AISTATS 2025, App. E and their code): each layer independently, with
+    - "rand_rank" (as in Lau et al., AISTATS 2025, App. E): each layer independently, with
       probability ½, is cut to a rank drawn uniformly from {1, …, full}. With `rank=None` the
       end-to-end rank is whatever results. With `rank=r`, one layer chosen uniformly is cut to r and
       the others, with probability ½, to a rank uniform in {r, …, full}, so the product has rank r.
