@@ -1,0 +1,163 @@
+"""DLN scoreboard: deterministic suite with analytic λ, exact loss shortcuts, and a two-instance miniature run."""
+
+import csv
+import dataclasses
+
+import numpy as np
+import pytest
+
+from llc_bench import bench
+from llc_bench.config import ConfigError
+from llc_bench.models import count_params
+from llc_bench.truth import dln_learning_coefficient
+
+ALL_CLASSES = {name: 4 for name in bench.SIZE_CLASSES}
+
+
+def test_suite_is_deterministic_and_prefix_stable():
+    a = bench.make_suite({"1K": 6, "10K": 6}, suite_seed=0)
+    b = bench.make_suite({"1K": 6, "10K": 6}, suite_seed=0)
+    assert a == b
+    # Instance i depends only on (seed, class, i): asking for more never changes the first ones.
+    longer = bench.make_suite({"1K": 9, "10K": 6}, suite_seed=0)
+    assert [i for i in longer if i.size_class == "1K"][:6] == a[:6]
+    other = bench.make_suite({"1K": 6, "10K": 6}, suite_seed=1)
+    assert [i.widths for i in other] != [i.widths for i in a]
+    assert len({i.name for i in a}) == len(a)
+    assert len({i.seed for i in a}) == len(a)
+
+
+def test_every_instance_carries_its_truth_and_lies_in_its_class():
+    suite = bench.make_suite(ALL_CLASSES, suite_seed=3)
+    generators = set()
+    for inst in suite:
+        c = bench.SIZE_CLASSES[inst.size_class]
+        assert inst.truth == dln_learning_coefficient(inst.widths, inst.rank)
+        assert inst.d == count_params(inst.widths, bias=False)
+        assert c.min_params <= inst.d < c.max_params
+        assert c.min_layers <= len(inst.widths) - 1 <= c.max_layers
+        assert all(c.min_width <= w <= c.max_width for w in inst.widths)
+        assert 1 <= inst.rank <= min(inst.widths)
+        assert 0 < inst.truth < inst.d / 2  # rank-deficient DLNs are singular
+        generators.add(inst.generator)
+    assert generators == {"rand_rank", "deepest"}
+
+
+def test_size_classes_tile_the_parameter_axis():
+    classes = list(bench.SIZE_CLASSES.values())
+    for lower, upper in zip(classes[:-1], classes[1:], strict=True):
+        assert lower.max_params == upper.min_params
+    assert classes[0].min_params <= 1000 < classes[0].max_params
+
+
+def test_sufficient_statistic_data_reproduce_the_full_loss():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-10, 10, (5000, 6))
+    m_star = rng.normal(size=(6, 3))
+    y = x @ m_star
+    x_c, y_c = bench.sufficient_statistic_data(x, y)
+    assert x_c.shape == (6, 6) and y_c.shape == (6, 3)
+    for _ in range(5):
+        m = m_star + rng.normal(size=(6, 3))
+        full = np.mean(0.5 * np.sum((y - x @ m) ** 2, 1))
+        reduced = np.mean(0.5 * np.sum((y_c.astype(float) - x_c.astype(float) @ m) ** 2, 1))
+        assert reduced == pytest.approx(full, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe():
+    """Two 3-layer instances of ~30 parameters, n = 300, both SG samplers, a few dozen steps."""
+    raw = bench.read_toml(bench.DEFAULT_SPEC)
+    raw["bench"].update({"classes": ["1K"], "instances": 2, "samplers": ["sgld", "rmsprop_sgld"],
+                         "name": "tiny"})
+    raw["class"] = {"1K": {"min_params": 20, "max_params": 60, "min_layers": 3, "max_layers": 3,
+                           "min_width": 2, "max_width": 4, "n": 300}}
+    raw["base"]["run"] = {**raw["base"].get("run", {}), "num_chains": 2}
+    small_run = {"num_burnin_steps": 20, "num_draws": 10, "num_steps_bw_draws": 2}
+    raw["run"] = {"sgld": small_run, "rmsprop_sgld": small_run}
+    for name in ("sgld", "rmsprop_sgld"):
+        raw["sampler"][name]["batch_size"] = 50
+    raw.pop("profile", None)
+    return bench.parse_recipe(raw, "tiny.toml")
+
+
+def test_dln_loss_and_reduced_posterior_match_the_target(tiny_recipe):
+    import jax
+    import jax.numpy as jnp
+
+    from llc_bench.target import build_target
+
+    inst = bench.make_suite(tiny_recipe.classes, 0, size_classes=tiny_recipe.size_classes)[0]
+    cfg = bench.instance_config(tiny_recipe, inst, "sgld")
+    target = build_target(cfg)
+    assert target.truth == inst.truth and target.teacher_rank == inst.rank
+    data_post, reduced = bench.build_posteriors(cfg, target)
+    w = target.w_star + 0.05 * jax.random.normal(jax.random.key(1), target.w_star.shape)
+    expected = jnp.mean(target.per_sample_loss(w, target.x, target.y))
+    assert float(data_post.full_loss(w)) == pytest.approx(float(expected), rel=1e-4)
+    assert float(reduced.full_loss(w) - reduced.loss_at_wstar) == pytest.approx(
+        float(expected - data_post.loss_at_wstar), rel=1e-3)
+    assert reduced.n_beta == data_post.n_beta == pytest.approx(300 / np.log(300))
+    assert reduced.n == inst.widths[0]
+
+
+def test_two_instance_miniature_writes_the_scoreboard(tiny_recipe, tmp_path):
+    logged = []
+    path = bench.run_bench(tiny_recipe, tmp_path, log=logged.append)
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == bench.COLUMNS
+    assert len(rows) == 4
+    assert {(r["instance"], r["sampler"]) for r in rows} == {
+        (f"1K-00{i}", s) for i in range(2) for s in ("sgld", "rmsprop_sgld")}
+    for r in rows:
+        assert r["status"] in ("ok", "warnings", "diverged"), r
+        assert float(r["llc_mean"]) > 0 and float(r["truth"]) > 0
+        assert float(r["rel_error"]) == pytest.approx(float(r["llc_mean"]) / float(r["truth"]) - 1, rel=1e-4)
+        assert float(r["grad_evals"]) > 0 and float(r["wall_s"]) > 0
+    for name in ("llc_vs_truth.png", "rel_error.png", "wnv.png", "summary.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| sgld | 1K | 2 |" in summary and "| rmsprop_sgld | 1K | 2 |" in summary
+
+    # Resumable: a rerun finds every row done and adds none; a torn last line is cut away.
+    with open(path, "a") as fh:
+        fh.write("1K-001,1K,torn")
+    before = path.read_text()
+    bench.run_bench(tiny_recipe, tmp_path, log=logged.append, figures=False)
+    assert path.read_text() == before[: before.rfind("\n") + 1]
+    assert any("(4 already in" in m for m in logged)
+
+    # Another recipe may not append to this file.
+    other = dataclasses.replace(tiny_recipe, sampler={"sgld": {"step_size": 1e-9}})
+    with pytest.raises(ConfigError, match="another recipe"):
+        bench.run_bench(other, tmp_path, log=logged.append)
+
+
+def test_shipped_recipe_and_profiles_validate():
+    recipe = bench.load_recipe()
+    assert recipe.classes == {"1K": 20, "10K": 20}
+    assert set(recipe.samplers) >= {"sgld", "rmsprop_sgld"}
+    raw = bench.read_toml(bench.DEFAULT_SPEC)
+    for profile in raw.get("profile", {}):
+        bench.load_recipe(profile=profile)
+    with pytest.raises(ConfigError, match="unknown profile"):
+        bench.load_recipe(profile="nope")
+    assert bench.load_recipe(instances=3).classes == {"1K": 3, "10K": 3}
+
+
+def test_summary_statistics():
+    rows = []
+    for i, truth in enumerate([10.0, 20.0, 30.0, 40.0]):
+        for s, factor in (("good", 1.01), ("bad", 2.0 if i % 2 else 0.5)):
+            rows.append({"sampler": s, "class": "1K", "truth": truth, "llc_mean": truth * factor,
+                         "rel_error": factor - 1, "grad_evals": 10.0, "wall_s": 1.0, "status": "ok",
+                         "instance": f"1K-{i:03d}", "widths": "2-2", "rank": 1.0, "generator": "deepest",
+                         "warnings": ""})
+    table = {e["sampler"]: e for e in bench.summarize(rows)}
+    assert table["good"]["median_abs_rel"] == pytest.approx(0.01)
+    assert table["good"]["spearman"] == pytest.approx(1.0)
+    assert bench.meets_targets(table["good"]) and not bench.meets_targets(table["bad"])
+    text = bench.summary_markdown(rows)
+    assert "1K: met by good." in text and "bad 1K-" in text
