@@ -128,7 +128,8 @@ class Restriction:
 
     @property
     def w_star(self) -> jax.Array:
-        return self.w_all if self.all_free else self.w_all[self.free_index]
+        # gathered on the host: an eager device gather would compile a kernel for nothing
+        return self.w_all if self.all_free else jnp.asarray(np.asarray(self.w_all)[self.free_index])
 
     def params(self, w: jax.Array):
         return self.unravel(w if self.all_free else self.w_all.at[self.free_index].set(w))
@@ -302,6 +303,16 @@ def _key(seed: int, purpose: str) -> jax.Array:
     return sampler_key(seed, purpose)
 
 
+def observable_indices(seed: int, n: int, size: int) -> np.ndarray:
+    """`size` sorted distinct indices of an n-point observable, from the seed and n only (numpy, host side).
+
+    Not keyed by the observable's name: identical datasets get identical points, so their BIF is
+    an exact symmetric matrix.
+    """
+    rng = np.random.default_rng([seed, 0x0B5E7AB1E, n])
+    return np.sort(rng.permutation(n)[:size]).astype(np.int32)
+
+
 # ---------------------------------------------------------------------------------------------
 # sample()
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +366,8 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
       batches_per_draw: default batches per observable, and the number of fresh random sampling
         batches evaluated at each draw (sampling_loss).
       seed: chains use the experiment pipeline's key (llc_bench.experiment.sampler_key(seed,
-        method)); observable points, sampling batches come from their own keys of the same seed.
+        method)); the sampling batches at draws use sampler_key(seed, "sample:sampling_batches")
+        folded with chain and draw; observable points come from `observable_indices(seed, n)`.
 
     Output: an xarray DataTree (root dataset; C chains, D draws, T steps, k = batches_per_draw,
     b = batch_size):
@@ -454,7 +466,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     # ---- posterior, sampler, draws -----------------------------------------------------------
     temper = float(noise_level) ** 2
     w_star = restriction.w_star
-    init_loss = per_sample_loss(w_star, x, y)  # eager, as Posterior.build evaluates L_n(w*)
+    init_loss = jax.jit(per_sample_loss)(w_star, x, y)
     loss_at_wstar = float(jnp.mean(init_loss))
     posterior = SamplingPosterior(per_sample_loss, x, y, w_star, float(n_beta) / temper,
                                   float(localization) / temper, loss_at_wstar,
@@ -464,11 +476,10 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
 
     fixed = {}
     obs_index = {}
-    obs_key = _key(seed, "sample:observables")
     for name, (ox, oy, k) in obs.items():
-        idx = np.sort(np.asarray(jax.random.permutation(obs_key, ox.shape[0]))[: k * batch_size])
+        idx = observable_indices(seed, int(ox.shape[0]), k * batch_size)
         obs_index[name] = idx.reshape(k, batch_size)
-        fixed[name] = (ox[idx].reshape(k, batch_size, *ox.shape[1:]), oy[idx].reshape(k, batch_size, *oy.shape[1:]))
+        fixed[name] = tuple(jnp.asarray(np.asarray(a)[idx].reshape(k, batch_size, *a.shape[1:])) for a in (ox, oy))
     draw_data = {"x": x, "y": y, "w_star": w_star, "key": _key(seed, "sample:sampling_batches"), "obs": fixed}
     k_sampling = batches_per_draw
 

@@ -42,22 +42,31 @@ def linear_problem(n=128, seed=0):
 
 # Probe points for the weight-restriction test: with y = 0 the loss of x = 0 is ½b², of x = e_i
 # ½(W_i + b)², so each probe's loss depends on exactly the parameters it names.
-PROBE_X = jnp.concatenate([jnp.zeros((1, IN)), jnp.eye(IN)])
-PROBE_Y = jnp.zeros((IN + 1, 1))
+# Each of the 4 probes is repeated 16 times to fill one batch of 64 (sorted: probe j at 16j..16j+15).
+PROBE_X = jnp.repeat(jnp.concatenate([jnp.zeros((1, IN)), jnp.eye(IN)]), 16, axis=0)
+PROBE_Y = jnp.zeros((4 * 16, 1))
 KERNEL_MASK = np.array([[True], [False], [True]])  # W_1 frozen, W_0 and W_2 free; bias frozen
 
-COMMON = dict(lr=1e-3, n_beta=50.0, localization=10.0, num_chains=3, num_draws=30, num_burnin_steps=10,
-              num_steps_bw_draws=2, batch_size=4, seed=3, progress=False)
+# One run serves most tests (compile time dominates). Linear regression with unit Gaussian noise
+# is regular: with 2 of its 4 weights free, λ = 2/2 = 1 exactly. Hessian of L_n ≈ E[x xᵀ] ≈ I,
+# nβ = 300, γ = 1: an exact sampler's bias ½Σ nβh/(nβh + γ) − 1 is −0.3%; ε nβ h = 0.03 keeps
+# SGLD's step bias ~1%; relaxation ≈ 2/(ε nβ h) ≈ 70 steps, so 30 draws × 10 steps of burn-in.
+C, D, K = 4, 150, 10
+N_BETA = 300.0
+BURNIN_DRAWS = 30
+COMMON = dict(lr=1e-4, n_beta=N_BETA, localization=1.0, num_chains=C, num_draws=D, num_steps_bw_draws=K,
+              batch_size=64, seed=3, progress=False)
+MASKS = {"params": {"dense": {"kernel": KERNEL_MASK}}}
 
 
 def _observables(x, y):
-    held_out = (x[:16] + 0.5, y[:16])
-    return {"probe": ((PROBE_X, PROBE_Y), 1), "held": (held_out, 2), "held_copy": (held_out, 2)}
+    held_out = (x[:64] + 0.5, y[:64])
+    return {"probe": ((PROBE_X, PROBE_Y), 1), "held": (held_out, 1), "held_copy": (held_out, 1)}
 
 
 @pytest.fixture(scope="module")
 def problem():
-    return linear_problem()
+    return linear_problem(n=2000)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +75,7 @@ def stored(problem, tmp_path_factory):
     params, x, y = problem
     path = tmp_path_factory.mktemp("sample") / "run.zarr"
     tree = sample(apply_linear, params, squared_error, (x, y), observables=_observables(x, y),
-                  param_masks={"params": {"dense": {"kernel": KERNEL_MASK}}}, save_metrics=True,
-                  output_path=path, **COMMON)
+                  param_masks=MASKS, save_metrics=True, output_path=path, **COMMON)
     return tree, path
 
 
@@ -95,7 +103,7 @@ def test_free_mask_paths_nested_dicts_and_groups(problem):
 def test_masked_parameters_stay_fixed_and_free_ones_move(stored, problem):
     tree, _ = stored
     params, _, _ = problem
-    probe = np.asarray(tree["loss_probe"]).reshape(3, 30, IN + 1)  # (chain, draw, probe point)
+    probe = np.asarray(tree["loss_probe"]).reshape(C, D, IN + 1, 16)[..., 0]  # (chain, draw, probe point)
     b = float(params["params"]["dense"]["bias"][0])
     w = np.asarray(params["params"]["dense"]["kernel"])[:, 0]
     # x = 0 sees only the (frozen) bias; x = e_1 only frozen entries: bit-identical at every draw
@@ -115,7 +123,7 @@ def test_zarr_round_trip_and_same_seed_identical_tree(stored, problem):
     tree, path = stored
     params, x, y = problem
     again = sample(apply_linear, params, squared_error, (x, y), observables=_observables(x, y),
-                   param_masks={"params": {"dense": {"kernel": KERNEL_MASK}}}, save_metrics=True, **COMMON)
+                   param_masks=MASKS, save_metrics=True, **COMMON)
     # the in-memory tree of a second run with the same seed equals the one read back from Zarr
     xr.testing.assert_equal(again.to_dataset(), tree.to_dataset())
     assert again.attrs["options"] == tree.attrs["options"]
@@ -123,13 +131,13 @@ def test_zarr_round_trip_and_same_seed_identical_tree(stored, problem):
     xr.testing.assert_identical(reread.to_dataset(), tree.to_dataset())
     assert tree["sampling_loss"].dims == ("chain", "draw", "batch", "sample")
     assert tree["loss_held"].dims == ("chain", "draw", "batch_held", "sample")
-    assert tree["metrics_loss"].shape == (3, 10 + 30 * 2)
-    np.testing.assert_array_equal(tree["draw_step"], 10 + 2 * np.arange(30) + 1)
+    assert tree["metrics_loss"].shape == (C, D * K)
+    np.testing.assert_array_equal(tree["draw_step"], K * np.arange(D) + K - 1)
     # sampling batches are fresh at every draw; observable points are fixed and sorted
     idx = np.asarray(tree["sampling_index"])
     assert not np.array_equal(idx[0, 0], idx[0, 1]) and not np.array_equal(idx[0, 0], idx[1, 0])
     held = np.asarray(tree["index_held"]).reshape(-1)
-    assert np.all(np.diff(held) > 0) and held.size == 8
+    assert np.all(np.diff(held) > 0) and held.size == 64
 
 
 def test_store_reused_only_when_options_match(stored, problem, monkeypatch):
@@ -141,17 +149,16 @@ def test_store_reused_only_when_options_match(stored, problem, monkeypatch):
         raise AssertionError("sampled although the store matched")
 
     monkeypatch.setattr(llc_bench.runner, "run_chains", no_sampling)
-    kwargs = dict(observables=_observables(x, y), param_masks={"params": {"dense": {"kernel": KERNEL_MASK}}},
-                  save_metrics=True, output_path=path)
+    kwargs = dict(observables=_observables(x, y), param_masks=MASKS, save_metrics=True, output_path=path)
     reused = sample(apply_linear, params, squared_error, (x, y), **kwargs, **COMMON)
     xr.testing.assert_identical(reused.to_dataset(), tree.to_dataset())
     with pytest.raises(ValueError, match="different options.*lr"):
-        sample(apply_linear, params, squared_error, (x, y), **kwargs, **{**COMMON, "lr": 2e-3})
+        sample(apply_linear, params, squared_error, (x, y), **kwargs, **{**COMMON, "lr": 2e-4})
     shifted = (x, y + 1.0)
     with pytest.raises(ValueError, match="different options.*dataset"):
         sample(apply_linear, params, squared_error, shifted, **kwargs, **COMMON)
     with pytest.raises(AssertionError, match="sampled although"):
-        sample(apply_linear, params, squared_error, (x, y), **kwargs, **{**COMMON, "lr": 2e-3}, overwrite=True)
+        sample(apply_linear, params, squared_error, (x, y), **kwargs, **{**COMMON, "lr": 2e-4}, overwrite=True)
 
 
 def test_bif_symmetric_for_identical_datasets_diagonal_is_variance(stored):
@@ -160,19 +167,20 @@ def test_bif_symmetric_for_identical_datasets_diagonal_is_variance(stored):
     np.testing.assert_array_equal(tree["index_held"], tree["index_held_copy"])
     np.testing.assert_array_equal(tree["loss_held"], tree["loss_held_copy"])
     bif = compute_bif(tree, "held", "held_copy")
-    assert bif.shape == (8, 8)
+    assert bif.shape == (64, 64)
     np.testing.assert_allclose(bif, bif.T, rtol=1e-12, atol=0)
     np.testing.assert_allclose(bif, compute_bif(tree, "held"))
-    # diagonal = per-sample loss variance, per chain (ddof 1), averaged over the 3 chains
-    losses = np.asarray(tree["loss_held"], np.float64).reshape(3, 30, 8)
+    # diagonal = per-sample loss variance, per chain (ddof 1), averaged over the chains
+    losses = np.asarray(tree["loss_held"], np.float64).reshape(C, D, 64)
     np.testing.assert_allclose(np.diag(bif), np.var(losses, axis=1, ddof=1).mean(axis=0), rtol=1e-10)
     assert np.all(np.diag(bif) > 0)
     corr = compute_bif(tree, "held", normalize="correlation")
     np.testing.assert_allclose(np.diag(corr), 1.0, rtol=1e-10)
     assert np.all(np.abs(corr) <= 1 + 1e-9)
-    # burn-in drops draws: the same identity on the last 20
-    late = compute_bif(tree, "held", num_burnin_draws=10)
-    np.testing.assert_allclose(np.diag(late), np.var(losses[:, 10:], axis=1, ddof=1).mean(axis=0), rtol=1e-10)
+    # burn-in drops draws: the same identity on the later draws
+    late = compute_bif(tree, "held", num_burnin_draws=BURNIN_DRAWS)
+    np.testing.assert_allclose(np.diag(late), np.var(losses[:, BURNIN_DRAWS:], axis=1, ddof=1).mean(axis=0),
+                               rtol=1e-10)
     np.testing.assert_array_equal(bif["index_a"], tree["index_held"].values.reshape(-1))
 
 
@@ -180,18 +188,18 @@ def test_susceptibility_formula_and_sign(stored):
     tree, _ = stored
     chi = compute_susceptibilities(tree)
     L = np.asarray(tree["full_loss"], np.float64)
-    phi = np.asarray(tree["loss_held"], np.float64).reshape(3, 30, -1)
+    phi = np.asarray(tree["loss_held"], np.float64).reshape(C, D, -1)
     # −nβ · Cov(L_n, φ) with per-chain centering, computed independently
     Lc = L - L.mean(axis=1, keepdims=True)
     phic = phi.mean(axis=2) - phi.mean(axis=(1, 2))[:, None]
-    expected = -50.0 * np.sum(Lc * phic) / (3 * 29)
+    expected = -N_BETA * np.sum(Lc * phic) / (C * (D - 1))
     assert float(chi["held"]) == pytest.approx(expected, rel=1e-10)
     # the observable's χ is the mean of its per-sample χ_i (linearity of the covariance)
     assert float(chi["held_per_sample"].mean()) == pytest.approx(float(chi["held"]), rel=1e-10)
     # an observable that IS the sampling loss: χ = −nβ Var(L_n) < 0
-    self_chi = -50.0 * np.sum(Lc**2) / (3 * 29)
+    self_chi = -N_BETA * np.sum(Lc**2) / (C * (D - 1))
     copies = tree["full_loss"].expand_dims({"batch_self": 1, "sample": tree.sizes["sample"]}, axis=(2, 3))
-    tree2 = tree.to_dataset().assign(loss_self=copies, index_self=(("batch_self", "sample"), [[0, 1, 2, 3]]))
+    tree2 = tree.to_dataset().assign(loss_self=copies, index_self=(("batch_self", "sample"), [np.arange(64)]))
     assert float(compute_susceptibilities(tree2)["self"]) == pytest.approx(self_chi, rel=1e-10)
     assert self_chi < 0
     assert np.isfinite(float(chi["held_se"]))
@@ -199,34 +207,30 @@ def test_susceptibility_formula_and_sign(stored):
 
 def test_compute_llc_baseline_is_full_data_and_burnin_dropped(stored):
     tree, _ = stored
-    full = compute_llc(tree, num_burnin_draws=5)
-    L = np.asarray(tree["full_loss"], np.float64)[:, 5:]
+    full = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS)
+    L = np.asarray(tree["full_loss"], np.float64)[:, BURNIN_DRAWS:]
     baseline = np.asarray(tree["init_loss"], np.float64)[0].mean()
-    np.testing.assert_allclose(full.per_chain, 50.0 * (L.mean(axis=1) - baseline), rtol=1e-10)
-    assert full.llc_mean == pytest.approx(50.0 * (L.mean() - baseline), rel=1e-10)
+    np.testing.assert_allclose(full.per_chain, N_BETA * (L.mean(axis=1) - baseline), rtol=1e-10)
+    assert full.llc_mean == pytest.approx(N_BETA * (L.mean() - baseline), rel=1e-10)
     assert full.loss_at_wstar == pytest.approx(tree.attrs["run"]["loss_at_wstar"], rel=1e-6)
-    assert full.status in ("ok", "warnings") and full.llc_mean > 0
-    sampling = compute_llc(tree, source="sampling")
-    S = np.asarray(tree["sampling_loss"], np.float64).mean(axis=(2, 3))
-    assert sampling.llc_mean == pytest.approx(50.0 * (S.mean() - baseline), rel=1e-10)
+    sampling = compute_llc(tree, source="sampling", num_burnin_draws=BURNIN_DRAWS)
+    S = np.asarray(tree["sampling_loss"], np.float64).mean(axis=(2, 3))[:, BURNIN_DRAWS:]
+    assert sampling.llc_mean == pytest.approx(N_BETA * (S.mean() - baseline), rel=1e-10)
     with pytest.raises(ValueError, match="num_burnin_draws"):
-        compute_llc(tree, num_burnin_draws=30)
+        compute_llc(tree, num_burnin_draws=D)
 
 
-def test_restricted_llc_of_a_regular_model_is_half_the_free_dimension():
-    """Linear regression with Gaussian noise (σ = 1): λ = d/2 for any d free weights; 2 of 4 free -> 1."""
-    params, x, y = linear_problem(n=2000, seed=1)
-    # Hessian of L_n ≈ E[x xᵀ] ≈ I, nβ = 300, γ = 1: exact-sampler bias ½Σ nβh/(nβh+γ) is -0.3%.
-    # ε nβ h = 0.03 keeps SGLD's step bias ~1%; relaxation ~ 2/(ε nβ) ≈ 70 steps.
-    tree = sample(apply_linear, params, squared_error, (x, y), lr=1e-4, n_beta=300.0, localization=1.0,
-                  num_chains=4, num_draws=150, num_burnin_steps=300, num_steps_bw_draws=10, batch_size=64,
-                  param_masks={"params/dense/kernel": np.array([[True], [False], [True]])}, seed=0,
-                  progress=False)
-    est = compute_llc(tree)
-    assert est.status in ("ok", "warnings")
-    # per-draw nβ(L_n − L*) ~ ½χ²_2 has sd 1; 600 draws (autocorrelated): SE ≈ 0.06
+def test_restricted_llc_of_a_regular_model_is_half_the_free_dimension(stored):
+    """Linear regression with Gaussian noise (σ = 1): λ = d/2 for d free weights; 2 of 4 free -> λ = 1."""
+    tree, _ = stored
+    est = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS)
+    assert est.status in ("ok", "warnings"), est.flags
+    # per-draw nβ(L_n − L*) ≈ ½χ²_2 has sd 1; 480 autocorrelated draws: SE ≈ 0.1
     assert abs(est.llc_mean - 1.0) < 4 * est.llc_se + 0.05, (est.llc_mean, est.llc_se)
-    assert est.llc_mean == pytest.approx(1.0, abs=0.25)
+    assert est.llc_mean == pytest.approx(1.0, abs=0.3)
+    # the devinterp-style estimate from fresh minibatches at each draw agrees within its noise
+    sampling = compute_llc(tree, source="sampling", num_burnin_draws=BURNIN_DRAWS)
+    assert abs(sampling.llc_mean - est.llc_mean) < 4 * sampling.llc_se
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +261,7 @@ def test_compute_llc_equals_experiment_pipeline():
         "data": {"n": 256, "in_dim": 3, "out_dim": 1, "noise": "gaussian", "noise_scale": 0.5},
         "teacher": {"kind": "mlp", "widths": [3], "activation": "tanh"},
         "model": {"widths": [3], "target_params": "none", "activation": "tanh", "bias": True},
-        "train": {"steps": 200, "learning_rate": 0.02},
+        "train": {"use_teacher": True},  # w* = the teacher: no training to compile
         "posterior": {"gamma": 20.0},
         "run": {"samplers": ["sgld"], "num_chains": 2, "num_burnin_steps": 20, "num_draws": 40,
                 "num_steps_bw_draws": 2, "seed": 5},
