@@ -59,6 +59,7 @@ class TuneGrid:
       burnin_tolerance  the same rule, tighter, for the suggested burn-in
       acf_threshold     suggested thinning k = smallest lag with loss autocorrelation below this
       target_rel_se     suggested chain count = chains for SE(λ̂) / |λ̂| at or below this
+                        (at the tune run's draws per chain), and never below min_chains
       control_min_rel_diff, control_z
                         the nβ = 0 control "differs qualitatively" when its mean loss rise differs
                         from the recommended cell's by at least this fraction AND this many SEs
@@ -249,12 +250,17 @@ def settle_step(trace: np.ndarray, loss_at_wstar: float, tolerance: float,
 
 
 def suggest_burnin(traces: np.ndarray, loss_at_wstar: float, tolerance: float = 0.05) -> int | None:
-    """Burn-in = `settle_step` of the mean over finite chains of the (C, T) per-step loss traces."""
+    """Burn-in = `settle_step` of the mean over finite chains of the (C, T) per-step loss traces.
+
+    Never below the smoothing window: a rise faster than that cannot be resolved, so the window is
+    the smallest burn-in the trace can vouch for.
+    """
     traces = np.asarray(traces, dtype=float)
     good = traces[np.all(np.isfinite(traces), axis=1)]
     if good.shape[0] == 0:
         return None
-    return settle_step(good.mean(axis=0), loss_at_wstar, tolerance)
+    step = settle_step(good.mean(axis=0), loss_at_wstar, tolerance)
+    return None if step is None else max(step, smoothing_window(good.shape[1]))
 
 
 def suggest_thinning(traces: np.ndarray, threshold: float = 0.1, max_lag: int | None = None) -> int | None:
@@ -525,7 +531,10 @@ def plot_grid(cells: Sequence[CellResult], rec: Recommendation, path: Path, titl
                     shown.append(y[np.isfinite(y)])
                 if c.num_burnin_steps:
                     ax.axvline(c.num_burnin_steps, color="0.6", ls=":", lw=0.8)
-            if shown:  # robust limits: one exploding trace must not flatten the others
+            if not shown:  # every trace spiked or diverged: still clip the worst excursions
+                shown = [c.mean_trace[np.isfinite(c.mean_trace)] - c.loss_at_wstar for c in here
+                         if c.error is None and c.traces.size]
+            if shown and sum(v.size for v in shown):  # robust limits: one exploding trace must not flatten the others
                 allv = np.concatenate(shown)
                 lo, hi = min(0.0, float(np.percentile(allv, 0.5))), float(np.percentile(allv, 99.5))
                 if hi > lo:
@@ -548,7 +557,7 @@ def plot_grid(cells: Sequence[CellResult], rec: Recommendation, path: Path, titl
                 ax.set_ylabel("mean loss − L_n(w*)")
     handles, names = axes[0, 0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, names, loc="upper right", fontsize=8, ncol=len(names))
+        axes[0, 0].legend(handles, names, loc="upper left", fontsize=7, framealpha=0.7)
     fig.suptitle(title or "loss traces (chain mean); dotted: end of burn-in", fontsize=10, x=0.01, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     buf = io.BytesIO()
@@ -603,7 +612,7 @@ def _set_line(cfg: Config, name: str, cell: CellResult, n: int, sug: Suggestions
         parts.append("posterior.prior_radius=none")
     if sug is not None:
         if sug.num_burnin_steps is not None:
-            parts.append(f"run.num_burnin_steps={max(1, sug.num_burnin_steps)}")
+            parts.append(f"run.num_burnin_steps={sug.num_burnin_steps}")
         if sug.num_steps_bw_draws is not None:
             parts.append(f"run.num_steps_bw_draws={sug.num_steps_bw_draws}")
         if sug.num_chains is not None:
@@ -612,7 +621,15 @@ def _set_line(cfg: Config, name: str, cell: CellResult, n: int, sug: Suggestions
 
 
 def main(args) -> int:
-    """`main.py tune`: sweep, judge, recommend, suggest, control; writes tune_grid.{csv,png} and recommendation.json."""
+    """`main.py tune`: sweep, judge, recommend, suggest, control; returns the exit status.
+
+    Config as for `main.py` (--preset, --config, --set); the sampler is --sampler (first one) or
+    rmsprop_sgld. The grid is TuneGrid's defaults, changed by a [tune] table in the --config file
+    or by `--set tune.KEY=VALUE` (e.g. --set 'tune.step_sizes=[1e-5,1e-4]'). Each cell runs the
+    config's run section (chains, burn-in, draws, thinning) on one shared w*. Writes tune_grid.csv,
+    tune_grid.png, recommendation.json and config.toml atomically to --out or
+    <run.out_dir>/tune/<run_id>/.
+    """
     from llc_bench.cli import check_writable
     from llc_bench.experiment import build_posterior
     from llc_bench.progress import Bar, progress_enabled
@@ -666,8 +683,8 @@ def main(args) -> int:
 
     artifacts.write_text_atomic(out / "tune_grid.csv", grid_csv(cells, rec, name, n, grid))
     plot_grid(cells, rec, out / "tune_grid.png",
-              title=f"{name}: chain-mean loss traces, raw (faint) and smoothed (rows γ, columns nβ); "
-                    "dotted: end of burn-in")
+              title=f"{name}: chain-mean loss traces, raw (faint) and smoothed; rows γ, columns nβ; "
+                    "dotted: end of burn-in; ★ recommended")
     summary = _summary(name, cfg, grid, n, posterior, cells, rec, sug, control)
     artifacts.write_text_atomic(out / "config.toml", to_toml(cfg))
     artifacts.write_json_atomic(out / "recommendation.json", summary)

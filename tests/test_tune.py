@@ -233,3 +233,20 @@ def test_tiny_real_tune_end_to_end(tmp_path, capsys):
     assert summary["recommended"] is not None, out
     assert summary["control"] is not None and summary["control"]["differs"], out
     assert "Recommended:" in out and "nβ = 0 control" in out
+
+
+def test_grid_cells_order_and_self_tuning_samplers():
+    grid = tune.TuneGrid(step_sizes=(1e-5, 1e-4), n_betas=(1.0, 2.0), gammas=(10.0, 100.0, 1000.0),
+                         n_beta_scale="beta0")
+    cells = tune.grid_cells(grid, n=100, tunes_step=True)
+    assert len(cells) == 12 and cells[0] == (1e-5, pytest.approx(100 / math.log(100)), 10.0)
+    assert [g for _, _, g in cells] == sorted(g for _, _, g in cells)  # γ outermost: figure rows
+    auto = tune.grid_cells(grid, n=100, tunes_step=False)  # HMC / MCLMC tune ε themselves
+    assert len(auto) == 6 and {e for e, _, _ in auto} == {None}
+
+
+def test_unknown_sampler_is_a_config_error(tmp_path):
+    args = SimpleNamespace(preset=None, config=None, overrides=[], samplers=["sgdl"], no_progress=True,
+                           out=str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown sampler"):
+        tune.main(args)
