@@ -431,9 +431,11 @@ def rows_for(cell: Cell, config_columns: Iterable[str], summary: dict | None,
             row.update({k: _cell_text(s.get(k)) for k in METRICS if k in s})
             status = s.get("status", "ok")
             row["status"] = status if status in STATUSES else "warnings"
-            codes = [w.split(":", 1)[0] for w in s.get("warnings", ())]
-            row["warnings"] = _one_line(";".join(codes))
-            row["error"] = ""
+            warnings = list(s.get("warnings", ()))
+            row["warnings"] = _one_line(";".join(w.split(":", 1)[0] for w in warnings))
+            # a run the estimator gave up on (e.g. every chain NaN) says why in `error` too
+            row["error"] = (_one_line(" | ".join(warnings) or "the estimator reported failure")
+                            if row["status"] == "failed" else "")
         rows.append(row)
     return rows
 
@@ -550,15 +552,16 @@ def _run_pool(cells, cols, runner, done_fn, workers: int):
     from concurrent.futures.process import BrokenProcessPool
 
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
+    try:
         futures = {pool.submit(run_cell, cell, cols, runner): cell for cell in cells}
-        try:
-            for future in as_completed(futures):
-                done_fn(futures[future], future.result())
-        except BrokenProcessPool as exc:
-            for f in futures:
-                f.cancel()
-            raise RuntimeError(f"a worker process died ({exc}); rerun the same command to resume") from None
+        for future in as_completed(futures):
+            done_fn(futures[future], future.result())
+    except BrokenProcessPool as exc:
+        raise RuntimeError(f"a worker process died ({exc}); rerun the same command to resume") from None
+    finally:
+        # On Ctrl-C or an error, do not wait for queued cells; running ones die with the driver.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _run_ray(cells, cols, runner, done_fn, address: str | None):

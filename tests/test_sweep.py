@@ -48,7 +48,7 @@ def fake_cell(cfg):
             "llc_mean": 10.0 + digest[0] / 10, "llc_se": 0.5, "rel_error": None, "ess_bulk": 100.0,
             "ess_tail": 90.0, "rhat": 1.01, "accept_rate": None, "grad_evals": 123.0, "wall_s": 0.1,
             "compile_s": 1.0, "wnv_time": 0.025, "wnv_grad": 30.75,
-            "status": "diverged" if cfg.data.noise == "outliers" else "ok",
+            "status": {"outliers": "diverged", "none": "failed"}.get(cfg.data.noise, "ok"),
             "warnings": ["SPIKES: a spike. Remedy: smaller step"] if name == "sgld" else [],
         }
     return {"truth": None, "n_beta": 37.7, "gamma": 100.0, "d": 21, "loss_at_wstar": 0.004,
@@ -184,7 +184,7 @@ def test_default_spec_covers_the_seed_factors_and_is_valid(capsys):
 
 
 def test_csv_rows_schema_values_and_a_failing_cell(tmp_path):
-    spec = make_spec({"model.activation": ["relu", "tanh", "gelu"], "data.noise": ["gaussian", "outliers"]},
+    spec = make_spec({"model.activation": ["relu", "tanh", "gelu"], "data.noise": ["gaussian", "outliers", "none"]},
                      seeds=(0, 1))
     out = tmp_path / "r.csv"
     run_quiet(spec, out)
@@ -192,12 +192,16 @@ def test_csv_rows_schema_values_and_a_failing_cell(tmp_path):
     header = next(csv.reader(out.open()))
     assert header == ["cell_id", "seed", "sampler", "model.activation", "data.noise", *sweep.METRICS,
                       "status", "warnings", "error", "versions"]
-    assert len(rows) == 3 * 2 * 2 * 2  # cells x seeds x samplers
+    assert len(rows) == 3 * 3 * 2 * 2  # cells x seeds x samplers
     assert len({(r["cell_id"], r["sampler"]) for r in rows}) == len(rows)
     for r in rows:
         if r["model.activation"] == "tanh":  # the failing cell: recorded, and the sweep went on
-            assert r["status"] == "failed" and r["llc_mean"] == ""
+            assert r["status"] == "failed" and r["llc_mean"] == "" and r["d"] == ""
             assert r["error"] == "RuntimeError: synthetic failure on two lines"
+        elif r["data.noise"] == "none":  # the estimator gave up: the error column says why
+            assert r["status"] == "failed" and r["d"] == "21"
+            assert r["error"] == ("SPIKES: a spike. Remedy: smaller step" if r["sampler"] == "sgld"
+                                  else "the estimator reported failure")
         else:
             assert r["status"] == ("diverged" if r["data.noise"] == "outliers" else "ok")
             assert r["error"] == "" and float(r["llc_mean"]) >= 10 and float(r["llc_se"]) == 0.5
