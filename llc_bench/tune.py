@@ -724,7 +724,8 @@ def _print_recommendation(name, cfg, grid, n, rec: Recommendation, sug: Suggesti
     if sug is not None:
         b, k, ch = sug.num_burnin_steps, sug.num_steps_bw_draws, sug.num_chains
         print(f"  burn-in: {b if b is not None else '?'} steps (smoothed loss trace level from there)"
-              + (" — the trace never levelled in this run: run longer" if b is not None and b >= c.traces.shape[1] else ""))
+              + (" — late in this run: rerun tune with more draws to confirm the level"
+                 if b is not None and b > c.traces.shape[1] // 2 else ""))
         print(f"  thinning: every {k} steps (loss autocorrelation < threshold)" if k is not None
               else "  thinning: autocorrelation did not fall below the threshold: run longer")
         print(f"  chains: {ch} for a relative SE of {grid.target_rel_se:.0%} at {cfg.run.num_draws} draws per chain "
