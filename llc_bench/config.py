@@ -19,6 +19,7 @@ OPTIMIZERS = ("adam", "sgd")
 ESTIMATE_FROM = ("full", "minibatch")
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+JOB_SPEC_PREFIXES = ("sweep", "tune", "bench")
 
 
 class ConfigError(ValueError):
@@ -378,7 +379,8 @@ def read_toml(path: str | Path) -> dict:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.toml") if not p.stem.startswith("sweep"))
+    # configs/ also holds sweep, tune and benchmark specs; those are not run presets
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml") if not p.stem.startswith(JOB_SPEC_PREFIXES))
 
 
 def preset_path(name: str) -> Path:
