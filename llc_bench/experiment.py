@@ -17,7 +17,7 @@ from llc_bench.estimator import LLCEstimate, block_bootstrap_ci, estimate_from_r
 from llc_bench.posterior import Posterior
 from llc_bench.progress import progress_enabled
 from llc_bench.rng import stream_key
-from llc_bench.runner import ChainResult, run_chains
+from llc_bench.runner import ChainResult, run_chains_with_state
 from llc_bench.samplers import get_spec
 
 ACCEPT_SAMPLERS = ("hmc", "nuts", "adjusted_mclmc")
@@ -62,7 +62,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     settings = settings if settings is not None else cfg.sampler[name]
     algorithm = spec.build(posterior, settings)
     run, steps = cfg.run, cfg.schedule[name]
-    result = run_chains(name, algorithm, posterior, sampler_key(run.seed, name),
+    result, states = run_chains_with_state(name, algorithm, posterior, sampler_key(run.seed, name),
                         num_chains=run.num_chains, num_burnin_steps=steps.num_burnin_steps,
                         num_draws=steps.num_draws, num_steps_bw_draws=steps.num_steps_bw_draws,
                         num_projections=run.num_projections, chunk_size=run.chunk_size,
@@ -70,9 +70,28 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     estimate = estimate_from_result(result, run.estimate_from)
     tree = to_datatree(result, estimate.running)
     conv = convergence(tree)
-    flags = tuple(check_health(result))
+    flags = check_health(result)
+    mala = None
+    if name == "sgld":
+        mala = _mala_check(posterior, algorithm, states, settings.step_size, result.diverged_at, run.seed)
+        if mala is not None and mala.flag is not None:
+            flags.append(mala.flag)
+    flags = tuple(flags)
     summary = _summarize(name, result, estimate, conv, flags, truth, posterior)
+    summary["mala_accept"] = None if mala is None else mala.mean_accept
     return SamplerRun(name, result, estimate, tree, conv, flags, summary)
+
+
+def _mala_check(posterior: Posterior, algorithm, states, step_size: float, diverged_at, seed: int):
+    """Seed 002's MALA-style diagnostic at the chains' final positions: would a Metropolis test accept
+    a full-gradient SGLD proposal of this ε? (No accept step is taken; low values mean ε is coarse.)"""
+    from llc_bench.health import mala_acceptance
+
+    positions = np.asarray(jax.vmap(algorithm.position)(states))[np.asarray(diverged_at) < 0]
+    if positions.shape[0] == 0:
+        return None
+    value_and_grad = jax.jit(jax.value_and_grad(posterior.logdensity))
+    return mala_acceptance(value_and_grad, positions, step_size, stream_key(seed, "projection"))
 
 
 def _summarize(name, result: ChainResult, est: LLCEstimate, conv: dict, flags, truth, posterior) -> dict:
@@ -134,7 +153,8 @@ def step_size_check(cfg: Config, name: str, posterior: Posterior, first: Sampler
         return None  # step size is tuned by the sampler itself
     half = dataclasses.replace(settings, step_size=settings.step_size / 2)
     second = run_sampler(cfg, name, posterior, settings=half)
-    return step_size_check_summary(first.estimate.mean, second.estimate.mean)
+    return step_size_check_summary(first.estimate.mean, second.estimate.mean,
+                                   se_eps=first.estimate.se, se_half=second.estimate.se)
 
 
 def run_experiment(cfg: Config, out_dir: str | Path | None = None, *, progress: bool = True,

@@ -57,6 +57,9 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
             console.print(f"[red]{name}: every chain diverged; no estimate. Decrease the step size.[/red]")
         for w in s["warnings"]:
             console.print(f"[yellow]{name}: {w}[/yellow]")
+        if s.get("mala_accept") is not None:
+            console.print(f"{name}: MALA-style acceptance of a full-gradient proposal at this ε: "
+                          f"{s['mala_accept']:.2f} (below 0.5 suggests a smaller ε)")
         check = s.get("step_size_check")
         if check:
             console.print(f"{name}: step-size check: λ̂ at ε/2 changed by {100 * check['rel_change']:+.1f}%"

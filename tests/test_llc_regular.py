@@ -42,6 +42,8 @@ def test_regular_model_llc_is_half_dimension(regular, name):
     assert run.estimate.mean == pytest.approx(d / 2, rel=0.10)
     # the reported SE is honest: the truth lies within 4 SE plus the 10% band
     assert abs(run.estimate.mean - d / 2) < 4 * run.estimate.se + 0.1 * d / 2
+    if name == "sgld":  # ε nβ h ≈ 0.03: a Metropolis test would accept nearly every proposal
+        assert run.summary["mala_accept"] > 0.9
 
 
 def test_same_seed_same_estimate(regular):
@@ -58,6 +60,7 @@ def test_huge_step_size_is_flagged_not_averaged(regular):
     settings = cfg.sampler["sgld"].__class__(step_size=10.0, batch_size=64)
     run = run_sampler(cfg, "sgld", posterior, settings=settings)
     assert run.summary["status"] == "failed"
+    assert run.summary["mala_accept"] is None  # no finite chain left to test from
     assert run.summary["llc_mean"] is None
     assert all(s >= 0 for s in run.summary["diverged_at"])
 
