@@ -152,6 +152,9 @@ def test_store_reused_only_when_options_match(stored, problem, monkeypatch):
     kwargs = dict(observables=_observables(x, y), param_masks=MASKS, save_metrics=True, output_path=path)
     reused = sample(apply_linear, params, squared_error, (x, y), **kwargs, **COMMON)
     xr.testing.assert_identical(reused.to_dataset(), tree.to_dataset())
+    # devinterp's name for SGLD is the same sampler, hence the same options
+    reused = sample(apply_linear, params, squared_error, (x, y), **kwargs, **COMMON, sampling_method="sgmcmc_sgld")
+    assert reused.attrs["options"]["sampling_method"] == "sgld"
     with pytest.raises(ValueError, match="different options.*lr"):
         sample(apply_linear, params, squared_error, (x, y), **kwargs, **{**COMMON, "lr": 2e-4})
     shifted = (x, y + 1.0)
@@ -295,6 +298,118 @@ def test_compute_llc_equals_experiment_pipeline():
     assert minibatch.llc_mean == pytest.approx(estimate_from_result(pipeline.result, "minibatch").mean, rel=1e-4)
     # the same health checks: a flag in one is a flag in the other
     assert {f.code for f in ours.flags} == {f.code for f in pipeline.flags}
+
+
+# ---------------------------------------------------------------------------------------------
+# devinterp's extras: noise_level, weight_decay, gradient accumulation, init_noise, bounding box
+# ---------------------------------------------------------------------------------------------
+
+
+def _regression_posterior(nb, gamma, wd, accumulation=1):
+    from llc_bench.sampling import SamplingPosterior
+
+    kx, ky = jax.random.split(jax.random.key(7))
+    x = jax.random.normal(kx, (64, IN))
+    y = jax.random.normal(ky, (64, 1))
+
+    def loss(w, x, y):
+        return 0.5 * jnp.sum((x @ w[:, None] - y) ** 2, axis=-1)
+
+    w_star = jnp.array([0.2, -0.1, 0.3])
+    return SamplingPosterior(loss, x, y, w_star, nb, gamma, 0.0, weight_decay=wd, accumulation_steps=accumulation)
+
+
+@pytest.mark.parametrize("method", ["sgld", "rmsprop_sgld"])
+def test_noise_level_scales_only_the_injected_noise(method):
+    """One step with σ = 1 and σ = 2 from the same key: the difference is (2 − 1)·√(εG)·η, and what
+    remains is the drift −ε/2 · G (γ(w − w*) + λw + nβ∇L_m), the same for both (G = 1 for SGLD)."""
+    from llc_bench.sampling import _sampler_settings
+
+    nb, gamma, wd, eps = 40.0, 5.0, 0.5, 1e-3
+    base = _regression_posterior(nb, gamma, wd)
+    w = base.w_star + jnp.array([0.05, -0.02, 0.01])
+    key = jax.random.key(11)
+
+    def one_step(sigma):
+        spec, settings = _sampler_settings(method, lr=eps, batch_size=64, accumulation=1, noise_level=sigma,
+                                           kwargs={}, rmsprop_eps=None, rmsprop_alpha=None)
+        t = sigma**2  # what sample() does: ε σ², and nβ, γ, λ divided by σ²
+        post = _regression_posterior(nb / t, gamma / t, wd / t)
+        algorithm = spec.build(post, settings)
+        state, params, _ = algorithm.warmup(key, w)
+        new_state, _ = algorithm.step(key, state, params, (post.x, post.y))
+        return np.asarray(algorithm.position(new_state), np.float64)
+
+    w1, w2 = one_step(1.0), one_step(2.0)
+    loss_grad = np.asarray(jax.grad(lambda v: base.batch_loss(v, base.x, base.y))(w), np.float64)
+    # first RMSProp step with bias correction: v̂ = g², G = 1/(|g| + a), a = 0.1
+    g = 1.0 / (np.abs(loss_grad) + 0.1) if method == "rmsprop_sgld" else np.ones(3)
+    scaled_noise = w2 - w1  # √(εG) η
+    drift = w1 - np.asarray(w, np.float64) - scaled_noise
+    w64, w_star = np.asarray(w, np.float64), np.asarray(base.w_star, np.float64)
+    expected = -0.5 * eps * g * (gamma * (w64 - w_star) + wd * w64 + nb * loss_grad)
+    np.testing.assert_allclose(drift, expected, rtol=2e-3, atol=1e-7)
+    assert np.all(np.abs(scaled_noise) > 1e-6)
+
+
+def test_gradient_accumulation_gives_the_batch_gradient():
+    one = _regression_posterior(10.0, 1.0, 0.2)
+    four = _regression_posterior(10.0, 1.0, 0.2, accumulation=4)
+    w = one.w_star + 0.1
+    for a, b in zip(one.minibatch_loss_and_grads(w, one.x, one.y), four.minibatch_loss_and_grads(w, one.x, one.y),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # the weight decay is a Gaussian prior at zero inside the localization term
+    expected = 0.5 * 1.0 * jnp.sum((w - one.w_star) ** 2) + 0.5 * 0.2 * jnp.sum(w**2)
+    assert float(one.localization(w)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_init_noise_and_bounding_box():
+    from llc_bench.sampling import _sampler_settings, _wrap_algorithm
+
+    post = _regression_posterior(10.0, 1.0, 0.0)
+    spec, settings = _sampler_settings("rmsprop_sgld", lr=10.0, batch_size=64, accumulation=1, noise_level=1.0,
+                                       kwargs={}, rmsprop_eps=None, rmsprop_alpha=None)
+    algorithm = _wrap_algorithm(spec.build(post, settings), post.w_star, init_noise=0.02, box=0.03)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(4000))
+    state, params, _ = jax.vmap(algorithm.warmup, in_axes=(0, None))(keys, post.w_star)
+    start = np.asarray(algorithm.position(state)) - np.asarray(post.w_star)
+    # N(0, 0.02²) per entry, clipped at 0.03 = 1.5 sd: std ≈ 0.0183 (truncation), mean 0
+    assert np.abs(start).max() <= 0.03 + 1e-7
+    assert abs(start.mean()) < 5e-4 and 0.017 < start.std() < 0.0195
+    # a huge step (ε = 10) stays inside the box, and reaches its faces
+    new, _ = jax.vmap(algorithm.step, in_axes=(0, 0, 0, None))(keys, state, params, (post.x, post.y))
+    moved = np.asarray(algorithm.position(new)) - np.asarray(post.w_star)
+    assert np.abs(moved).max() <= 0.03 + 1e-7
+    assert np.mean(np.isclose(np.abs(moved), 0.03)) > 0.5
+
+
+def test_sample_with_every_extra_option(problem):
+    params, x, y = problem
+    tree = sample(apply_linear, params, squared_error, (x, y), lr=1e-2, n_beta=100.0, localization=1.0,
+                  num_chains=2, num_draws=5, num_burnin_steps=3, batch_size=16, gradient_accumulation_steps=2,
+                  sampling_method="rmsprop_sgld", rmsprop_alpha=0.9, sampling_method_kwargs={"bias_correction": False},
+                  noise_level=0.5, weight_decay=0.1, bounding_box_size=0.01, init_noise=0.005,
+                  param_masks={"params/dense/bias": None}, batches_per_draw=2, seed=1, progress=False)
+    options = tree.attrs["options"]
+    assert options["sampler_settings"] == {"step_size": 1e-2 * 0.25, "batch_size": 32, "alpha": 0.9, "eps": 0.1,
+                                           "bias_correction": False}
+    # one free parameter (the bias), boxed at ±0.01 around w*
+    assert tree.attrs["run"]["num_params_free"] == 1
+    distance = np.asarray(tree["distance"])
+    assert np.all(distance <= 0.01 + 1e-7) and np.all(distance > 0)
+    assert tree["sampling_loss"].shape == (2, 5, 2, 16)
+    assert np.all(np.isfinite(tree["sampling_loss"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, kwargs", [("hmc", {"num_warmup": 200}), ("mclmc", {"num_tuning_steps": 300})])
+def test_full_batch_samplers_restricted_llc(problem, method, kwargs):
+    params, x, y = problem
+    tree = sample(apply_linear, params, squared_error, (x, y), param_masks=MASKS, sampling_method=method,
+                  sampling_method_kwargs=kwargs, **{**COMMON, "lr": None, "num_draws": 200, "num_steps_bw_draws": 1})
+    est = compute_llc(tree, num_burnin_draws=20)
+    assert abs(est.llc_mean - 1.0) < 4 * est.llc_se + 0.05, (est.llc_mean, est.llc_se)
 
 
 # ---------------------------------------------------------------------------------------------
