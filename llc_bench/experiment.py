@@ -214,7 +214,7 @@ def _write_artifacts(out: Path, cfg: Config, summary: dict, runs: dict, truth, p
                                           if k not in ("samplers", "versions", "train")}))
     artifacts.write_datatree_atomic(tree, out / "traces.zarr")
     if plots:
-        for name, r in runs.items():
+        for r in runs.values():
             plot_all(r.result, out / "plots", truth=truth, llc_running=r.estimate.running)
     # summary.json last: its presence means the run finished
     artifacts.write_json_atomic(out / "summary.json", summary)

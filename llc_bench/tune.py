@@ -7,7 +7,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -478,21 +477,6 @@ def grid_csv(cells: Sequence[CellResult], rec: Recommendation, sampler: str, n: 
     return buf.getvalue()
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _fmt_eps(eps: float | None) -> str:
     return "ε auto" if eps is None else f"ε={eps:.0e}"
 
@@ -563,7 +547,7 @@ def plot_grid(cells: Sequence[CellResult], rec: Recommendation, path: Path, titl
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    return _write_bytes_atomic(Path(path), buf.getvalue())
+    return artifacts.write_bytes_atomic(Path(path), buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from llc_bench.posterior import Posterior
 
@@ -23,6 +24,13 @@ class StepInfo(NamedTuple):
     energy_change: jax.Array  # MCLMC energy change / HMC energy error (NaN where not applicable)
     diverging: jax.Array  # bool: the sampler's own divergence flag (HMC/NUTS); False otherwise
     grad_evals: jax.Array  # work of this step in full-data gradient equivalents (SGLD: m/n)
+
+
+def minibatch_step_info(loss: jax.Array, batch_size: int, n: int) -> StepInfo:
+    """StepInfo of an unadjusted minibatch step: no acceptance or energy, work m/n of a full gradient."""
+    nan = jnp.full((), jnp.nan, loss.dtype)
+    return StepInfo(loss=loss, accept=nan, energy_change=nan, diverging=jnp.zeros((), bool),
+                    grad_evals=jnp.asarray(batch_size / n, loss.dtype))
 
 
 class Algorithm(NamedTuple):

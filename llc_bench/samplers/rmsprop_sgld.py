@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from llc_bench.posterior import Posterior
-from llc_bench.samplers.base import Algorithm, SamplerSpec, StepInfo
+from llc_bench.samplers.base import Algorithm, SamplerSpec, minibatch_step_info
 
 
 @dataclass(frozen=True)
@@ -108,14 +108,7 @@ def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
         g, precond = precond_update(loss_grad, state.preconditioner)
         noise = jax.random.normal(rng_key, w.shape, w.dtype)
         new_w = w - 0.5 * epsilon * g * (loc_grad + n_beta * loss_grad) + jnp.sqrt(epsilon * g) * noise
-        nan = jnp.full((), jnp.nan, loss.dtype)
-        info = StepInfo(
-            loss=loss,
-            accept=nan,
-            energy_change=nan,
-            diverging=jnp.zeros((), bool),
-            grad_evals=jnp.asarray(x_b.shape[0] / n, loss.dtype),
-        )
+        info = minibatch_step_info(loss, x_b.shape[0], n)
         return RMSPropSGLDState(new_w, precond), info
 
     def position(state):

@@ -8,7 +8,7 @@ import blackjax
 import jax.numpy as jnp
 
 from llc_bench.posterior import Posterior
-from llc_bench.samplers.base import Algorithm, SamplerSpec, StepInfo
+from llc_bench.samplers.base import Algorithm, SamplerSpec, minibatch_step_info
 
 
 @dataclass(frozen=True)
@@ -53,14 +53,7 @@ def build(posterior: Posterior, settings: SGLDSettings) -> Algorithm:
         logdensity_grad = -(n_beta * loss_grad + loc_grad)
         # The gradient is computed here (we need the loss too), so the estimator just returns it.
         new_position = kernel(rng_key, state, lambda position, minibatch: logdensity_grad, batch, h)
-        nan = jnp.full((), jnp.nan, loss.dtype)
-        info = StepInfo(
-            loss=loss,
-            accept=nan,
-            energy_change=nan,
-            diverging=jnp.zeros((), bool),
-            grad_evals=jnp.asarray(x_b.shape[0] / n, loss.dtype),
-        )
+        info = minibatch_step_info(loss, x_b.shape[0], n)
         return new_position, info
 
     def position(state):
