@@ -603,6 +603,16 @@ def summary_markdown(rows: list[dict[str, Any]], recipe: Recipe | None = None, w
         best = [e for e in table if e["class"] == c and meets_targets(e)]
         lines.append(f"- {c}: " + (f"met by {', '.join(e['sampler'] for e in best)}." if best else
                                    "no sampler meets all three targets."))
+    lines += ["", "By teacher generator (Aoyagi's λ is the global coefficient; at a rand_rank teacher, whose",
+              "layers can have larger rank than the product, the local λ may be larger: DESIGN.md):", "",
+              "| sampler | generator | rows | median rel err (signed) | median \\|rel err\\| |", "|---|---|---|---|---|"]
+    for s in dict.fromkeys(r["sampler"] for r in rows):
+        for g in sorted({r["generator"] for r in rows}):
+            errs = np.array([r["rel_error"] for r in rows if r["sampler"] == s and r["generator"] == g
+                             and math.isfinite(r["rel_error"])])
+            if errs.size:
+                lines.append(f"| {s} | {g} | {errs.size} | {_pct(float(np.median(errs)))} | "
+                             f"{_pct(float(np.median(np.abs(errs))))} |")
     missed = [e for e in table if not meets_targets(e)]
     if missed:
         lines += ["", "Worst instances of each sampler/class that missed (health-check verdicts):", ""]

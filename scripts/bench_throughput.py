@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -77,6 +78,47 @@ def bare_grad_us(posterior, batch_size: int, chains: int, repeats: int) -> tuple
     return 1e6 * one, 1e6 * many / chains
 
 
+def breakdown_us(posterior, batch_size: int, chains: int, steps: int, repeats: int) -> dict[str, float]:
+    """µs per chain-step of stripped-down vmapped scans, to see where the runner's time goes.
+
+    grad:   value_and_grad on a fixed batch + a tiny SGD update (so the loop cannot be hoisted)
+    gather: + per-step fold_in, randint indices and the minibatch gather (the runner's batch stream)
+    noise:  + a fold_in and d standard normals per step (SGLD's injected noise; threefry on CPU)
+    """
+    x, y, n, d = posterior.x, posterior.y, posterior.n, posterior.dim
+    vg = jax.value_and_grad(posterior.batch_loss)
+    base = jax.random.key(0)
+    keys = jax.vmap(lambda c: jax.random.fold_in(base, c))(jnp.arange(chains))
+    idx = jax.random.randint(base, (chains, batch_size), 0, n)
+    xb0, yb0 = x[idx], y[idx]
+    w0 = jnp.broadcast_to(posterior.w_star, (chains, d)) + 0.0
+
+    def variant(level):
+        def one(key, w, t, xb, yb):
+            if level >= 1:
+                i = jax.random.randint(jax.random.fold_in(key, t), (batch_size,), 0, n)
+                xb, yb = x[i], y[i]
+            loss, g = vg(w, xb, yb)
+            w = w - 1e-9 * g
+            if level >= 2:
+                w = w + 1e-6 * jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, 1), t), w.shape)
+            return w, loss
+
+        @jax.jit
+        def run(w):
+            def body(w, t):
+                return jax.vmap(one, in_axes=(0, 0, None, 0, 0))(keys, w, t, xb0, yb0)
+            return jax.lax.scan(body, w, jnp.arange(steps))
+
+        return run
+
+    out = {}
+    for level, name in enumerate(("grad", "gather", "noise")):
+        out[f"us_scan_{name}"] = round(1e6 * time_calls(variant(level), w0, calls=1, repeats=repeats)
+                                       / (steps * chains), 2)
+    return out
+
+
 def chain_step_us(cfg, posterior, name: str, chains: int, steps: int, repeats: int) -> float:
     """µs per chain-step of the runner's jitted scan (its wall_s: compile and host copies excluded)."""
     algorithm = get_spec(name).build(posterior, cfg.sampler[name])
@@ -112,21 +154,23 @@ def main(argv=None) -> int:
     for chains in args.chains:
         bare, bare_vmapped = bare_grad_us(posterior, args.batch_size, chains, args.repeats)
         steps = max(50, args.chain_steps // chains)
+        parts = breakdown_us(posterior, args.batch_size, chains, steps, args.repeats)
         for name in args.samplers:
             us = chain_step_us(cfg, posterior, name, chains, steps, args.repeats)
             rows.append({"sampler": name, "chains": chains, "us_per_chain_step": round(us, 2),
                          "us_bare_grad": round(bare, 2), "ratio": round(us / bare, 3),
                          "us_bare_grad_vmapped": round(bare_vmapped, 2),
-                         "ratio_vs_vmapped": round(us / bare_vmapped, 3), "steps": steps})
+                         "ratio_vs_vmapped": round(us / bare_vmapped, 3), **parts, "steps": steps})
     header = f"{'sampler':14s} {'chains':>6s} {'µs/chain-step':>14s} {'µs bare grad':>13s} {'ratio':>6s} " \
              f"{'µs vmapped grad':>16s} {'ratio':>6s}"
-    print(header)
+    print(header + f" {'scan: grad':>10s} {'+gather':>8s} {'+noise':>7s}")
     for r in rows:
         print(f"{r['sampler']:14s} {r['chains']:6d} {r['us_per_chain_step']:14.1f} {r['us_bare_grad']:13.1f} "
-              f"{r['ratio']:6.2f} {r['us_bare_grad_vmapped']:16.1f} {r['ratio_vs_vmapped']:6.2f}")
+              f"{r['ratio']:6.2f} {r['us_bare_grad_vmapped']:16.1f} {r['ratio_vs_vmapped']:6.2f} "
+              f"{r['us_scan_grad']:10.1f} {r['us_scan_gather']:8.1f} {r['us_scan_noise']:7.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"d": int(posterior.dim), "widths": list(target.widths), "batch_size": args.batch_size,
+    meta = {"loadavg_1min": round(os.getloadavg()[0], 2), "d": int(posterior.dim), "widths": list(target.widths), "batch_size": args.batch_size,
             "n": args.n, "platform": device.platform, "device_kind": device.device_kind,
             "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
