@@ -565,6 +565,9 @@ def _run_pool(cells, cols, runner, done_fn, workers: int):
 
 
 def _run_ray(cells, cols, runner, done_fn, address: str | None):
+    # Ray's `uv run` hook would start each worker with a bare `uv run` (no `ray` extra) in a copy of
+    # the working directory; workers must use this environment (or, on a cluster, the one `ray start` ran in).
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     try:
         import ray
     except ImportError:

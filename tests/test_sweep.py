@@ -376,7 +376,9 @@ def test_real_experiment_cell_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_backend_on_a_local_instance(tmp_path):
+def test_ray_backend_on_a_local_instance(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as run_sweep does; read when ray is imported
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])  # Ray workers must import the fake runner
     ray = pytest.importorskip("ray")
     spec = make_spec({"data.n": [300, 350], "model.activation": ["relu", "tanh"]})
     out, ref = tmp_path / "ray.csv", tmp_path / "ref.csv"
