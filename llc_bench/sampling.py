@@ -412,7 +412,8 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
                                   ("weight_decay", weight_decay, lambda v: v >= 0, ">= 0"),
                                   ("bounding_box_size", bounding_box_size, lambda v: v > 0, "> 0 or None"),
                                   ("init_noise", init_noise, lambda v: v >= 0, ">= 0 or None")):
-        if value is not None and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+        required = name in ("n_beta", "localization", "noise_level", "weight_decay")
+        if (value is not None or required) and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
                                       and math.isfinite(value) and ok(value)):
             raise ValueError(f"{name} must be {rule}, got {value!r}")
     if bounding_box_size is not None and method not in SG_METHODS:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import xarray as xr
-
-import jax
-import jax.numpy as jnp
 
 import llc_bench
 from llc_bench.sampling import compute_bif, compute_llc, compute_susceptibilities, free_mask, sample
@@ -435,6 +434,8 @@ def test_full_batch_samplers_restricted_llc(problem, method, kwargs):
     ({"sampling_method": "hmc", "lr": None, "bounding_box_size": 1.0}, "bounding_box_size is only supported"),
     ({"lr": None}, "needs a positive lr"),
     ({"noise_level": 0.0}, "noise_level must be > 0"),
+    ({"n_beta": None}, "n_beta must be > 0"),
+    ({"localization": -1.0}, "localization must be >= 0"),
     ({"num_draws": 0}, "num_draws must be an integer >= 1"),
     ({"observables": {"big": (np.zeros((5, IN)), np.zeros((5, 1)))}}, "fewer than batches_per_draw"),
     ({"observables": {"not valid": (np.zeros((64, IN)), np.zeros((64, 1)))}}, "must be a Python identifier"),
