@@ -119,11 +119,12 @@ def summarize_tuned(params: Any) -> dict[str, float]:
         leaf = np.asarray(leaf)
         if leaf.ndim != 1 or not np.issubdtype(leaf.dtype, np.number):
             continue
-        out[".".join(_key_name(k) for k in path) or "value"] = float(np.mean(leaf))
+        out[".".join(key_name(k) for k in path) or "value"] = float(np.mean(leaf))
     return out
 
 
-def _key_name(key) -> str:
+def key_name(key) -> str:
+    """The readable name of one pytree path entry (dict key, attribute name or sequence index)."""
     for attr in ("name", "key", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))

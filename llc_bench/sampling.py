@@ -18,6 +18,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from llc_bench.posterior import Posterior
+from llc_bench.runner import key_name
 
 # Format of the stored tree; bump when variables change meaning so old stores are not reused.
 FORMAT_VERSION = 1
@@ -36,16 +37,9 @@ LossFn = Callable[[Callable, Any, jax.Array, jax.Array], jax.Array]
 # ---------------------------------------------------------------------------------------------
 
 
-def _key_str(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def param_paths(params) -> list[str]:
     """'/'-joined path of every leaf of `params` in flattening order, e.g. 'params/Dense_0/kernel'."""
-    return ["/".join(_key_str(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return ["/".join(key_name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def _flatten_mask_spec(spec: Mapping, prefix: str = "") -> dict[str, Any]:
