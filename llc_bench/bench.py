@@ -47,10 +47,10 @@ from llc_bench.config import (
     PRESET_DIR,
     Config,
     ConfigError,
-    _deep_merge,
-    _set_dotted,
+    deep_merge,
     from_dict,
     read_toml,
+    set_dotted,
 )
 from llc_bench.truth import dln_learning_coefficient, dln_num_parameters
 
@@ -220,7 +220,7 @@ def parse_recipe(raw: dict, path: str = "<recipe>", profile: str | None = None,
     if profile is not None:
         if profile not in profiles:
             raise ConfigError(f"{path}: unknown profile {profile!r}; defined: {', '.join(profiles) or 'none'}")
-        raw = _deep_merge(raw, profiles[profile])
+        raw = deep_merge(raw, profiles[profile])
     for key in raw:
         if key not in RECIPE_SECTIONS:
             raise ConfigError(f"{path}: unknown section {key!r}; allowed: {', '.join(RECIPE_SECTIONS)}")
@@ -291,8 +291,8 @@ def instance_config(recipe: Recipe, inst: Instance, sampler: str) -> Config:
         "model.target_params": "none", "model.activation": "identity", "model.bias": False,
         "train.use_teacher": True, "run.seed": inst.seed, "run.samplers": [sampler],
     }.items():
-        _set_dotted(raw, key, value)
-    raw["run"] = _deep_merge(raw.get("run", {}), recipe.run.get(sampler, {}))
+        set_dotted(raw, key, value)
+    raw["run"] = deep_merge(raw.get("run", {}), recipe.run.get(sampler, {}))
     if sampler in recipe.sampler:
         raw.setdefault("sampler", {})[sampler] = recipe.sampler[sampler]
     try:

@@ -61,6 +61,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--spec", metavar="FILE", help="benchmark recipe TOML (default configs/bench_dln.toml)")
     p.add_argument("--out", metavar="DIR", help="output directory (default results/benchmarks)")
     p.add_argument("--instances", type=int, help="instances per size class (overrides the recipe)")
+    p.add_argument("--profile", help="merge [profile.<name>] of the recipe over it (e.g. full, for a GPU)")
     p.add_argument("--no-progress", action="store_true")
     return p
 

@@ -257,7 +257,7 @@ def _check_bound(key: str, value: Any, kind: str) -> None:
             raise _fail(key, f"must be {_BOUND_TEXT[kind]} (got {value!r})")
 
 
-def _build_section(section: str, cls, raw: dict) -> Any:
+def build_section(section: str, cls, raw: dict) -> Any:
     hints = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -335,14 +335,14 @@ def _validate(cfg: Config) -> None:
             raise _fail(f"sampler.{name}.batch_size", f"must be <= data.n = {d.n} (got {batch})")
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -352,7 +352,7 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text}: expected key=value, e.g. data.n=5000")
     key, raw = text.split("=", 1)
@@ -403,7 +403,7 @@ def from_dict(raw: dict) -> Config:
         if not isinstance(raw[name], dict):
             raise _fail(name, "must be a table of settings")
     for section, cls in SECTIONS.items():
-        sections[section] = _build_section(section, cls, raw.get(section, {}))
+        sections[section] = build_section(section, cls, raw.get(section, {}))
     sampler_raw = raw.get("sampler", {})
     for name in sampler_raw:
         if name not in SAMPLER_NAMES:
@@ -418,7 +418,7 @@ def from_dict(raw: dict) -> Config:
             continue  # reported by _validate with the run.samplers key
         own = dict(sampler_raw.get(name, {}))
         steps = {k: own.pop(k) for k in SCHEDULE_KEYS if k in own}
-        samplers[name] = _build_section(f"sampler.{name}", get_spec(name).settings, own)
+        samplers[name] = build_section(f"sampler.{name}", get_spec(name).settings, own)
         for k, v in steps.items():
             steps[k] = _coerce(f"sampler.{name}.{k}", v, int)
             _check_bound(f"sampler.{name}.{k}", steps[k], BOUNDS[f"run.{k}"])
@@ -433,12 +433,12 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
     """Defaults <- preset TOML <- --config file <- --set key=value overrides; validated once."""
     raw: dict = {}
     if preset:
-        raw = _deep_merge(raw, read_toml(preset_path(preset)))
+        raw = deep_merge(raw, read_toml(preset_path(preset)))
     if config_file:
-        raw = _deep_merge(raw, read_toml(config_file))
+        raw = deep_merge(raw, read_toml(config_file))
     for text in overrides:
-        key, value = _parse_override(text)
-        _set_dotted(raw, key, value)
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
     return from_dict(raw)
 
 
@@ -470,5 +470,5 @@ def replace(cfg: Config, **dotted: Any) -> Config:
     """A copy with dotted-key changes (e.g. replace(cfg, **{"sampler.sgld.step_size": 1e-5})), revalidated."""
     raw = to_dict(cfg)
     for key, value in dotted.items():
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
     return from_dict(raw)

@@ -77,12 +77,12 @@ from llc_bench.config import (
     PRESET_DIR,
     Config,
     ConfigError,
-    _deep_merge,
-    _set_dotted,
     _suggest,
+    deep_merge,
     from_dict,
     preset_path,
     read_toml,
+    set_dotted,
     to_dict,
 )
 
@@ -219,7 +219,7 @@ def parse_spec(raw: dict, path: str = "<spec>") -> SweepSpec:
     extra = raw.get("base", {})
     if not isinstance(extra, dict):
         raise ConfigError(f"{path}: [base] must be a table")
-    base = _deep_merge(base, extra)
+    base = deep_merge(base, extra)
     axes_raw = raw.get("axes", {})
     if not isinstance(axes_raw, dict):
         raise ConfigError(f"{path}: [axes] must be a table")
@@ -288,10 +288,10 @@ def format_overrides(overrides: dict[str, Any]) -> str:
 def _build(spec: SweepSpec, overrides: dict[str, Any], seed: int) -> Config:
     raw = json.loads(json.dumps(spec.base))  # deep copy of plain TOML data
     for key, value in overrides.items():
-        _set_dotted(raw, key, value)
-    _set_dotted(raw, "run.seed", seed)
+        set_dotted(raw, key, value)
+    set_dotted(raw, "run.seed", seed)
     if spec.samplers is not None:
-        _set_dotted(raw, "run.samplers", list(spec.samplers))
+        set_dotted(raw, "run.samplers", list(spec.samplers))
     cfg = from_dict(raw)
     _check_sizes(cfg)
     return cfg

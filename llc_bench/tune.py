@@ -20,9 +20,9 @@ from llc_bench import artifacts
 from llc_bench.config import (
     Config,
     ConfigError,
-    _build_section,
-    _parse_override,
+    build_section,
     load_config,
+    parse_override,
     read_toml,
     replace,
     to_dict,
@@ -107,9 +107,9 @@ def load_grid(raw_tables: Sequence[dict] = (), overrides: Sequence[str] = ()) ->
             raise ConfigError("tune: must be a table of settings")
         raw.update(table)
     for text in overrides:
-        key, value = _parse_override(text)
+        key, value = parse_override(text)
         raw[key.removeprefix("tune.")] = value
-    return _build_section("tune", TuneGrid, raw)
+    return build_section("tune", TuneGrid, raw)
 
 
 # ---------------------------------------------------------------------------------------------
