@@ -47,6 +47,15 @@ def sampler_key(seed: int, name: str):
     return jax.random.fold_in(stream_key(seed, "sampling"), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
+def chain_devices(num_chains: int):
+    """All local devices when there are several and they divide the chains evenly, else None (one device).
+
+    Chains are independent, so sharding the chain axis changes no number (tested on forced CPU devices).
+    """
+    devices = jax.local_devices()
+    return devices if len(devices) > 1 and num_chains % len(devices) == 0 else None
+
+
 def _finite(x) -> float | None:
     x = float(x)
     return x if math.isfinite(x) else None
@@ -66,7 +75,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
                         num_chains=run.num_chains, num_burnin_steps=steps.num_burnin_steps,
                         num_draws=steps.num_draws, num_steps_bw_draws=steps.num_steps_bw_draws,
                         num_projections=run.num_projections, chunk_size=run.chunk_size,
-                        progress=progress)
+                        progress=progress, devices=chain_devices(run.num_chains))
     estimate = estimate_from_result(result, run.estimate_from)
     tree = to_datatree(result, estimate.running)
     conv = convergence(tree)

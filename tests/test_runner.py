@@ -301,6 +301,8 @@ b, state = run_chains_with_state("sgld", algo, post, jax.random.key(0), **run, d
 assert len(state.sharding.device_set) == 2, state.sharding
 for f in ("loss_trace", "draw_loss", "projections", "grad_evals", "diverged_at"):
     np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-6, err_msg=f)
+from llc_bench.experiment import chain_devices
+assert chain_devices(4) == jax.local_devices() and chain_devices(3) is None  # the pipeline shards by itself
 print("ok")
 """
 
