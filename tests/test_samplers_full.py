@@ -198,9 +198,10 @@ def test_warmup_work(run):
     elif isinstance(s, MCLMCSettings):
         assert np.all(w == mclmc_warmup_grad_evals(s))
     else:
-        # two dual-averaging passes: 0.1 + 0.1 then 0.1 of num_tuning_steps proposals,
-        # each of ⌈U·s⌉ ≥ 1 integration steps of 2 gradients
+        # the curvature probe's gradients, then two dual-averaging passes: 0.1 + 0.1 then 0.1 of
+        # num_tuning_steps proposals, each of ⌈U·s⌉ ≥ 1 integration steps of 2 gradients
         proposals = 3 * int(0.1 * s.num_tuning_steps)
+        w = w - (s.scale_probe_iters if s.scale_probe else 0)
         assert np.all((w >= 1 + 2 * proposals) & (w % 2 == 1)), w
         assert np.all(w < 1 + 2 * proposals * 20)
 
@@ -209,7 +210,11 @@ def test_mclmc_tuning_step_formula():
     # hand count for the defaults: 200 + 200 + round(200/3) = 67 re-tuning + 200 (L phase)
     default = MCLMCSettings()
     assert mclmc_tuning_steps(default) == 667
-    assert mclmc_warmup_grad_evals(default) == 1 + 2 * 667
+    # + two curvature probes of 20 gradients (raw, then preconditioned)
+    assert mclmc_warmup_grad_evals(default) == 1 + 2 * 20 + 2 * 667
+    unprobed = dataclasses.replace(default, scale_probe=False)
+    assert mclmc_warmup_grad_evals(unprobed) == 1 + 2 * 667
+    assert mclmc_warmup_grad_evals(dataclasses.replace(default, diagonal_preconditioning=False)) == 1 + 20 + 2 * 600
     assert mclmc_tuning_steps(dataclasses.replace(default, diagonal_preconditioning=False)) == 600
     assert mclmc_tuning_steps(dataclasses.replace(default, frac_tune3=0.0)) == 467
 

@@ -8,12 +8,22 @@ from typing import NamedTuple
 import blackjax
 import jax
 import jax.numpy as jnp
+from blackjax.adaptation.mclmc_adaptation import MCLMCAdaptationState
 from blackjax.mcmc.adjusted_mclmc_dynamic import make_random_trajectory_length_fn
 
 from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import Algorithm, SamplerSpec, StepInfo
 from llc_bench.samplers.hmc import loss_from_logdensity
-from llc_bench.samplers.mclmc import GRADS_PER_INTEGRATOR_STEP, INTEGRATOR
+from llc_bench.samplers.mclmc import (
+    GRADS_PER_INTEGRATOR_STEP,
+    INTEGRATOR,
+    centered_logdensity,
+    curvature_probe,
+    initial_params,
+    safe_variances,
+)
+
+START_FACTOR = 1.0
 
 
 @dataclass(frozen=True)
@@ -22,15 +32,21 @@ class AdjustedMCLMCSettings:
 
     num_tuning_steps is the tuner's `num_steps`; with its default fractions (0.1, 0.1, 0) it runs
     0.3·num_tuning_steps proposals (two dual-averaging passes).
+
+    scale_probe: start the tuner at ε₀ = ¼√d/√λ_max, λ_max the largest curvature of −log π at the
+    start (scale_probe_iters gradients; see mclmc.initial_params), instead of BlackJAX's
+    unit-scale ε₀ = 0.2√d.
     """
 
     num_tuning_steps: int = 2000
     target_accept: float = 0.9  # dual-averaging target for the Metropolis acceptance
     diagonal_preconditioning: bool = True
+    scale_probe: bool = True
+    scale_probe_iters: int = 10
 
     def __post_init__(self):
-        if self.num_tuning_steps < 1:
-            raise ValueError("num_tuning_steps must be >= 1")
+        if self.num_tuning_steps < 1 or self.scale_probe_iters < 1:
+            raise ValueError("num_tuning_steps and scale_probe_iters must be >= 1")
         if not 0.0 < self.target_accept < 1.0:
             raise ValueError("target_accept must lie in (0, 1)")
 
@@ -52,51 +68,69 @@ def build(posterior: Posterior, settings: AdjustedMCLMCSettings) -> Algorithm:
     Random N breaks the periodicity a fixed trajectory length would have. Tuning per chain
     (adjusted_mclmc_find_L_and_step_size, frac_tune 0.1/0.1/0): dual averaging of ε to
     `target_accept` with L/ε pinned at 2 (BlackJAX's default), posterior variances → M⁻¹, then a
-    second dual-averaging pass. Metropolis-exact stationary law. Work: 2 gradients per
-    integration step; warm-up 1 + 2·(integration steps of every tuning proposal, as the tuner
-    sums them). energy_change is NaN: BlackJAX's info keeps only the potential part of ΔE.
+    second dual-averaging pass. As in mclmc: the chain runs in δ = w − w* (float32 variance
+    estimates), the tuner starts from the posterior's curvature scale (settings.scale_probe) and
+    M⁻¹ is floored positive. Metropolis-exact stationary law. Work: 2 gradients per integration
+    step; warm-up 1 + scale-probe gradients + 2·(integration steps of every tuning proposal, as
+    the tuner sums them). energy_change is NaN: BlackJAX's info keeps only the potential part of ΔE.
     """
     kernel = blackjax.adjusted_mclmc_dynamic.build_kernel(
         integration_steps_fn=make_random_trajectory_length_fn(random_trajectory_length=True),
         integrator=INTEGRATOR,
     )
+    logdensity = centered_logdensity(posterior)
+    w_star = jnp.asarray(posterior.w_star)
+    dim, gamma = posterior.dim, posterior.gamma
+    probe_grads = settings.scale_probe_iters if settings.scale_probe else 0
 
     def warmup(rng_key, position):
-        init_key, tune_key = jax.random.split(rng_key)
+        init_key, tune_key, probe_key = jax.random.split(rng_key, 3)
         # random_generator_arg: the key that draws each transition's number of integration steps
-        state = blackjax.adjusted_mclmc_dynamic.init(position, posterior.logdensity, init_key)
+        state = blackjax.adjusted_mclmc_dynamic.init(position - w_star, logdensity, init_key)
+        floor_curv = max(gamma, 1e-8)
+        if settings.scale_probe:
+            lam = curvature_probe(logdensity, state.position, state.logdensity_grad, probe_key,
+                                  settings.scale_probe_iters, floor_curv)
+            L0, eps0 = initial_params(dim, gamma, lam, step_factor=START_FACTOR)
+            params0 = MCLMCAdaptationState(L0, eps0, jnp.ones((dim,), state.position.dtype))
+        else:
+            lam = jnp.asarray(floor_curv, state.position.dtype)
+            params0 = None
         state, tuned, num_integrator_steps = blackjax.adjusted_mclmc_find_L_and_step_size(
             mclmc_kernel=kernel,
-            logdensity_fn=posterior.logdensity,
+            logdensity_fn=logdensity,
             num_steps=settings.num_tuning_steps,
             state=state,
             rng_key=tune_key,
             target=settings.target_accept,
             diagonal_preconditioning=settings.diagonal_preconditioning,
+            params=params0,
         )
-        params = AdjustedMCLMCParams(
-            jnp.asarray(tuned.step_size), jnp.asarray(tuned.L),
-            jnp.broadcast_to(jnp.asarray(tuned.inverse_mass_matrix), (posterior.dim,)),
-        )
+        imm = jnp.broadcast_to(jnp.asarray(tuned.inverse_mass_matrix), (dim,))
+        if settings.diagonal_preconditioning:
+            imm = safe_variances(imm, 1e-4 / lam)
+        params = AdjustedMCLMCParams(jnp.asarray(tuned.step_size), jnp.asarray(tuned.L), imm)
         # the tuner sums info.num_integration_steps over every proposal it made: exact
-        grad_evals = 1 + GRADS_PER_INTEGRATOR_STEP * jnp.asarray(num_integrator_steps)
+        grad_evals = 1 + probe_grads + GRADS_PER_INTEGRATOR_STEP * jnp.asarray(num_integrator_steps)
         return state, params, grad_evals.astype(jnp.float32)
 
     def step(rng_key, state, params: AdjustedMCLMCParams, batch):
         del batch  # full batch
-        new_state, info = kernel(rng_key, state, posterior.logdensity, params.step_size,
+        new_state, info = kernel(rng_key, state, logdensity, params.step_size,
                                  inverse_mass_matrix=params.inverse_mass_matrix,
                                  integration_steps_params=(params.L / params.step_size,))
         nan = jnp.full((), jnp.nan, new_state.logdensity.dtype)
+        position = new_state.position + w_star
         return new_state, StepInfo(
-            loss=loss_from_logdensity(posterior, new_state.position, new_state.logdensity),
+            loss=loss_from_logdensity(posterior, position, new_state.logdensity),
             accept=info.acceptance_rate,
             energy_change=nan,
             diverging=info.is_divergent,
             grad_evals=(GRADS_PER_INTEGRATOR_STEP * info.num_integration_steps).astype(jnp.float32),
         )
 
-    return Algorithm(warmup=warmup, step=step, position=lambda state: state.position, batch_size=None)
+    return Algorithm(warmup=warmup, step=step, position=lambda state: state.position + w_star,
+                     batch_size=None)
 
 
 SPEC = SamplerSpec(
