@@ -20,7 +20,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", help=f"named preset from configs/ ({', '.join(preset_names())})")
+    parser.add_argument("--preset", default="default",
+                        help=f"named preset from configs/ ({', '.join(preset_names())}; default: default)")
     parser.add_argument("--config", metavar="FILE", help="TOML config file (sections data, teacher, model, "
                         "train, posterior, run, sampler.<name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -455,8 +455,8 @@ def to_dict(cfg: Config) -> dict:
     d = {section: clean(getattr(cfg, section)) for section in SECTIONS}
     d["sampler"] = {name: clean(s) for name, s in cfg.sampler.items()}
     for name, sched in cfg.schedule.items():
-        own = {k: getattr(sched, k) for k in SCHEDULE_KEYS if getattr(sched, k) != getattr(cfg.run, k)}
-        d["sampler"].setdefault(name, {}).update(own)
+        # always explicit: a resolved config must not inherit schedules from whatever it is layered on
+        d["sampler"].setdefault(name, {}).update({k: getattr(sched, k) for k in SCHEDULE_KEYS})
     return d
 
 

@@ -47,6 +47,11 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
                       _accept_or_energy(name, s), _num(s["grad_evals"], ".3g"), _num(s["wall_s"], ".2f"),
                       _num(s["compile_s"], ".2f"), _num(s["wnv_time"]), _num(s["wnv_grad"]),
                       f"[{style}]{s['status']}[/{style}]")
+    train = summary.get("train")
+    if train:
+        state = "converged" if train["converged"] else "NOT converged (w* is not a minimum: λ̂ is biased)"
+        console.print(f"ERM: {state} after {train['steps']} steps, L_n(w*) = {train['final_loss']:.4g}, "
+                      f"‖∇L_n(w*)‖ = {train['grad_norm']:.3g}")
     console.print(table)
     for name, s in summary["samplers"].items():
         if s["chains_excluded"]:

@@ -121,4 +121,6 @@ def test_per_sampler_schedule_overrides_run_steps(tmp_path):
     f = tmp_path / "r.toml"
     f.write_text(to_toml(cfg))
     assert load_config(None, f).schedule == cfg.schedule
+    # re-fed through the CLI's layering (default preset underneath), the resolved file wins entirely
+    assert to_dict(load_config("default", f)) == to_dict(cfg)
     assert cli.main(["--set", "sampler.hmc.num_draws=0"]) == 2
