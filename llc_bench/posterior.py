@@ -72,6 +72,13 @@ class Posterior:
         """Full-data log-density −nβ L_n(w) − γ/2 ‖w − w*‖² (up to a constant)."""
         return -self.n_beta * self.full_loss(w) - self.localization(w)
 
+    def loss_from_logdensity(self, w: jax.Array, logdensity: jax.Array) -> jax.Array:
+        """L_n(w) recovered from a cached logdensity(w), with no extra pass over the data.
+
+        logdensity = −nβ L_n − γ/2 ‖w − w*‖², so L_n = −(logdensity + γ/2 ‖w − w*‖²) / nβ.
+        """
+        return -(logdensity + self.localization(w)) / self.n_beta
+
     def minibatch_loss_and_grads(self, w: jax.Array, x: jax.Array, y: jax.Array):
         """(L_m(w), ∇L_m(w), γ (w − w*)): the pieces every SG-MCMC update combines.
 

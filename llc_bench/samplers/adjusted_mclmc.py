@@ -13,7 +13,6 @@ from blackjax.mcmc.adjusted_mclmc_dynamic import make_random_trajectory_length_f
 
 from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import Algorithm, SamplerSpec, StepInfo
-from llc_bench.samplers.hmc import loss_from_logdensity
 from llc_bench.samplers.mclmc import (
     GRADS_PER_INTEGRATOR_STEP,
     INTEGRATOR,
@@ -122,7 +121,7 @@ def build(posterior: Posterior, settings: AdjustedMCLMCSettings) -> Algorithm:
         nan = jnp.full((), jnp.nan, new_state.logdensity.dtype)
         position = new_state.position + w_star
         return new_state, StepInfo(
-            loss=loss_from_logdensity(posterior, position, new_state.logdensity),
+            loss=posterior.loss_from_logdensity(position, new_state.logdensity),
             accept=info.acceptance_rate,
             energy_change=nan,
             diverging=info.is_divergent,

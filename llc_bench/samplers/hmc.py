@@ -47,14 +47,6 @@ class HMCParams(NamedTuple):
     inverse_mass_matrix: jax.Array  # (d,) diagonal
 
 
-def loss_from_logdensity(posterior: Posterior, position: jax.Array, logdensity: jax.Array) -> jax.Array:
-    """Full-data L_n(w) recovered from a cached log-density, with no extra data pass.
-
-    logdensity = −nβ L_n − γ/2 ‖w − w*‖², so L_n = −(logdensity + γ/2 ‖w − w*‖²) / nβ.
-    """
-    return -(logdensity + posterior.localization(position)) / posterior.n_beta
-
-
 def hmc_energy_change(info, previous_logdensity: jax.Array, inverse_mass_matrix: jax.Array) -> jax.Array:
     """H(proposal) − H(start) of one HMC/NUTS transition (Metropolis uses exp of minus this).
 
@@ -113,7 +105,7 @@ def build(posterior: Posterior, settings: HMCSettings) -> Algorithm:
         new_state, info = kernel(rng_key, state, posterior.logdensity, step_size,
                                  params.inverse_mass_matrix, n_leapfrog)
         return new_state, StepInfo(
-            loss=loss_from_logdensity(posterior, new_state.position, new_state.logdensity),
+            loss=posterior.loss_from_logdensity(new_state.position, new_state.logdensity),
             accept=info.acceptance_rate,
             energy_change=hmc_energy_change(info, state.logdensity, params.inverse_mass_matrix),
             diverging=info.is_divergent,

@@ -14,7 +14,6 @@ from blackjax.mcmc import integrators
 
 from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import Algorithm, SamplerSpec, StepInfo
-from llc_bench.samplers.hmc import loss_from_logdensity
 
 # The isokinetic McLachlan integrator (BlackJAX's MCLMC default) alternates momentum and
 # position updates with coefficients (b1, a1, b2, a1, b1); each position update costs one
@@ -310,7 +309,7 @@ def build(posterior: Posterior, settings: MCLMCSettings) -> Algorithm:
                                  params.L, params.step_size)
         position = new_state.position + w_star
         return new_state, StepInfo(
-            loss=loss_from_logdensity(posterior, position, new_state.logdensity),
+            loss=posterior.loss_from_logdensity(position, new_state.logdensity),
             accept=jnp.full((), jnp.nan, new_state.logdensity.dtype),
             energy_change=info.energy_change,
             diverging=jnp.logical_not(info.nonans),

@@ -13,7 +13,6 @@ from llc_bench.samplers.hmc import (
     GRADS_PER_LEAPFROG,
     HMCParams,
     hmc_energy_change,
-    loss_from_logdensity,
     window_warmup,
 )
 
@@ -51,7 +50,7 @@ def build(posterior: Posterior, settings: NUTSSettings) -> Algorithm:
         new_state, info = kernel(rng_key, state, posterior.logdensity, params.step_size,
                                  params.inverse_mass_matrix, max_num_doublings=doublings)
         return new_state, StepInfo(
-            loss=loss_from_logdensity(posterior, new_state.position, new_state.logdensity),
+            loss=posterior.loss_from_logdensity(new_state.position, new_state.logdensity),
             accept=info.acceptance_rate,
             energy_change=hmc_energy_change(info, state.logdensity, params.inverse_mass_matrix),
             diverging=info.is_divergent,
