@@ -49,8 +49,9 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
                       f"[{style}]{s['status']}[/{style}]")
     train = summary.get("train")
     if train:
-        state = "converged" if train["converged"] else "NOT converged (w* is not a minimum: λ̂ is biased)"
-        console.print(f"ERM: {state} after {train['steps']} steps, L_n(w*) = {train['final_loss']:.4g}, "
+        state = ("converged" if train["converged"]
+                 else "NOT converged: ‖∇L_n(w*)‖ is above train.grad_tol, so λ̂ may be biased;")
+        console.print(f"ERM {state} after {train['steps']} steps, L_n(w*) = {train['final_loss']:.4g}, "
                       f"‖∇L_n(w*)‖ = {train['grad_norm']:.3g}")
     console.print(table)
     for name, s in summary["samplers"].items():
