@@ -50,9 +50,9 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
     train = summary.get("train")
     if train:
         state = ("converged" if train["converged"]
-                 else "NOT converged: ‖∇L_n(w*)‖ is above train.grad_tol, so λ̂ may be biased;")
-        console.print(f"ERM {state} after {train['steps']} steps, L_n(w*) = {train['final_loss']:.4g}, "
-                      f"‖∇L_n(w*)‖ = {train['grad_norm']:.3g}")
+                 else "NOT converged (‖∇L_n(w*)‖ above train.grad_tol: λ̂ may be biased)")
+        console.print(f"ERM: {state}; {train['steps']} steps, L_n(w*) = {train['final_loss']:.4g}, "
+                      f"‖∇L_n(w*)‖ = {train['grad_norm']:.3g}", highlight=False)
     console.print(table)
     for name, s in summary["samplers"].items():
         if s["chains_excluded"]:
