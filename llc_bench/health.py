@@ -152,8 +152,12 @@ def _trend_flags(name: str, x: np.ndarray, loss_at_wstar: float, th: HealthThres
     late_half = x[:, n - 2 * quarter :]
     rise = float(np.mean(late_half) - loss_at_wstar)
     q3, q4 = x[:, n - 2 * quarter : n - quarter], x[:, n - quarter :]
+    def significant(diff: float, se: float) -> bool:
+        # a move counts only if it beats the noise AND is a real fraction of the total rise
+        return diff > th.trend_z * se and diff > th.trend_min_fraction * abs(rise)
+
     diff, se = window_rise(q3, q4)
-    if diff > th.trend_z * se and diff > th.trend_min_fraction * abs(rise):
+    if significant(diff, se):
         return [_flag(
             "not_leveling",
             f"{name}: the last quarter's mean is {diff:.3g} above the quarter before "
@@ -162,7 +166,7 @@ def _trend_flags(name: str, x: np.ndarray, loss_at_wstar: float, th: HealthThres
         )]
     early = x[:, : max(th.min_window, int(th.early_fraction * n))]
     diff, se = window_rise(early, late_half)
-    if diff > th.trend_z * se and diff > th.trend_min_fraction * abs(rise):
+    if significant(diff, se):
         return [_flag(
             "burnin_too_short",
             f"{name}: the first {early.shape[1]} points after burn-in average {diff:.3g} below the "
