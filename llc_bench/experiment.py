@@ -122,8 +122,9 @@ def _summarize(name, result: ChainResult, est: LLCEstimate, conv: dict, flags, t
                         "mean_sq_per_dim": _finite(np.nanmean(energy**2) / posterior.dim)}
     ci = (None, None)
     if est.status != "failed":
-        usable = np.where(ok)[0]
-        ci = block_bootstrap_ci(result.draw_loss[usable], result.loss_at_wstar, result.n_beta)
+        # the estimator's own chain exclusion, so the interval uses exactly the chains λ̂ used
+        ci = block_bootstrap_ci(result.draw_loss, result.loss_at_wstar, result.n_beta,
+                                diverged_at=result.diverged_at)
     rel = None
     if truth is not None and est.status != "failed":
         rel = (est.mean - truth) / truth if truth != 0 else None
