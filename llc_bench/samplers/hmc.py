@@ -47,6 +47,17 @@ class HMCParams(NamedTuple):
     inverse_mass_matrix: jax.Array  # (d,) diagonal
 
 
+def hmc_step_info(posterior: Posterior, state, new_state, info, params: HMCParams, num_leapfrog) -> StepInfo:
+    """StepInfo of one HMC/NUTS transition from `state` to `new_state` with `num_leapfrog` steps."""
+    return StepInfo(
+        loss=posterior.loss_from_logdensity(new_state.position, new_state.logdensity),
+        accept=info.acceptance_rate,
+        energy_change=hmc_energy_change(info, state.logdensity, params.inverse_mass_matrix),
+        diverging=info.is_divergent,
+        grad_evals=jnp.asarray(GRADS_PER_LEAPFROG * num_leapfrog, jnp.float32),
+    )
+
+
 def hmc_energy_change(info, previous_logdensity: jax.Array, inverse_mass_matrix: jax.Array) -> jax.Array:
     """H(proposal) − H(start) of one HMC/NUTS transition (Metropolis uses exp of minus this).
 
@@ -104,13 +115,7 @@ def build(posterior: Posterior, settings: HMCSettings) -> Algorithm:
             step_size = step_size * (1 + settings.frac_jitter * jax.random.uniform(jitter_key, minval=-1, maxval=1))
         new_state, info = kernel(rng_key, state, posterior.logdensity, step_size,
                                  params.inverse_mass_matrix, n_leapfrog)
-        return new_state, StepInfo(
-            loss=posterior.loss_from_logdensity(new_state.position, new_state.logdensity),
-            accept=info.acceptance_rate,
-            energy_change=hmc_energy_change(info, state.logdensity, params.inverse_mass_matrix),
-            diverging=info.is_divergent,
-            grad_evals=jnp.float32(GRADS_PER_LEAPFROG * n_leapfrog),
-        )
+        return new_state, hmc_step_info(posterior, state, new_state, info, params, n_leapfrog)
 
     warmup = window_warmup(posterior, blackjax.hmc, settings.num_warmup, settings.target_accept,
                            num_integration_steps=n_leapfrog)

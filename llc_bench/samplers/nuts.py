@@ -5,14 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import blackjax
-import jax.numpy as jnp
 
 from llc_bench.posterior import Posterior
-from llc_bench.samplers.base import Algorithm, SamplerSpec, StepInfo
+from llc_bench.samplers.base import Algorithm, SamplerSpec
 from llc_bench.samplers.hmc import (
-    GRADS_PER_LEAPFROG,
     HMCParams,
-    hmc_energy_change,
+    hmc_step_info,
     window_warmup,
 )
 
@@ -49,13 +47,7 @@ def build(posterior: Posterior, settings: NUTSSettings) -> Algorithm:
         del batch  # full batch
         new_state, info = kernel(rng_key, state, posterior.logdensity, params.step_size,
                                  params.inverse_mass_matrix, max_num_doublings=doublings)
-        return new_state, StepInfo(
-            loss=posterior.loss_from_logdensity(new_state.position, new_state.logdensity),
-            accept=info.acceptance_rate,
-            energy_change=hmc_energy_change(info, state.logdensity, params.inverse_mass_matrix),
-            diverging=info.is_divergent,
-            grad_evals=(GRADS_PER_LEAPFROG * info.num_integration_steps).astype(jnp.float32),
-        )
+        return new_state, hmc_step_info(posterior, state, new_state, info, params, info.num_integration_steps)
 
     warmup = window_warmup(posterior, blackjax.nuts, settings.num_warmup, settings.target_accept,
                            max_num_doublings=doublings)
