@@ -14,7 +14,7 @@ DISTRIBUTIONS = ("gaussian", "anisotropic", "mixture", "manifold", "student_t", 
 NOISES = ("none", "gaussian", "heteroscedastic", "student_t", "outliers")
 ACTIVATIONS = ("relu", "tanh", "gelu", "identity")
 TEACHER_KINDS = ("mlp", "dln")
-DLN_GENERATORS = ("rand_rank", "deepest")
+DLN_GENERATORS = ("chained", "rand_rank", "deepest")
 OPTIMIZERS = ("adam", "sgd")
 ESTIMATE_FROM = ("full", "minibatch")
 
@@ -63,7 +63,8 @@ class TeacherConfig:
     activation: str = "relu"
     bias: bool = True
     rank: int | None = None  # dln only: rank of the end-to-end matrix (None = full rank)
-    generator: str = "rand_rank"  # dln only
+    generator: str = "rand_rank"  # dln only: chained, rand_rank or deepest (llc_bench.models.dln_teacher_layers)
+    sv_band: tuple[float, ...] = (1.0, 2.0)  # dln chained only: [low, high] of the end-to-end singular values
     weight_scale: float = 1.0  # teacher weights ~ N(0, weight_scale^2 / fan_in)
 
 
@@ -310,6 +311,8 @@ def _validate(cfg: Config) -> None:
             raise _fail(key, f"widths must be positive integers (got {list(widths)})")
     if m.widths is None and m.target_params is None:
         raise _fail("model.widths", "give model.widths or model.target_params")
+    if len(t.sv_band) != 2 or not 0 < t.sv_band[0] <= t.sv_band[1]:
+        raise _fail("teacher.sv_band", f"must be [low, high] with 0 < low <= high (got {list(t.sv_band)})")
     if t.rank is not None:
         smallest = min((d.in_dim, *t.widths, d.out_dim))
         if t.rank > smallest:

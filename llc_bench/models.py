@@ -149,41 +149,91 @@ def _truncate_rank(matrix: np.ndarray, rank: int) -> np.ndarray:
     return (u * s) @ vt
 
 
+DLN_GENERATORS = ("chained", "rand_rank", "deepest")
+# Spread of the per-layer share of each end-to-end singular value in the chained generator: layer l
+# carries σ_i^(1/L)·exp(z_li) with z_li ~ N(0, 0.3²) centred over l, so the layers are not exactly
+# balanced while their product keeps exactly the drawn σ_i.
+CHAINED_LAYER_SPREAD = 0.3
+
+
 def dln_teacher(key: jax.Array, widths_full: tuple[int, ...], rank: int | None = None,
-                generator: str = "rand_rank", scale: float = 1.0) -> tuple[Params, int]:
+                generator: str = "rand_rank", scale: float = 1.0,
+                sv_band: tuple[float, float] = (1.0, 2.0)) -> tuple[Params, int]:
     """A deep linear teacher (identity, no bias) and the measured rank of its end-to-end matrix.
 
-    Every layer starts as a Gaussian N(0, scale²/fan_in) matrix; ranks are cut by zeroing the
-    smallest singular values. Generic matrices of ranks k_l multiply to rank min_l k_l, which is
-    what makes a requested rank exact.
+    The layers are built in float64 by `dln_teacher_layers` (see there for the generators) and
+    stored in float32. Returns (params, rank): rank = numpy.linalg.matrix_rank of the float64
+    product; raises ValueError if it differs from the requested rank.
+    """
+    layers, measured = dln_teacher_layers(key, widths_full, rank, generator, scale, sv_band)
+    params = {layer_name(i): {"kernel": jnp.asarray(w, dtype=jnp.float32)} for i, w in enumerate(layers)}
+    return params, measured
 
-    - "rand_rank" (as in Lau et al., AISTATS 2025, App. E): each layer independently, with
-      probability ½, is cut to a rank drawn uniformly from {1, …, full}. With `rank=None` the
-      end-to-end rank is whatever results. With `rank=r`, one layer chosen uniformly is cut to r and
-      the others, with probability ½, to a rank uniform in {r, …, full}, so the product has rank r.
-    - "deepest": every layer cut to rank exactly r (r = min(widths_full) when rank is None), the
-      teacher deepest in the singular set for its rank.
 
-    Returns (params, rank): rank = numpy.linalg.matrix_rank of the product of the float64 layers
-    (before the cast to float32); raises ValueError if it differs from the requested rank.
+def dln_teacher_layers(key: jax.Array, widths_full: tuple[int, ...], rank: int | None = None,
+                       generator: str = "rand_rank", scale: float = 1.0,
+                       sv_band: tuple[float, float] = (1.0, 2.0)) -> tuple[list[np.ndarray], int]:
+    """The float64 layer matrices W_1, …, W_L (W_l of shape (H_{l-1}, H_l)) of a DLN teacher, and
+    the rank of their product. A pure function of the key.
 
-    Caveat: Gaussian layers cut to rank r multiply through random r-dimensional alignments, so
-    deep or wide teachers can have end-to-end singular values many orders below the largest
-    (e.g. ~1e-4 for widths (100, 500, 500, 500, 500, 100), "deepest", r = 100). At finite n such
-    directions are statistically invisible and the effective rank is lower than r.
+    - "chained": every layer of rank exactly r with the rank-r subspaces lined up:
+      W_l = U_{l-1} diag(s_l) U_lᵀ with U_l (H_l × r) random orthonormal, so the end-to-end map
+      is M = U_0 diag(σ) U_Lᵀ with σ_i = Π_l s_li drawn uniformly from `sv_band` (every direction
+      of M is as large as a layer's own). Every layer has the minimal rank r, the stratum of the
+      true set where Aoyagi's (global) λ is the local one. `scale` is not used: the band sets it.
+    - "rand_rank" (as in Lau et al., AISTATS 2025, App. E): layers start as Gaussian
+      N(0, scale²/fan_in) matrices; each, independently with probability ½, is cut (smallest
+      singular values zeroed) to a rank uniform in {1, …, full}. With `rank=None` the end-to-end
+      rank is whatever results. With `rank=r`, one layer chosen uniformly is cut to r and the
+      others, with probability ½, to a rank uniform in {r, …, full}, so the product has rank r.
+    - "deepest": the Gaussian layers, every one cut to rank exactly r (r = min(widths_full) when
+      rank is None).
+
+    Caveat (rand_rank and deepest): Gaussian layers cut to rank r multiply through random
+    r-dimensional alignments, so the end-to-end singular values can be many orders below each
+    layer's own (1e-3…1e-6 on 10K-parameter teachers). At finite n such directions are
+    statistically invisible; `llc_bench.wellposed` measures this.
     """
     widths_full = tuple(int(h) for h in widths_full)
     num_layers = len(widths_full) - 1
-    if generator not in ("rand_rank", "deepest"):
-        raise ValueError(f"unknown DLN generator {generator!r}; known: rand_rank, deepest")
+    if generator not in DLN_GENERATORS:
+        raise ValueError(f"unknown DLN generator {generator!r}; known: {', '.join(DLN_GENERATORS)}")
     if rank is not None and not 0 <= rank <= min(widths_full):
         raise ValueError(f"rank {rank} must lie in [0, min(widths) = {min(widths_full)}]")
     k_init, k_ranks = jax.random.split(key)
-    params = init_params(k_init, widths_full, "identity", False, scale)
-    full = [min(a, b) for a, b in zip(widths_full[:-1], widths_full[1:], strict=True)]
-    # The rank choices are host-side numpy draws seeded by the key's bits: still a pure function
-    # of the key, without compiling a JAX sampler for a handful of integers.
+    # The discrete choices (and the chained factors) are host-side numpy draws seeded by the key's
+    # bits: still a pure function of the key, without compiling a JAX sampler for a few numbers.
     rng = np.random.default_rng(np.asarray(jax.random.key_data(k_ranks)).tolist())
+    if generator == "chained":
+        layers = _chained_layers(rng, widths_full, min(widths_full) if rank is None else rank, sv_band)
+    else:
+        layers = _cut_gaussian_layers(k_init, rng, widths_full, rank, generator, scale)
+    # Measured on the float64 construction, where cut singular values are zero to ~1e-16.
+    measured = _product_rank(layers)
+    if rank is not None and measured != rank:
+        raise ValueError(f"DLN teacher has end-to-end rank {measured}, requested {rank}")
+    return layers, measured
+
+
+def _chained_layers(rng: np.random.Generator, widths_full: tuple[int, ...], r: int,
+                    sv_band: tuple[float, float]) -> list[np.ndarray]:
+    lo, hi = float(sv_band[0]), float(sv_band[1])
+    if not 0 < lo <= hi:
+        raise ValueError(f"sv_band must satisfy 0 < low <= high, got {list(sv_band)}")
+    num_layers = len(widths_full) - 1
+    bases = [np.linalg.qr(rng.standard_normal((h, r)))[0] if r else np.zeros((h, 0)) for h in widths_full]
+    sigma = np.sort(rng.uniform(lo, hi, r))[::-1]
+    z = CHAINED_LAYER_SPREAD * rng.standard_normal((num_layers, r))
+    z -= z.mean(axis=0)
+    shares = np.exp(np.log(sigma)[None, :] / num_layers + z)  # (L, r): column products = σ
+    return [(bases[l] * shares[l]) @ bases[l + 1].T for l in range(num_layers)]
+
+
+def _cut_gaussian_layers(key: jax.Array, rng: np.random.Generator, widths_full: tuple[int, ...],
+                         rank: int | None, generator: str, scale: float) -> list[np.ndarray]:
+    num_layers = len(widths_full) - 1
+    params = init_params(key, widths_full, "identity", False, scale)
+    full = [min(a, b) for a, b in zip(widths_full[:-1], widths_full[1:], strict=True)]
     coin = rng.random(num_layers) < 0.5
     uniform = rng.random(num_layers)
     forced = int(rng.integers(num_layers))
@@ -199,17 +249,8 @@ def dln_teacher(key: jax.Array, widths_full: tuple[int, ...], rank: int | None =
     else:
         layer_ranks = [uniform_int(u, rank, f) if c else f for c, u, f in zip(coin, uniform, full, strict=True)]
         layer_ranks[forced] = rank
-
-    cut = [_truncate_rank(np.asarray(params[name]["kernel"], np.float64), k)
-           for name, k in zip(sorted(params), layer_ranks, strict=True)]
-    # Measured on the float64 construction, where cut singular values are zero to ~1e-16: deep or
-    # wide products can have kept singular values near float32 rounding (see the caveat above).
-    measured = _product_rank(cut)
-    new = {name: {"kernel": jnp.asarray(w, dtype=params[name]["kernel"].dtype)}
-           for name, w in zip(sorted(params), cut, strict=True)}
-    if rank is not None and measured != rank:
-        raise ValueError(f"DLN teacher has end-to-end rank {measured}, requested {rank}")
-    return new, measured
+    return [_truncate_rank(np.asarray(params[name]["kernel"], np.float64), k)
+            for name, k in zip(sorted(params), layer_ranks, strict=True)]
 
 
 def _product_rank(mats: list[np.ndarray], rtol: float | None = None) -> int:

@@ -14,6 +14,7 @@ from llc_bench.models import (
     Params,
     dln_rank,
     dln_teacher,
+    dln_teacher_layers,
     flatten,
     full_widths,
     hidden_widths_for_target,
@@ -76,7 +77,7 @@ def build_teacher(cfg: Config) -> tuple[Params, tuple[int, ...], str, bool, int 
     key = stream_key(cfg.run.seed, "teacher")
     widths = full_widths(data.in_dim, t.widths, data.out_dim)
     if t.kind == "dln":
-        params, rank = dln_teacher(key, widths, t.rank, t.generator, t.weight_scale)
+        params, rank = dln_teacher(key, widths, t.rank, t.generator, t.weight_scale, t.sv_band)
         return params, widths, "identity", False, rank, t.generator
     if t.kind == "mlp":
         params = init_params(key, widths, t.activation, t.bias, t.weight_scale,
@@ -84,6 +85,16 @@ def build_teacher(cfg: Config) -> tuple[Params, tuple[int, ...], str, bool, int 
         linear = t.activation == "identity" and not t.bias
         return params, widths, t.activation, t.bias, (dln_rank(params) if linear else None), None
     raise ValueError(f"unknown teacher kind {t.kind!r}; known: mlp, dln")
+
+
+def dln_teacher_layers64(cfg: Config) -> list:
+    """The float64 layers of cfg's DLN teacher (the same draw `build_teacher` stores in float32)."""
+    t, data = cfg.teacher, cfg.data
+    if t.kind != "dln":
+        raise ValueError(f"teacher.kind must be 'dln' (got {t.kind!r})")
+    widths = full_widths(data.in_dim, t.widths, data.out_dim)
+    return dln_teacher_layers(stream_key(cfg.run.seed, "teacher"), widths, t.rank, t.generator,
+                              t.weight_scale, t.sv_band)[0]
 
 
 def build_target(cfg: Config, progress: bool = False) -> Target:

@@ -32,13 +32,13 @@ def test_every_instance_carries_its_truth_and_lies_in_its_class():
     generators = set()
     for inst in suite:
         c = bench.SIZE_CLASSES[inst.size_class]
-        assert inst.truth == dln_learning_coefficient(inst.widths, inst.rank)
+        assert inst.aoyagi == dln_learning_coefficient(inst.widths, inst.rank)
         assert inst.d == count_params(inst.widths, bias=False)
         assert c.min_params <= inst.d < c.max_params
         assert c.min_layers <= len(inst.widths) - 1 <= c.max_layers
         assert all(c.min_width <= w <= c.max_width for w in inst.widths)
         assert 1 <= inst.rank <= min(inst.widths)
-        assert 0 < inst.truth < inst.d / 2  # rank-deficient DLNs are singular
+        assert 0 < inst.aoyagi < inst.d / 2  # rank-deficient DLNs are singular
         generators.add(inst.generator)
     assert generators == {"rand_rank", "deepest"}
 
@@ -68,8 +68,8 @@ def test_sufficient_statistic_data_reproduce_the_full_loss():
 def tiny_recipe():
     """Two 3-layer instances of ~30 parameters, n = 300, both SG samplers, a few dozen steps."""
     raw = bench.read_toml(bench.DEFAULT_SPEC)
-    raw["bench"].update({"classes": ["1K"], "instances": 2, "samplers": ["sgld", "rmsprop_sgld"],
-                         "name": "tiny"})
+    raw["bench"].update({"classes": ["1K"], "generators": {"chained": 1, "deepest": 1},
+                         "samplers": ["sgld", "rmsprop_sgld"], "name": "tiny"})
     raw["class"] = {"1K": {"min_params": 20, "max_params": 60, "min_layers": 3, "max_layers": 3,
                            "min_width": 2, "max_width": 4, "n": 300}}
     raw["base"]["run"] = {**raw["base"].get("run", {}), "num_chains": 2}
@@ -90,7 +90,7 @@ def test_dln_loss_and_reduced_posterior_match_the_target(tiny_recipe):
     inst = bench.make_suite(tiny_recipe.classes, 0, size_classes=tiny_recipe.size_classes)[0]
     cfg = bench.instance_config(tiny_recipe, inst, "sgld")
     target = build_target(cfg)
-    assert target.truth == inst.truth and target.teacher_rank == inst.rank
+    assert target.truth == inst.aoyagi and target.teacher_rank == inst.rank
     data_post, reduced = bench.build_posteriors(cfg, target)
     w = target.w_star + 0.05 * jax.random.normal(jax.random.key(1), target.w_star.shape)
     expected = jnp.mean(target.per_sample_loss(w, target.x, target.y))
@@ -110,20 +110,29 @@ def test_two_instance_miniature_writes_the_scoreboard(tiny_recipe, tmp_path):
     assert tuple(reader.fieldnames) == bench.COLUMNS
     assert len(rows) == 4
     assert {(r["instance"], r["sampler"]) for r in rows} == {
-        (f"1K-00{i}", s) for i in range(2) for s in ("sgld", "rmsprop_sgld")}
+        (f"1K-{g}-000", s) for g in ("chained", "deepest") for s in ("sgld", "rmsprop_sgld")}
     for r in rows:
-        assert r["status"] in ("ok", "warnings", "diverged"), r
-        assert float(r["llc_mean"]) > 0 and float(r["truth"]) > 0
-        assert float(r["rel_error"]) == pytest.approx(float(r["llc_mean"]) / float(r["truth"]) - 1, rel=1e-4)
+        assert r["status"] in ("ok", "warnings", "diverged", "not_converged"), r
+        assert float(r["llc_mean"]) > 0 and float(r["aoyagi"]) > 0
+        # truth is Aoyagi's λ exactly when the record says well-posed, and rel_error follows it
+        assert (r["truth"] != "") == (r["well_posed"] == "yes"), r
+        if r["truth"]:
+            assert float(r["truth"]) == float(r["aoyagi"])
+            assert float(r["rel_error"]) == pytest.approx(float(r["llc_mean"]) / float(r["truth"]) - 1, rel=1e-4)
+        else:
+            assert r["rel_error"] == "" and r["posedness"] != "well-posed"
+        assert float(r["local_lower"]) <= float(r["aoyagi"]) + 1e-9 or r["well_posed"] == "no"
         assert float(r["grad_evals"]) > 0 and float(r["wall_s"]) > 0
     for name in ("llc_vs_truth.png", "rel_error.png", "wnv.png", "summary.md"):
         assert (tmp_path / name).stat().st_size > 0
     summary = (tmp_path / "summary.md").read_text()
-    assert "| sgld | 1K | 2 |" in summary and "| rmsprop_sgld | 1K | 2 |" in summary
+    scored = {r["instance"] for r in rows if r["well_posed"] == "yes"}
+    assert "1K-chained-000" in scored  # chained teachers are well-posed by construction
+    assert f"| sgld | 1K | {len(scored)} |" in summary and f"| rmsprop_sgld | 1K | {len(scored)} |" in summary
 
     # Resumable: a rerun finds every row done and adds none; a torn last line is cut away.
     with open(path, "a") as fh:
-        fh.write("1K-001,1K,torn")
+        fh.write("1K-deepest-000,1K,torn")
     before = path.read_text()
     bench.run_bench(tiny_recipe, tmp_path, log=logged.append, figures=False)
     assert path.read_text() == before[: before.rfind("\n") + 1]
@@ -137,27 +146,49 @@ def test_two_instance_miniature_writes_the_scoreboard(tiny_recipe, tmp_path):
 
 def test_shipped_recipe_and_profiles_validate():
     recipe = bench.load_recipe()
-    assert recipe.classes == {"1K": 20, "10K": 20}
+    assert recipe.generators == {"chained": 20, "rand_rank": 3, "deepest": 3}
+    assert recipe.classes == {"1K": 26, "10K": 26}
     assert set(recipe.samplers) >= {"sgld", "rmsprop_sgld"}
     raw = bench.read_toml(bench.DEFAULT_SPEC)
     for profile in raw.get("profile", {}):
         bench.load_recipe(profile=profile)
     with pytest.raises(ConfigError, match="unknown profile"):
         bench.load_recipe(profile="nope")
-    assert bench.load_recipe(instances=3).classes == {"1K": 3, "10K": 3}
+    three = bench.load_recipe(instances=3)
+    assert three.generators == {"chained": 3, "rand_rank": 3, "deepest": 3}
+    assert three.classes == {"1K": 9, "10K": 9}
+
+
+def _row(sampler, inst, truth, factor, well_posed=True, **extra):
+    return {"sampler": sampler, "class": "1K", "truth": truth if well_posed else float("nan"),
+            "aoyagi": truth, "llc_mean": truth * factor, "rel_error": factor - 1 if well_posed else float("nan"),
+            "grad_evals": 10.0, "wall_s": 1.0, "status": "ok", "instance": inst, "widths": "2-2", "rank": 1.0,
+            "generator": "chained", "warnings": "", "well_posed": "yes" if well_posed else "no",
+            "lambda_r_eff": truth / 2, "local_lower": truth / 4, "r_eff": 0.0, "sv_min": 1e-4, "sv_max": 1.0,
+            "posedness": "" if well_posed else "invisible directions (r_eff 0 < r 1)", **extra}
 
 
 def test_summary_statistics():
     rows = []
     for i, truth in enumerate([10.0, 20.0, 30.0, 40.0]):
         for s, factor in (("good", 1.01), ("bad", 2.0 if i % 2 else 0.5)):
-            rows.append({"sampler": s, "class": "1K", "truth": truth, "llc_mean": truth * factor,
-                         "rel_error": factor - 1, "grad_evals": 10.0, "wall_s": 1.0, "status": "ok",
-                         "instance": f"1K-{i:03d}", "widths": "2-2", "rank": 1.0, "generator": "deepest",
-                         "warnings": ""})
+            rows.append(_row(s, f"1K-{i:03d}", truth, factor))
     table = {e["sampler"]: e for e in bench.summarize(rows)}
     assert table["good"]["median_abs_rel"] == pytest.approx(0.01)
     assert table["good"]["spearman"] == pytest.approx(1.0)
     assert bench.meets_targets(table["good"]) and not bench.meets_targets(table["bad"])
     text = bench.summary_markdown(rows)
     assert "1K: met by good." in text and "bad 1K-" in text
+
+
+def test_unscored_rows_never_enter_the_headline():
+    rows = [_row("hmc", f"1K-{i:03d}", t, 1.01) for i, t in enumerate([10.0, 20.0, 30.0])]
+    # A not-well-posed instance read at λ(r_eff) = λ/2 would be a -50% error against Aoyagi's λ.
+    rows.append(_row("hmc", "1K-bad", 50.0, 0.5, well_posed=False))
+    text = bench.summary_markdown(rows)
+    assert "Well-posed instances (scored): 3 of 4." in text
+    assert "| hmc | 1K | 3 | 0 | 0 | 1.0% | 1.0% | 1.000 |" in text and "1K: met by hmc." in text
+    unscored = text[text.index("Not scored"):]
+    assert "| 1K-bad | chained | 2-2 | 1 | 0 | 0.0001 | 50 | 25 | 12.5 | 25 | invisible directions" in unscored
+    # median signed error of the unscored row against Aoyagi's λ, λ(r_eff) and rank(H)/2
+    assert "| hmc | 1 | -50.0% | 0.0% | 100.0% |" in unscored
