@@ -75,6 +75,7 @@ from typing import Any
 
 from llc_bench.config import (
     PRESET_DIR,
+    SEED_LIMIT,
     Config,
     ConfigError,
     _suggest,
@@ -192,8 +193,8 @@ def parse_spec(raw: dict, path: str = "<spec>") -> SweepSpec:
     seeds = sweep.get("seeds", [0])
     seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
     if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-        raise ConfigError(f"{path}: sweep.seeds: must be a non-empty list of integers >= 0 (got {seeds!r})")
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < SEED_LIMIT for s in seeds)):
+        raise ConfigError(f"{path}: sweep.seeds: must be a non-empty list of integers in [0, 2^32) (got {seeds!r})")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{path}: sweep.seeds: repeated seed in {seeds!r}")
     samplers = sweep.get("samplers")
@@ -215,7 +216,7 @@ def parse_spec(raw: dict, path: str = "<spec>") -> SweepSpec:
     if preset is not None:
         if not isinstance(preset, str):
             raise ConfigError(f"{path}: base_preset: must be a preset name (got {preset!r})")
-        base = read_toml(preset_path(preset))
+        base = read_toml(preset_path(preset, f"{path}: base_preset"), f"{path}: base_preset")
     extra = raw.get("base", {})
     if not isinstance(extra, dict):
         raise ConfigError(f"{path}: [base] must be a table")
@@ -231,11 +232,7 @@ def parse_spec(raw: dict, path: str = "<spec>") -> SweepSpec:
 def load_spec(path: str | Path | None = None) -> SweepSpec:
     """Read and parse a spec file (default configs/sweep_default.toml)."""
     path = Path(path) if path is not None else DEFAULT_SPEC
-    try:
-        raw = read_toml(path)
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace("--config", "--spec", 1)) from None
-    return parse_spec(raw, str(path))
+    return parse_spec(read_toml(path, "--spec"), str(path))
 
 
 def _combos(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -292,21 +289,7 @@ def _build(spec: SweepSpec, overrides: dict[str, Any], seed: int) -> Config:
     set_dotted(raw, "run.seed", seed)
     if spec.samplers is not None:
         set_dotted(raw, "run.samplers", list(spec.samplers))
-    cfg = from_dict(raw)
-    _check_sizes(cfg)
-    return cfg
-
-
-def _check_sizes(cfg: Config) -> None:
-    """A student sized by target_params must be buildable; fail at expansion, not mid-sweep."""
-    m = cfg.model
-    if m.widths is None:
-        from llc_bench.models import hidden_widths_for_target
-
-        try:
-            hidden_widths_for_target(cfg.data.in_dim, cfg.data.out_dim, m.target_params, m.depth, m.bias)
-        except ValueError as exc:
-            raise ConfigError(f"model.target_params: {exc}") from None
+    return from_dict(raw)  # also checks that a student sized by target_params is buildable
 
 
 def expand(spec: SweepSpec) -> list[Cell]:
@@ -684,6 +667,8 @@ def main(args) -> int:
     if args.address and args.backend != "ray":
         raise ConfigError("--address: only with --backend ray")
     out = Path(args.out or spec.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a directory; give the path of a CSV file")
     if args.dry_run:
         dry_run(spec, out)
         return 0

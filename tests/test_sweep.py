@@ -151,6 +151,12 @@ def test_bad_sweep_section_is_refused():
         make_spec({}, seed=3)
     with pytest.raises(ConfigError, match=r"sweep\.seeds"):
         make_spec({}, seeds=(-1,))
+    with pytest.raises(ConfigError, match=r"sweep\.seeds: must be a non-empty list of integers in \[0, 2\^32\)"):
+        make_spec({}, seeds=(2**32,))
+    with pytest.raises(ConfigError, match=r"^x/s\.toml: base_preset: unknown preset 'quik' \(did you mean 'quick'\?\)"):
+        sweep.parse_spec({"sweep": {"base_preset": "quik"}}, "x/s.toml")
+    with pytest.raises(ConfigError, match=r"base_preset: 'sweep_default' is a sweep spec, not a run preset"):
+        sweep.parse_spec({"sweep": {"base_preset": "sweep_default"}}, "x/s.toml")
 
 
 def test_cli_bad_spec_exits_2_before_running_anything(tmp_path, capsys):
