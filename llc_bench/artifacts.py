@@ -80,9 +80,28 @@ def write_datatree_atomic(tree, path: Path) -> Path:
             # expect it (and warn without it), so write it.
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             tree.to_zarr(tmp, mode="w", consolidated=True)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return path
+
+
+def swap_in(new: Path, path: Path) -> None:
+    """Move `new` to `path`, replacing what is there with no moment at which `path` is missing.
+
+    A directory cannot be renamed over a non-empty one, so the old one is renamed aside first, the
+    new one renamed in, and only then is the old one deleted (put back if the second rename fails).
+    """
+    path = Path(path)
+    if not path.exists():
+        os.replace(new, path)
+        return
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old.")) / path.name
+    os.replace(path, aside)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(aside, path)
+        raise
+    finally:
+        shutil.rmtree(aside.parent, ignore_errors=True)

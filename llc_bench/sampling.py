@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from llc_bench.config import SEED_LIMIT
 from llc_bench.posterior import Posterior
 from llc_bench.runner import key_name
 
@@ -319,7 +320,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
            rmsprop_eps: float | None = None, rmsprop_alpha: float | None = None, noise_level: float = 1.0,
            weight_decay: float = 0.0, bounding_box_size: float | None = None, init_noise: float | None = None,
            param_masks=None, batches_per_draw: int = 3, seed: int = 0, output_path: str | Path | None = None,
-           save_metrics: bool = False, overwrite: bool = False, progress: bool = True):
+           save_metrics: bool = False, overwrite: bool = False, progress: bool = True, **devinterp_v1):
     """Sample the local posterior of `params` and record per-sample losses at every draw (devinterp's sample()).
 
     Model and loss: `loss_fn(apply_fn, params, x, y) -> (m,)` per-sample negative log-likelihoods
@@ -359,7 +360,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         every draw of every chain.
       batches_per_draw: default batches per observable, and the number of fresh random sampling
         batches evaluated at each draw (sampling_loss).
-      seed: chains use the experiment pipeline's key (llc_bench.experiment.sampler_key(seed,
+      seed: an integer in [0, 2^32) (JAX keys keep 32 bits). Chains use the experiment pipeline's key (llc_bench.experiment.sampler_key(seed,
         method)); the sampling batches at draws use sampler_key(seed, "sample:sampling_batches")
         folded with chain and draw; observable points come from `observable_indices(seed, n)`.
 
@@ -374,6 +375,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
       index_<obs>(batch_<obs>, sample)    those points' indices in the observable's dataset
       distance(chain, draw)               ‖w − w*‖ over the free entries
       diverged_at(chain)                  first non-finite step, −1 if none (its draws are NaN)
+      full_loss_at_wstar ()               full-data L_n(w*), computed as full_loss is (λ̂'s baseline)
       n_beta ()                           nβ as given
       metrics_{loss,accept,energy_change,diverging}(chain, step)  per-step sampler info (save_metrics)
     Root attrs: `options` (every resolved option plus fingerprints of params, masks and data),
@@ -382,14 +384,20 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     output_path: the tree is written as a Zarr store atomically (temp dir, then rename) and the
     returned tree is read back from it. If a store already exists there, it is reused (no
     sampling) when its stored options equal the new ones exactly; otherwise a ValueError names the
-    differing options, unless overwrite=True, which replaces it. The fingerprints cover array
-    contents and the names of apply_fn/loss_fn, not their code.
+    differing options, unless overwrite=True, which replaces it (the old store stays in place until
+    the new one is complete). A path that is a regular file, or whose directory cannot be written,
+    is refused before sampling. The fingerprints cover array contents and the names of
+    apply_fn/loss_fn, not their code.
+
+    Every argument is checked before any work, and a ValueError names it. devinterp v1's names
+    (nbeta, optimizer_kwargs, grad_accum_steps, ...) raise a TypeError that gives the name used here.
     """
     import xarray as xr
 
     from llc_bench.runner import run_chains
 
     # ---- validate and resolve ---------------------------------------------------------------
+    _refuse_v1_names(devinterp_v1)
     method = METHOD_ALIASES.get(sampling_method, sampling_method)
     if method not in SG_METHODS + FULL_BATCH_METHODS:
         raise ValueError(f"unknown sampling_method {sampling_method!r}; allowed: "
@@ -410,6 +418,9 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         if (value is not None or required) and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
                                       and math.isfinite(value) and ok(value)):
             raise ValueError(f"{name} must be {rule}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
+    _check_lr(lr)
     if bounding_box_size is not None and method not in SG_METHODS:
         raise ValueError(f"bounding_box_size is only supported for {SG_METHODS}, not {method!r}")
     spec, settings = _sampler_settings(
@@ -418,6 +429,10 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         rmsprop_alpha=rmsprop_alpha)
     x, y = _as_dataset(dataset, "dataset")
     n = int(x.shape[0])
+    if method in SG_METHODS and batch_size * gradient_accumulation_steps > n:
+        raise ValueError(f"batch_size × gradient_accumulation_steps = {batch_size * gradient_accumulation_steps} "
+                         f"must be <= the dataset size n = {n}")
+    path = _check_output_path(output_path)
     obs = _observable_specs(observables, batches_per_draw, batch_size)
     restriction = Restriction.build(params, param_masks)
     if not jnp.issubdtype(restriction.w_all.dtype, jnp.floating):
@@ -452,7 +467,6 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
                         for name, (ox, oy, k) in obs.items()},
     })
 
-    path = Path(output_path) if output_path is not None else None
     if path is not None and path.exists():
         reused = _reuse_store(path, options, overwrite)
         if reused is not None:
@@ -509,6 +523,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         "sampling_index": (("chain", "draw", "batch", "sample"), draws["sampling_index"]),
         "distance": (("chain", "draw"), draws["distance"]),
         "diverged_at": (("chain",), result.diverged_at),
+        "full_loss_at_wstar": ((), np.float64(result.loss_at_wstar)),
         "n_beta": ((), np.float64(n_beta)),
     }
     for name in obs:
@@ -526,7 +541,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         "num_params": int(restriction.w_all.size),
         "num_params_free": int(restriction.free_index.size),
         "n": n,
-        "loss_at_wstar": loss_at_wstar,
+        "loss_at_wstar": result.loss_at_wstar,
         "grad_evals": float(np.sum(result.grad_evals)),
         "wall_s": result.wall_s, "warmup_s": result.warmup_s, "compile_s": result.compile_s,
         "tuned": result.tuned,
@@ -537,9 +552,62 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         return tree
     from llc_bench.artifacts import write_datatree_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_datatree_atomic(tree, path)
     return xr.open_datatree(path, engine="zarr", consolidated=False)
+
+
+# devinterp v1 keyword -> how sample() spells it
+V1_NAMES = {
+    "nbeta": "n_beta",
+    "optimizer_kwargs": "sampling_method_kwargs (lr, n_beta, localization, noise_level, weight_decay and "
+                        "bounding_box_size are sample() arguments)",
+    "grad_accum_steps": "gradient_accumulation_steps",
+    "temperature": "n_beta",
+    "loader": "dataset",
+    "callbacks": "observables and compute_llc / compute_bif / compute_susceptibilities on the returned tree",
+    "device": "JAX's default device (no argument)",
+    "cores": "num_chains (chains run vectorized)",
+    "verbose": "progress",
+}
+
+
+def _refuse_v1_names(extra: dict) -> None:
+    """Unknown keywords get a TypeError; devinterp v1 names get one that says how to spell them here."""
+    import difflib
+    import inspect
+
+    for name in extra:
+        if name in V1_NAMES:
+            raise TypeError(f"sample(): {name!r} is devinterp v1's name; use {V1_NAMES[name]}")
+        known = [p for p in inspect.signature(sample).parameters if p != "devinterp_v1"]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TypeError(f"sample() got an unexpected keyword argument {name!r}{hint}")
+
+
+def _check_lr(lr) -> None:
+    """lr: None (samplers that tune their own step) or a finite number > 0; _sampler_settings says which is needed."""
+    if lr is None:
+        return
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0 (or None for self-tuning samplers), got {lr!r}")
+
+
+def _check_output_path(output_path) -> Path | None:
+    """Refuse, before any sampling, an output_path that could not take the store."""
+    import tempfile
+
+    if output_path is None:
+        return None
+    path = Path(output_path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_path {path} is a file, not a Zarr store; remove it or choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as err:
+        raise ValueError(f"output_path {path}: its directory cannot be written ({err.strerror or err})") from None
+    return path
 
 
 def _reuse_store(path: Path, options: dict, overwrite: bool):
@@ -623,10 +691,18 @@ def _llc_draws(ds, source: str, burn: int) -> tuple[np.ndarray, int]:
     raise ValueError(f"source must be 'full', 'sampling' or 'minibatch', got {source!r}")
 
 
+def _baseline(ds) -> float:
+    """L_n(w*) as the draws' L_n is computed (stores without it: the float64 mean of init_loss)."""
+    if "full_loss_at_wstar" in ds:
+        return float(ds["full_loss_at_wstar"])
+    return float(np.mean(np.asarray(ds["init_loss"], np.float64)[0]))
+
+
 def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCResult:
     """λ̂ = nβ ( mean over usable chains and post-burn-in draws of L(w) − L_n(w*) ).
 
-    L_n(w*) = mean of init_loss: the FULL-data loss at w*, never a minibatch average. Draws
+    L_n(w*) = full_loss_at_wstar: the FULL-data loss at w* (the mean of init_loss, computed the way the
+    draws' full_loss is, so a chain that never moves gives exactly 0), never a minibatch average. Draws
     before `num_burnin_draws` are dropped (on top of the sampler's num_burnin_steps). L(w):
       source="full"      (default) full-data L_n(w) at each draw (full_loss)
       source="sampling"  mean of the k fresh random batches at each draw (sampling_loss; unbiased,
@@ -645,7 +721,7 @@ def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCRes
     num_chains, num_draws = ds.sizes["chain"], ds.sizes["draw"]
     burn = _burnin(num_burnin_draws, num_draws)
     draws, burn_steps = _llc_draws(ds, source, burn)
-    loss_at_wstar = float(np.mean(np.asarray(ds["init_loss"], np.float64)[0]))
+    loss_at_wstar = _baseline(ds)
     n_beta = float(ds["n_beta"])
     diverged_at = np.asarray(ds["diverged_at"], np.int64)
     estimate = estimate_llc(draws, loss_at_wstar, n_beta, diverged_at)
