@@ -417,7 +417,7 @@ def rows_for(cell: Cell, config_columns: Iterable[str], summary: dict | None,
             warnings = list(s.get("warnings", ()))
             row["warnings"] = _one_line(";".join(w.split(":", 1)[0] for w in warnings))
             # a run the estimator gave up on (e.g. every chain NaN) says why in `error` too
-            row["error"] = (_one_line(" | ".join(warnings) or "the estimator reported failure")
+            row["error"] = (_one_line(s.get("error") or " | ".join(warnings) or "the estimator reported failure")
                             if row["status"] == "failed" else "")
         rows.append(row)
     return rows
