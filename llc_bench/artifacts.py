@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -24,6 +25,41 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "missing"
     return out
+
+
+@functools.cache
+def fingerprint() -> str:
+    """Where numbers are computed: jax/jaxlib versions, backend and device kind, CPU, XLA_FLAGS.
+
+    Same seed, same numbers holds between runs with equal fingerprints; another XLA build or another
+    CPU may fuse and vectorize reductions differently and change the last bits.
+    """
+    import platform
+
+    import jax
+
+    try:
+        jaxlib_version = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        jaxlib_version = "missing"
+    parts = [f"jax {jax.__version__}", f"jaxlib {jaxlib_version}",
+             f"{jax.default_backend()} {jax.devices()[0].device_kind}", f"{platform.machine()} {_cpu_model()}"]
+    if os.environ.get("XLA_FLAGS"):
+        parts.append(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
+    return "; ".join(parts)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown cpu"
 
 
 def run_id(config_dict: dict) -> str:

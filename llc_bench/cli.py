@@ -54,6 +54,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--backend", choices=("local", "ray"), default="local")
         p.add_argument("--address", help="Ray cluster address (with --backend ray)")
         p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+        p.add_argument("--rerun-stale", action="store_true",
+                       help="redo rows computed under another fingerprint (machine, jax/jaxlib, backend, "
+                            "XLA_FLAGS); they move to <out>.stale.csv. Without it every row counts as done")
         p.add_argument("--no-progress", action="store_true")
         return p
     if command == "tune":

@@ -32,7 +32,10 @@ line (a write cut by SIGKILL or power loss) is truncated away, cells with all th
 are skipped, a cell with only some sampler rows reruns just the missing samplers (each sampler has
 its own RNG stream, so the result is the one the full cell would have given), and rows already in
 the file are never written twice. ``failed`` rows count as done: delete them (or use a new --out)
-to retry those cells. The CSV belongs to one spec: ``cell_id`` hashes the cell's overrides and
+to retry those cells. Each row records a ``fingerprint`` of where it was computed (jax/jaxlib,
+backend and device kind, CPU, XLA_FLAGS): bit-identity holds only between equal fingerprints, and
+``--rerun-stale`` moves rows of another fingerprint to ``<name>.stale.csv`` and reruns their cells.
+A CSV from before that column reads with it empty, and gains it at its next write. The CSV belongs to one spec: ``cell_id`` hashes the cell's overrides and
 seed, not the base, so after changing the base write to a new CSV.
 
 Parallelism: ``--workers N`` runs cells in N local processes (``ProcessPoolExecutor``, 'spawn'
@@ -95,7 +98,7 @@ SPEC_SECTIONS = ("sweep", "base", "base_preset", "axes")
 METRICS = ("llc_mean", "llc_se", "truth", "rel_error", "ess_bulk", "ess_tail", "rhat", "accept_rate",
            "grad_evals", "wall_s", "compile_s", "wnv_time", "wnv_grad", "n_beta", "gamma", "d",
            "loss_at_wstar")
-TAIL = ("status", "warnings", "error", "versions")
+TAIL = ("status", "warnings", "error", "versions", "fingerprint")
 STATUSES = ("ok", "warnings", "diverged", "failed")
 
 CellFn = Callable[[Config], dict]
@@ -393,15 +396,22 @@ def _versions_json(versions: dict | None) -> str:
 
 
 def rows_for(cell: Cell, config_columns: Iterable[str], summary: dict | None,
-             error: str | None = None) -> list[dict]:
-    """The CSV rows of one finished cell: one per sampler; all 'failed' with `error` when summary is None."""
+             error: str | None = None, fingerprint: str | None = None) -> list[dict]:
+    """The CSV rows of one finished cell: one per sampler; all 'failed' with `error` when summary is None.
+
+    fingerprint: where the rows were computed (default: this process, artifacts.fingerprint()).
+    """
+    from llc_bench.artifacts import fingerprint as here
+
     resolved = to_dict(cell.config)
     base = {"cell_id": cell.cell_id, "seed": cell.seed}
     base.update({col: _cell_text(_lookup(resolved, col)) for col in config_columns})
     versions = _versions_json(summary.get("versions") if summary else None)
+    where = here() if fingerprint is None else fingerprint
     rows = []
     for name in cell.samplers:
-        row = {**base, "sampler": name, **dict.fromkeys(METRICS, ""), "warnings": "", "versions": versions}
+        row = {**base, "sampler": name, **dict.fromkeys(METRICS, ""), "warnings": "", "versions": versions,
+               "fingerprint": where}
         s = (summary or {}).get("samplers", {}).get(name)
         if summary is None or s is None:
             row.update(status="failed", error=_one_line(error or f"no result for sampler {name!r}"))
@@ -449,8 +459,12 @@ class ResultsCSV:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         return fh
 
-    def _repair_and_read(self, fh) -> list[dict]:
-        """Drop a torn last line (no trailing newline), check the header, return the rows."""
+    def _repair_and_read(self, fh, migrate: bool = False) -> list[dict]:
+        """Drop a torn last line (no trailing newline), check the header, return the rows.
+
+        A CSV from before the fingerprint column reads with it empty (computed somewhere unknown);
+        with migrate=True (before a write) the file itself gains the column.
+        """
         fh.seek(0)
         data = fh.read()
         if data and not data.endswith(b"\n"):
@@ -459,11 +473,58 @@ class ResultsCSV:
             data = data[:keep]
         if not data:
             return []
-        reader = csv.DictReader(io.StringIO(data.decode()))
-        if reader.fieldnames != self.header:
+        try:
+            reader = csv.DictReader(io.StringIO(data.decode()))
+            fieldnames = reader.fieldnames
+        except (UnicodeDecodeError, csv.Error):
+            raise ConfigError(f"--out {self.path}: not a sweep results CSV; use a new --out") from None
+        if fieldnames != self.header:
+            if fieldnames + ["fingerprint"] == self.header:
+                rows = [{**r, "fingerprint": ""} for r in reader]
+                if migrate:
+                    self._rewrite(fh, rows)
+                return rows
             raise ConfigError(f"--out {self.path}: existing CSV has other columns (written by another "
                               "spec?); use a new --out")
         return list(reader)
+
+    def _rewrite(self, fh, rows: list[dict]) -> None:
+        """Replace the whole file's content by `rows` (under the held lock), fsynced."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.header, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        data = buf.getvalue().encode()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+    def remove_stale(self, fingerprint: str) -> list[dict]:
+        """Take the rows computed under another fingerprint out of the CSV, and return them.
+
+        They are appended to <name>.stale.csv first, so the old numbers are kept for comparison.
+        """
+        if not self.path.exists():
+            return []
+        with self._open_locked() as fh:
+            rows = self._repair_and_read(fh, migrate=True)
+            stale = [r for r in rows if r.get("fingerprint") != fingerprint]
+            if stale:
+                aside = ResultsCSV(self.path.with_suffix(".stale.csv"), self.header)
+                with aside._open_locked() as out:
+                    aside._repair_and_read(out)
+                    buf = io.StringIO()
+                    writer = csv.DictWriter(buf, fieldnames=self.header, lineterminator="\n")
+                    if out.tell() == 0:
+                        writer.writeheader()
+                    writer.writerows(stale)
+                    out.write(buf.getvalue().encode())
+                    out.flush()
+                    os.fsync(out.fileno())
+                self._rewrite(fh, [r for r in rows if r.get("fingerprint") == fingerprint])
+            return stale
 
     def read(self) -> list[dict]:
         """All complete rows (repairing a torn last line), or [] when the file does not exist."""
@@ -475,7 +536,7 @@ class ResultsCSV:
     def append(self, rows: list[dict]) -> int:
         """Append rows not already in the file (by cell_id, sampler); returns how many were written."""
         with self._open_locked() as fh:
-            existing = {(r["cell_id"], r["sampler"]) for r in self._repair_and_read(fh)}
+            existing = {(r["cell_id"], r["sampler"]) for r in self._repair_and_read(fh, migrate=True)}
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=self.header, lineterminator="\n")
             if fh.tell() == 0:
@@ -568,7 +629,7 @@ def _run_ray(cells, cols, runner, done_fn, address: str | None):
         try:
             rows = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - a worker crash (not a cell exception) is a failed cell
-            rows = rows_for(cell, cols, None, f"ray task failed: {type(exc).__name__}: {exc}")
+            rows = rows_for(cell, cols, None, f"ray task failed: {type(exc).__name__}: {exc}", fingerprint="")
         done_fn(cell, rows)
 
 
@@ -578,8 +639,13 @@ def _run_ray(cells, cols, runner, done_fn, address: str | None):
 
 def run_sweep(spec: SweepSpec, out: str | Path | None = None, *, workers: int = 1,
               backend: str = "local", address: str | None = None, progress: bool = False,
-              log: Callable[[str], None] = print) -> Path:
-    """Run the cells of `spec` not yet in the CSV; returns the CSV path."""
+              rerun_stale: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Run the cells of `spec` not yet in the CSV; returns the CSV path.
+
+    rerun_stale: rows whose fingerprint differs from this process's (another machine, jax/jaxlib,
+    backend or XLA_FLAGS) are moved to <name>.stale.csv and their cells run again; otherwise any
+    row counts as done, wherever it was computed.
+    """
     from llc_bench.progress import Bar, progress_enabled
 
     cells = expand(spec)
@@ -588,6 +654,12 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, *, workers: int = 
     resolve_runner(spec.runner)  # an unimportable hook fails now, not once per cell
     cols = axis_columns(spec)
     csv_file = ResultsCSV(path, columns(spec))
+    if rerun_stale:
+        from llc_bench.artifacts import fingerprint
+
+        stale = csv_file.remove_stale(fingerprint())
+        if stale:
+            log(f"--rerun-stale: {len(stale)} row(s) computed elsewhere moved to {path.with_suffix('.stale.csv')}")
     todo = pending(cells, csv_file.read())
     skipped = len(cells) - len(todo)
     log(f"sweep {spec.name}: {len(cells)} cells ({spec.mode}, {len(spec.seeds)} seed(s)), "
@@ -677,7 +749,7 @@ def main(args) -> int:
     check_writable(out.parent, "--out")
     try:
         path = run_sweep(spec, out, workers=args.workers, backend=args.backend, address=args.address,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, rerun_stale=args.rerun_stale)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
