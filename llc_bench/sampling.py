@@ -183,6 +183,17 @@ def _set_position(state, position):
     raise ValueError(f"bounding_box_size: cannot set the position of a {type(state).__name__} state")
 
 
+def _full_batch(algorithm, x: jax.Array, y: jax.Array):
+    """An SG algorithm whose every step gets all n points: the runner draws no indices (batch_size None)."""
+    inner_step = algorithm.step
+
+    def step(rng_key, state, params, batch):
+        del batch  # None: the runner treats batch_size None as a full-batch sampler
+        return inner_step(rng_key, state, params, (x, y))
+
+    return algorithm._replace(step=step, batch_size=None)
+
+
 def _wrap_algorithm(algorithm, w_star: jax.Array, init_noise: float | None, box: float | None):
     """init_noise: w ← w* + init_noise · N(0, I) once per chain before warm-up; box: clip every
     step's position to [w* − box, w* + box] (both on the free entries only)."""
@@ -320,7 +331,8 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
            rmsprop_eps: float | None = None, rmsprop_alpha: float | None = None, noise_level: float = 1.0,
            weight_decay: float = 0.0, bounding_box_size: float | None = None, init_noise: float | None = None,
            param_masks=None, batches_per_draw: int = 3, seed: int = 0, output_path: str | Path | None = None,
-           save_metrics: bool = False, overwrite: bool = False, progress: bool = True, **devinterp_v1):
+           save_metrics: bool = False, overwrite: bool = False, progress: bool = True, full_batch: bool = False,
+           per_sample_losses: bool = True, **devinterp_v1):
     """Sample the local posterior of `params` and record per-sample losses at every draw (devinterp's sample()).
 
     Model and loss: `loss_fn(apply_fn, params, x, y) -> (m,)` per-sample negative log-likelihoods
@@ -345,7 +357,10 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     tempers it the same way. "sgmcmc_sgld" is accepted as devinterp's name for "sgld".
 
     Minibatches: each step draws batch_size · gradient_accumulation_steps indices uniformly with
-    replacement (llc_bench.runner), processed in gradient_accumulation_steps chunks.
+    replacement (llc_bench.runner), processed in gradient_accumulation_steps chunks, so even
+    batch_size = n is not the full batch. full_batch=True (SG methods): every step's gradient is the
+    exact full-data ∇L_n over all n points, in gradient_accumulation_steps chunks (which must divide
+    n); batch_size then only sizes the draw batches and the observables' points.
     Steps: num_burnin_steps + num_draws · num_steps_bw_draws per chain; a draw follows every
     num_steps_bw_draws-th step after burn-in.
 
@@ -365,7 +380,12 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         folded with chain and draw; observable points come from `observable_indices(seed, n)`.
 
     Output: an xarray DataTree (root dataset; C chains, D draws, T steps, k = batches_per_draw,
-    b = batch_size):
+    b = batch_size). By default it holds per-sample losses: sampling_loss and sampling_index take
+    C·D·k·b values each, and each observable C·D·k_obs·b, about 8·C·D·k·b bytes per dataset (4·10⁸
+    bytes for 4 chains × 1000 draws × 3 batches × 8192). per_sample_losses=False keeps only each
+    batch's mean loss (dims chain, draw, batch; no sampling_index): compute_llc and
+    compute_susceptibilities' χ work unchanged, the per-point results (compute_bif, χ per sample) need
+    the per-sample losses.
       init_loss(chain, sample_init)       per-sample losses of the full dataset at w* (same for every
                                           chain; its own dim because n ≠ b)
       full_loss(chain, draw)              full-data L_n(w) at each draw (computed by the runner)
@@ -421,6 +441,8 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
     _check_lr(lr)
+    if full_batch and method not in SG_METHODS:
+        raise ValueError(f"full_batch applies to {SG_METHODS}; {method!r} always uses the full batch")
     if bounding_box_size is not None and method not in SG_METHODS:
         raise ValueError(f"bounding_box_size is only supported for {SG_METHODS}, not {method!r}")
     spec, settings = _sampler_settings(
@@ -429,7 +451,10 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         rmsprop_alpha=rmsprop_alpha)
     x, y = _as_dataset(dataset, "dataset")
     n = int(x.shape[0])
-    if method in SG_METHODS and batch_size * gradient_accumulation_steps > n:
+    if full_batch and n % gradient_accumulation_steps:
+        raise ValueError(f"full_batch: gradient_accumulation_steps = {gradient_accumulation_steps} must divide "
+                         f"the dataset size n = {n}")
+    if method in SG_METHODS and not full_batch and batch_size * gradient_accumulation_steps > n:
         raise ValueError(f"batch_size × gradient_accumulation_steps = {batch_size * gradient_accumulation_steps} "
                          f"must be <= the dataset size n = {n}")
     path = _check_output_path(output_path)
@@ -457,6 +482,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         "rmsprop_eps": rmsprop_eps, "rmsprop_alpha": rmsprop_alpha, "noise_level": noise_level,
         "weight_decay": weight_decay, "bounding_box_size": bounding_box_size, "init_noise": init_noise,
         "batches_per_draw": batches_per_draw, "seed": seed, "save_metrics": save_metrics,
+        "full_batch": bool(full_batch), "per_sample_losses": bool(per_sample_losses),
         "apply_fn": _fn_name(apply_fn), "loss_fn": _fn_name(loss_fn),
         "params_sha256": _sha256(*jax.tree_util.tree_leaves(params)),
         "param_paths": param_paths(params),
@@ -482,6 +508,8 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
                                   weight_decay=float(weight_decay) / temper,
                                   accumulation_steps=gradient_accumulation_steps)
     algorithm = _wrap_algorithm(spec.build(posterior, settings), w_star, init_noise, bounding_box_size)
+    if full_batch:
+        algorithm = _full_batch(algorithm, x, y)
 
     fixed = {}
     obs_index = {}
@@ -494,16 +522,18 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
 
     def batch_losses(w, xs, ys):
         # One batch at a time: the memory of a batch, not of all k.
-        return jax.lax.map(lambda xy: per_sample_loss(w, *xy), (xs, ys))
+        losses = jax.lax.map(lambda xy: per_sample_loss(w, *xy), (xs, ys))
+        return losses if per_sample_losses else jnp.mean(losses, axis=-1)
 
     def draw_fn(w, chain, draw, data):
         key = jax.random.fold_in(jax.random.fold_in(data["key"], chain), draw)
         idx = jax.random.randint(key, (k_sampling, batch_size), 0, n)
         out = {
             "sampling_loss": batch_losses(w, data["x"][idx], data["y"][idx]),
-            "sampling_index": idx.astype(jnp.int32),
             "distance": jnp.linalg.norm(w - data["w_star"]),
         }
+        if per_sample_losses:
+            out["sampling_index"] = idx.astype(jnp.int32)
         for name, (xs, ys) in data["obs"].items():
             out[f"loss_{name}"] = batch_losses(w, xs, ys)
         return out
@@ -519,15 +549,17 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     data_vars = {
         "init_loss": (("chain", "sample_init"), np.broadcast_to(np.asarray(init_loss), (num_chains, n))),
         "full_loss": (("chain", "draw"), result.draw_loss),
-        "sampling_loss": (("chain", "draw", "batch", "sample"), draws["sampling_loss"]),
-        "sampling_index": (("chain", "draw", "batch", "sample"), draws["sampling_index"]),
+        "sampling_loss": (("chain", "draw", "batch", "sample")[:draws["sampling_loss"].ndim], draws["sampling_loss"]),
         "distance": (("chain", "draw"), draws["distance"]),
         "diverged_at": (("chain",), result.diverged_at),
         "full_loss_at_wstar": ((), np.float64(result.loss_at_wstar)),
         "n_beta": ((), np.float64(n_beta)),
     }
+    if per_sample_losses:
+        data_vars["sampling_index"] = (("chain", "draw", "batch", "sample"), draws["sampling_index"])
     for name in obs:
-        data_vars[f"loss_{name}"] = (("chain", "draw", f"batch_{name}", "sample"), draws[f"loss_{name}"])
+        dims = ("chain", "draw", f"batch_{name}", "sample")[:draws[f"loss_{name}"].ndim]
+        data_vars[f"loss_{name}"] = (dims, draws[f"loss_{name}"])
         data_vars[f"index_{name}"] = ((f"batch_{name}", "sample"), obs_index[name])
     if save_metrics:
         for field in ("loss", "accept", "energy_change", "diverging"):
@@ -682,8 +714,9 @@ def _llc_draws(ds, source: str, burn: int) -> tuple[np.ndarray, int]:
     burn_steps = int(ds.attrs.get("options", {}).get("num_burnin_steps", 0)) + burn * k
     if source == "full":
         return np.asarray(ds["full_loss"], np.float64)[:, burn:], burn_steps
-    if source == "sampling":
-        return np.asarray(ds["sampling_loss"], np.float64).mean(axis=(2, 3))[:, burn:], burn_steps
+    if source == "sampling":  # batches have equal sizes: the mean of batch means is the mean of all
+        s = np.asarray(ds["sampling_loss"], np.float64)
+        return s.reshape(*s.shape[:2], -1).mean(axis=2)[:, burn:], burn_steps
     if source == "minibatch":
         if "metrics_loss" not in ds:
             raise ValueError("source='minibatch' needs the per-step losses: sample(..., save_metrics=True)")
@@ -768,7 +801,12 @@ def _pooled_cov(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("cti,ctj->ij", a, b) / (a.shape[0] * (a.shape[1] - 1))
 
 
+def _per_sample(ds) -> bool:
+    return bool(ds.attrs.get("options", {}).get("per_sample_losses", True))
+
+
 def _obs_losses(ds, name: str, burn: int) -> np.ndarray:
+    """(C, N, I) per-sample losses, or (C, N, k) batch means when the tree stores only means."""
     var = f"loss_{name}"
     if var not in ds:
         have = [v[5:] for v in ds.data_vars if v.startswith("loss_")]
@@ -798,6 +836,9 @@ def compute_bif(tree, obs_a: str, obs_b: str | None = None, *, num_burnin_draws:
         raise ValueError(f"normalize must be 'covariance' or 'correlation', got {normalize!r}")
     obs_b = obs_a if obs_b is None else obs_b
     ds = _dataset(tree)
+    if not _per_sample(ds):
+        raise ValueError("compute_bif needs per-sample losses; this tree has batch means only "
+                         "(sample(..., per_sample_losses=True))")
     burn = _burnin(num_burnin_draws, ds.sizes["draw"], need=2)
     a, b = _obs_losses(ds, obs_a, burn), _obs_losses(ds, obs_b, burn)
     ok = _usable(ds, a, b)
@@ -835,7 +876,8 @@ def compute_susceptibilities(tree, *, num_burnin_draws: int = 0, source: str = "
     Covariances are pooled over usable chains and post-burn-in draws, each chain centered on its
     own means. Returns an xarray.Dataset with, per observable: `<obs>` (χ), `<obs>_se` (between-
     chain standard error of χ; NaN with one usable chain) and `<obs>_per_sample`
-    (batch_<obs>, sample): χ_i = −nβ Cov(L, ℓ_i) for each of its points.
+    (batch_<obs>, sample): χ_i = −nβ Cov(L, ℓ_i) for each of its points (only when the tree holds
+    per-sample losses; with per_sample_losses=False χ comes from the batch means, which average to φ).
     """
     import xarray as xr
 
@@ -855,7 +897,8 @@ def compute_susceptibilities(tree, *, num_burnin_draws: int = 0, source: str = "
         if not ok.any():
             out[name] = ((), np.nan)
             out[f"{name}_se"] = ((), np.nan)
-            out[f"{name}_per_sample"] = (dims, np.full(shape, np.nan))
+            if _per_sample(ds):
+                out[f"{name}_per_sample"] = (dims, np.full(shape, np.nan))
             continue
         L = loss[ok][:, :, None]
         phi = per_sample[ok].mean(axis=2, keepdims=True)
@@ -864,5 +907,6 @@ def compute_susceptibilities(tree, *, num_burnin_draws: int = 0, source: str = "
         se = float(np.std(per_chain, ddof=1) / math.sqrt(len(per_chain))) if len(per_chain) > 1 else math.nan
         out[name] = ((), chi)
         out[f"{name}_se"] = ((), se)
-        out[f"{name}_per_sample"] = (dims, (-n_beta * _pooled_cov(L, per_sample[ok])[0]).reshape(shape))
+        if _per_sample(ds):
+            out[f"{name}_per_sample"] = (dims, (-n_beta * _pooled_cov(L, per_sample[ok])[0]).reshape(shape))
     return xr.Dataset(out, attrs={"n_beta": n_beta, "source": source, "num_burnin_draws": burn})

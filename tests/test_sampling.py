@@ -530,3 +530,44 @@ def test_store_swap_keeps_the_old_store_until_the_new_one_is_in(tmp_path, monkey
     artifacts.write_datatree_atomic(new_tree, path)
     assert list(xr.open_datatree(path, engine="zarr")["v"].values) == [3, 4]
     assert [p.name for p in tmp_path.iterdir()] == ["run.zarr"]  # nothing left aside
+
+
+def test_full_batch_steps_use_the_exact_full_data_gradient(problem):
+    """With full_batch the loss each step reports (at its starting point) is the full-data L_n there:
+    step t_d + 1 starts where draw d was taken, so it must equal full_loss at draw d. Minibatches of
+    size n drawn with replacement do not."""
+    params, x, y = problem
+    common = {**COMMON, "num_draws": 6, "num_steps_bw_draws": 1, "num_chains": 2, "save_metrics": True,
+              "batch_size": 2000}
+    exact = sample(apply_linear, params, squared_error, (x, y), **common, full_batch=True,
+                   gradient_accumulation_steps=4)
+    steps = np.asarray(exact["draw_step"])
+    full = np.asarray(exact["full_loss"])
+    np.testing.assert_allclose(np.asarray(exact["metrics_loss"])[:, steps[:-1] + 1], full[:, :-1], rtol=1e-5)
+    assert exact.attrs["options"]["full_batch"] is True
+    drawn = sample(apply_linear, params, squared_error, (x, y), **common)
+    assert not np.allclose(np.asarray(drawn["metrics_loss"])[:, steps[:-1] + 1],
+                           np.asarray(drawn["full_loss"])[:, :-1], rtol=1e-5)
+    with pytest.raises(ValueError, match="must divide the dataset size n = 2000"):
+        sample(apply_linear, params, squared_error, (x, y), **common, full_batch=True, gradient_accumulation_steps=3)
+    with pytest.raises(ValueError, match="'hmc' always uses the full batch"):
+        sample(apply_linear, params, squared_error, (x, y), **{**common, "lr": None}, sampling_method="hmc",
+               full_batch=True)
+
+
+def test_means_only_storage_gives_the_same_estimates(problem):
+    params, x, y = problem
+    kwargs = {**COMMON, "num_draws": 20, "observables": _observables(x, y)}
+    full = sample(apply_linear, params, squared_error, (x, y), **kwargs)
+    means = sample(apply_linear, params, squared_error, (x, y), **kwargs, per_sample_losses=False)
+    assert means["sampling_loss"].dims == ("chain", "draw", "batch") and "sampling_index" not in means
+    assert means["loss_held"].dims == ("chain", "draw", "batch_held")
+    np.testing.assert_allclose(means["sampling_loss"], np.asarray(full["sampling_loss"]).mean(axis=-1), rtol=1e-6)
+    for source in ("full", "sampling"):
+        assert compute_llc(means, source=source).llc_mean == pytest.approx(
+            compute_llc(full, source=source).llc_mean, rel=1e-6)
+    chi_full, chi_means = compute_susceptibilities(full), compute_susceptibilities(means)
+    assert float(chi_means["held"]) == pytest.approx(float(chi_full["held"]), rel=1e-5)
+    assert "held_per_sample" in chi_full and "held_per_sample" not in chi_means
+    with pytest.raises(ValueError, match="compute_bif needs per-sample losses"):
+        compute_bif(means, "held")
