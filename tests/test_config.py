@@ -183,8 +183,9 @@ def test_strict_lists_still_accept_the_usual_spellings():
 
 
 def test_seed_keys_are_distinct_across_the_allowed_range():
-    from llc_bench.rng import stream_key
     import jax
+
+    from llc_bench.rng import stream_key
 
     top = load_config("quick", None, [f"run.seed={2**32 - 1}"]).run.seed
     keys = {tuple(jax.random.key_data(stream_key(s, "data")).tolist()) for s in (0, 1, top)}
