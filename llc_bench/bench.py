@@ -796,25 +796,28 @@ def run_audit(recipe: Recipe, out: Path, progress: bool = False, log=print) -> P
     return board.path
 
 
+AUDIT_NUMERIC = {"aoyagi", "n", "llc_n", "llc_se_n", "n_audit", "llc_audit", "llc_se_audit", "shift"}
+
+
 def read_audit(path: str | Path) -> list[dict[str, Any]]:
-    numeric = {"aoyagi", "n", "llc_n", "llc_se_n", "n_audit", "llc_audit", "llc_se_audit", "shift"}
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for r in rows:
-        for key in numeric:
-            r[key] = float(r[key]) if r.get(key) not in (None, "") else math.nan
-    return rows
+    return _read_csv(path, AUDIT_NUMERIC)
 
 
 # ---------------------------------------------------------------------------------------------
 # Summary table and figures
 
 
+SCOREBOARD_NUMERIC = {"truth", "llc_mean", "llc_se", "rel_error", "grad_evals", "wall_s", "wnv_time",
+                      "wnv_grad", "rank", "d", "n", "n_beta", "compile_s", "chains_used", "data_rows", "aoyagi",
+                      "lambda_r_eff", "local_lower", "r_eff", "sv_min", "sv_max"}
+
+
 def read_scoreboard(path: str | Path) -> list[dict[str, Any]]:
-    """CSV rows with numeric columns as floats (NaN where empty)."""
-    numeric = {"truth", "llc_mean", "llc_se", "rel_error", "grad_evals", "wall_s", "wnv_time", "wnv_grad",
-               "rank", "d", "n", "n_beta", "compile_s", "chains_used", "data_rows", "aoyagi", "lambda_r_eff",
-               "local_lower", "r_eff", "sv_min", "sv_max"}
+    return _read_csv(path, SCOREBOARD_NUMERIC)
+
+
+def _read_csv(path: str | Path, numeric: set[str]) -> list[dict[str, Any]]:
+    """CSV rows with the `numeric` columns as floats (NaN where empty)."""
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     for r in rows:
