@@ -36,8 +36,10 @@ at k × n the posterior is narrower along the regular directions than along the 
 the same trajectory covers less of it and the audit needs a longer run than the scoreboard's.
 
 CSV: one row per (instance, sampler), appended with fsync as soon as it is done; rerunning skips
-the rows already present (a torn last line is cut away). The file records a hash of the recipe and
-refuses to mix recipes.
+the rows already present (a torn last line is cut away). Each row records the hash of its
+sampler's recipe (the shared settings and that sampler's tables): after a sampler's settings
+change, its rows are refused until `--rerun-stale` moves them to dln_scoreboard.stale.csv to be
+computed again, while the other samplers' rows stay.
 """
 
 from __future__ import annotations
@@ -269,22 +271,28 @@ class Recipe:
     audit_threshold: float = 0.05
     audit: dict = field(default_factory=dict)  # {"sampler": {...}, "run": {...}} over the audit sampler's
 
-    def fingerprint(self) -> str:
-        """12 hex of everything that changes a row's numbers (not which instances or where)."""
-        material = {"base": self.base, "run": self.run, "sampler": self.sampler,
-                    "suite_seed": self.suite_seed, "generators": self.generators,
-                    "full_batch_data": self.full_batch_data,
-                    "classes": {k: vars(v) for k, v in sorted(self.size_classes.items())}}
-        if self.visibility_margin != DEFAULT_MARGIN:  # older recipes keep their hash
-            material["visibility_margin"] = self.visibility_margin
-        canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    def fingerprint(self, sampler: str | None = None) -> str:
+        """12 hex of everything that changes a row's numbers (not which instances or where).
+
+        With `sampler`: of what changes that sampler's rows only (the shared settings and its own
+        tables), so retuning one sampler leaves the others' rows valid.
+        """
+        material = {"base": self.base, "suite_seed": self.suite_seed, "generators": self.generators,
+                    "classes": {k: vars(v) for k, v in sorted(self.size_classes.items())},
+                    "visibility_margin": self.visibility_margin}
+        if sampler is None:
+            material.update(run=self.run, sampler=self.sampler, full_batch_data=self.full_batch_data)
+        else:
+            material.update(name=sampler, run=self.run.get(sampler, {}), sampler=self.sampler.get(sampler, {}))
+            if sampler in FULL_BATCH:
+                material["full_batch_data"] = self.full_batch_data
+        return _hash(material)
+
+    def fingerprints(self) -> dict[str, str]:
+        return {name: self.fingerprint(name) for name in self.samplers}
 
     def audit_fingerprint(self) -> str:
-        material = [self.fingerprint(), self.audit_sampler, self.audit_factor]
-        if self.audit:
-            material.append(self.audit)
-        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:12]
+        return _hash([self.fingerprint(self.audit_sampler), self.audit_factor, self.audit])
 
     def audit_recipe(self) -> Recipe:
         """This recipe with the [audit] overrides merged into the audit sampler's settings."""
@@ -293,6 +301,11 @@ class Recipe:
         sampler[name] = deep_merge(sampler.get(name, {}), self.audit.get("sampler", {}))
         run[name] = deep_merge(run.get(name, {}), self.audit.get("run", {}))
         return dataclasses.replace(self, sampler=sampler, run=run, audit={})
+
+
+def _hash(material: Any) -> str:
+    canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def _want(path: str, key: str, value: Any, kind: type | tuple, what: str) -> Any:
@@ -615,17 +628,20 @@ def failed_row(inst: Instance, sampler: str, message: str, recipe_hash: str,
 
 
 class Scoreboard:
-    """The CSV: resumable, one fsync'd row at a time, one recipe per file."""
+    """The CSV: resumable, one fsync'd row at a time. Each row records the hash of the recipe of its
+    sampler (`hashes`); rows of a sampler whose recipe changed since are stale: refused, or with
+    `rerun_stale` moved to <name>.stale.csv so that they are computed again."""
 
-    def __init__(self, path: Path, recipe_hash: str, columns: tuple[str, ...] = COLUMNS):
+    def __init__(self, path: Path, hashes: dict[str, str], columns: tuple[str, ...] = COLUMNS,
+                 rerun_stale: bool = False, log=print):
         self.path = Path(path)
-        self.recipe_hash = recipe_hash
+        self.hashes = hashes
         self.columns = columns
         self.done: set[tuple[str, str]] = set()
         if self.path.exists():
-            self._load()
+            self._load(rerun_stale, log)
 
-    def _load(self) -> None:
+    def _load(self, rerun_stale: bool, log) -> None:
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):  # a write cut short: drop the torn line
             data = data[: data.rfind(b"\n") + 1]
@@ -635,10 +651,27 @@ class Scoreboard:
         if data and tuple(csv.reader(io.StringIO(data.decode().split("\n", 1)[0])).__next__()) != self.columns:
             raise ConfigError(f"{self.path}: written by a different version of the benchmark (columns "
                               "differ); use another --out or delete the file")
-        other = {r["recipe"] for r in rows} - {self.recipe_hash}
-        if other:
-            raise ConfigError(f"{self.path}: holds rows of another recipe ({', '.join(sorted(other))}; this "
-                              f"one is {self.recipe_hash}); use another --out or delete the file")
+        stale = [r for r in rows if r["sampler"] in self.hashes and r["recipe"] != self.hashes[r["sampler"]]]
+        if stale and not rerun_stale:
+            names = ", ".join(dict.fromkeys(r["sampler"] for r in stale))
+            raise ConfigError(f"{self.path}: holds {len(stale)} rows of another recipe for {names}; pass "
+                              "--rerun-stale to compute them again (the old rows move to "
+                              f"{self.path.stem}.stale.csv), or use another --out")
+        if stale:
+            aside = self.path.with_name(self.path.stem + ".stale.csv")
+            with aside.open("a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=self.columns, lineterminator="\n")
+                if fh.tell() == 0:
+                    writer.writeheader()
+                writer.writerows(stale)
+            keep = [r for r in rows if r not in stale]
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(keep)
+            _atomic_write_text(self.path, buf.getvalue())
+            log(f"--rerun-stale: {len(stale)} rows of another recipe moved to {aside}")
+            rows = keep
         self.done = {(r["instance"], r["sampler"]) for r in rows}
 
     def append(self, row: dict[str, str]) -> None:
@@ -673,13 +706,12 @@ def run_instance(recipe: Recipe, inst: Instance, samplers: list[str], board: Sco
     """Build the instance's target once and run each of `samplers` on it, one CSV row each."""
     from llc_bench.experiment import run_sampler
 
-    recipe_hash = board.recipe_hash
     try:
         cfgs = {name: instance_config(recipe, inst, name) for name in samplers}
         _, _, data_post, reduced_post, record = _build_instance(recipe, inst, samplers[0])
     except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the benchmark
         for name in samplers:
-            board.append(failed_row(inst, name, f"{type(exc).__name__}: {exc}", recipe_hash))
+            board.append(failed_row(inst, name, f"{type(exc).__name__}: {exc}", board.hashes[name]))
             log(f"  {inst.name} {name}: FAILED building the instance: {exc}")
         return
     log(f"  {inst.name}: σ(M*) in [{record.sv_min:.3g}, {record.sv_max:.3g}], r_eff {record.r_eff}/{record.rank}, "
@@ -691,9 +723,9 @@ def run_instance(recipe: Recipe, inst: Instance, samplers: list[str], board: Sco
         try:
             run = run_sampler(cfgs[name], name, post, truth=record.truth, progress=progress)
             row = result_row(inst, name, run.summary, n_beta=post.n_beta, data_rows=post.n,
-                             recipe_hash=recipe_hash, record=record)
+                             recipe_hash=board.hashes[name], record=record)
         except Exception as exc:  # noqa: BLE001
-            row = failed_row(inst, name, f"{type(exc).__name__}: {exc}", recipe_hash, record)
+            row = failed_row(inst, name, f"{type(exc).__name__}: {exc}", board.hashes[name], record)
         board.append(row)
         rel = row["rel_error"]
         rel_text = f"{float(rel):+.1%}" if rel else "n/a"
@@ -709,16 +741,16 @@ def _suite_and_todo(recipe: Recipe, board: Scoreboard, samplers) -> tuple[list[I
 
 
 def run_bench(recipe: Recipe, out_dir: str | Path, progress: bool = False, log=print,
-              figures: bool = True, audit: bool = False) -> Path:
+              figures: bool = True, audit: bool = False, rerun_stale: bool = False) -> Path:
     """Run every (instance, sampler) row not yet in the CSV (and, with `audit`, every audit row),
     then write the summary and figures."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    board = Scoreboard(out / CSV_NAME, recipe.fingerprint())
+    board = Scoreboard(out / CSV_NAME, recipe.fingerprints(), rerun_stale=rerun_stale, log=log)
     suite, todo = _suite_and_todo(recipe, board, recipe.samplers)
     total_rows = len(suite) * len(recipe.samplers)
     log(f"bench {recipe.name}: {len(suite)} instances x {len(recipe.samplers)} samplers = {total_rows} rows "
-        f"({total_rows - sum(len(n) for _, n in todo)} already in {board.path}); recipe {board.recipe_hash}")
+        f"({total_rows - sum(len(n) for _, n in todo)} already in {board.path}); recipe {recipe.fingerprint()}")
     start = time.perf_counter()
     for k, (inst, names) in enumerate(todo):
         log(f"[{k + 1}/{len(todo)}] {inst.name} widths {'-'.join(map(str, inst.widths))} rank {inst.rank} "
@@ -726,7 +758,7 @@ def run_bench(recipe: Recipe, out_dir: str | Path, progress: bool = False, log=p
         run_instance(recipe, inst, names, board, progress=progress, log=log)
     log(f"sampling done in {time.perf_counter() - start:.0f}s")
     if audit:
-        run_audit(recipe, out, progress=progress, log=log)
+        run_audit(recipe, out, progress=progress, log=log, rerun_stale=rerun_stale)
     write_report(recipe, out, figures=figures, log=log)
     return board.path
 
@@ -759,14 +791,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
 # Finite-n audit
 
 
-def run_audit(recipe: Recipe, out: Path, progress: bool = False, log=print) -> Path:
+def run_audit(recipe: Recipe, out: Path, progress: bool = False, log=print, rerun_stale: bool = False) -> Path:
     """Rerun the audit sampler at audit_factor × n on every instance whose row at n exists; one
     row each in finite_n_audit.csv (resumable), flagged when |λ̂(kn)/λ̂(n) − 1| > audit_threshold."""
     from llc_bench.experiment import run_sampler
 
     name = recipe.audit_sampler
     base = {r["instance"]: r for r in read_scoreboard(out / CSV_NAME) if r["sampler"] == name}
-    board = Scoreboard(out / AUDIT_CSV_NAME, recipe.audit_fingerprint(), AUDIT_COLUMNS)
+    board = Scoreboard(out / AUDIT_CSV_NAME, {name: recipe.audit_fingerprint()}, AUDIT_COLUMNS,
+                       rerun_stale=rerun_stale, log=log)
     suite, todo = _suite_and_todo(recipe, board, [name])
     todo = [inst for inst, _ in todo if inst.name in base]
     log(f"finite-n audit: {name} at {recipe.audit_factor} x n on {len(todo)} instances "
@@ -776,7 +809,7 @@ def run_audit(recipe: Recipe, out: Path, progress: bool = False, log=print) -> P
         ref = base[inst.name]
         row = {"instance": inst.name, "class": inst.size_class, "sampler": name, "well_posed": ref["well_posed"],
                "aoyagi": inst.aoyagi, "n": inst.n, "llc_n": ref["llc_mean"], "llc_se_n": ref["llc_se"],
-               "n_audit": inst.n * recipe.audit_factor, "recipe": board.recipe_hash}
+               "n_audit": inst.n * recipe.audit_factor, "recipe": board.hashes[name]}
         try:
             cfg, _, _, reduced_post, _ = _build_instance(recipe.audit_recipe(), inst, name,
                                                          inst.n * recipe.audit_factor)
@@ -1089,7 +1122,7 @@ def _savefig(fig, path: Path) -> Path:
 
 def main(args) -> int:
     """`main.py bench [--spec FILE] [--profile NAME] [--out DIR] [--instances N] [--audit]
-    [--summary-only] [--no-progress]`."""
+    [--rerun-stale] [--summary-only] [--no-progress]`."""
     from llc_bench.cli import check_writable
     from llc_bench.progress import progress_enabled
 
@@ -1103,7 +1136,7 @@ def main(args) -> int:
         return 0
     out = check_writable(getattr(args, "out", None) or recipe.out)
     run_bench(recipe, out, progress=progress_enabled(not getattr(args, "no_progress", False)),
-              audit=getattr(args, "audit", False))
+              audit=getattr(args, "audit", False), rerun_stale=getattr(args, "rerun_stale", False))
     return 0
 
 

@@ -69,6 +69,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output directory (default results/benchmarks)")
     p.add_argument("--instances", type=int, help="instances per size class (overrides the recipe)")
     p.add_argument("--profile", help="merge [profile.<name>] of the recipe over it (e.g. full, for a GPU)")
+    p.add_argument("--rerun-stale", action="store_true",
+                   help="rows computed with an earlier recipe of their sampler are moved to *.stale.csv and "
+                        "run again (otherwise the run refuses to mix recipes)")
     p.add_argument("--audit", action="store_true",
                    help="finite-n audit: rerun the recipe's audit sampler at audit_factor x n, flag moves "
                         "above audit_threshold (writes finite_n_audit.csv)")

@@ -138,10 +138,25 @@ def test_two_instance_miniature_writes_the_scoreboard(tiny_recipe, tmp_path):
     assert path.read_text() == before[: before.rfind("\n") + 1]
     assert any("(4 already in" in m for m in logged)
 
-    # Another recipe may not append to this file.
-    other = dataclasses.replace(tiny_recipe, sampler={"sgld": {"step_size": 1e-9}})
-    with pytest.raises(ConfigError, match="another recipe"):
+    # A changed sgld recipe makes the sgld rows stale: refused, or moved aside and recomputed with
+    # --rerun-stale while the rmsprop_sgld rows stay as they were.
+    other = dataclasses.replace(tiny_recipe, sampler={
+        **tiny_recipe.sampler, "sgld": {**tiny_recipe.sampler["sgld"], "step_size": 1e-6}})
+    assert other.fingerprint("rmsprop_sgld") == tiny_recipe.fingerprint("rmsprop_sgld")
+    assert other.fingerprint("sgld") != tiny_recipe.fingerprint("sgld")
+    with pytest.raises(ConfigError, match="2 rows of another recipe for sgld; pass --rerun-stale"):
         bench.run_bench(other, tmp_path, log=logged.append)
+    old_rows = {(r["instance"], r["sampler"]): r for r in csv.DictReader(path.open())}
+    bench.run_bench(other, tmp_path, log=logged.append, figures=False, rerun_stale=True)
+    stale = list(csv.DictReader((tmp_path / "dln_scoreboard.stale.csv").open()))
+    assert sorted(r["sampler"] for r in stale) == ["sgld", "sgld"]
+    new_rows = {(r["instance"], r["sampler"]): r for r in csv.DictReader(path.open())}
+    assert new_rows.keys() == old_rows.keys()
+    for key, row in new_rows.items():
+        if key[1] == "rmsprop_sgld":
+            assert row == old_rows[key]
+        else:
+            assert row["recipe"] == other.fingerprint("sgld") != old_rows[key]["recipe"]
 
 
 def test_shipped_recipe_and_profiles_validate():
