@@ -1017,8 +1017,8 @@ def _audit_lines(audit_rows: list[dict[str, Any]], recipe: Recipe | None) -> lis
     flagged = [r for r in audit_rows if r["flagged"] == "yes"]
     headline = [r for r in flagged if r["well_posed"] == "yes"]
     lines = ["", f"Finite-n audit ({audit_rows[0]['sampler']} rerun at {factor} × n; flagged when λ̂ moves by more "
-             f"than {threshold:.0%}): {len(audit_rows)} instances audited, {len(flagged)} flagged, "
-             f"{len(headline)} of them well-posed."]
+             f"than {threshold:.0%}): {len(audit_rows)} instances audited, {len(flagged)} flagged "
+             f"(well-posed among them: {len(headline)})."]
     if flagged:
         lines += ["", "| instance | well-posed | λ (Aoyagi) | λ̂ at n | λ̂ at audit n | shift |", "|---|---|---|---|---|---|"]
         for r in flagged:
