@@ -210,6 +210,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list | tuple):
             value = [value]
         return tuple(_coerce(key, v, elem) for v in value)
+    if args and set(args) == {float, str}:  # a step size: a number or "auto"
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                raise _fail(key, f'must be a number > 0 or "auto" (got {value!r})') from None
+        return _coerce(key, value, float)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -280,10 +289,18 @@ def _sampler_bound(name: str, field_name: str, value: Any) -> None:
     key = f"sampler.{name}.{field_name}"
     if isinstance(value, bool) or value is None:
         return
-    if field_name in ("alpha", "target_accept"):
+    if field_name == "adapt":
+        from llc_bench.samplers.rmsprop_sgld import ADAPT_MODES
+
+        if value not in ADAPT_MODES:
+            raise _fail(key, f"unknown value {value!r}{_suggest(str(value), ADAPT_MODES)}; "
+                             f"allowed: {', '.join(ADAPT_MODES)}")
+    elif field_name in ("alpha", "target_accept"):
         _check_bound(key, value, "open_unit")
     elif field_name.startswith("frac_"):
         _check_bound(key, value, "unit")
+    elif field_name == "step_size" and isinstance(value, int | float) and not value > 0:
+        raise _fail(key, f'must be > 0 or "auto" (got {value!r})')
     elif field_name == "eps":
         if not 0 < value <= 1:
             raise _fail(key, f"must be in (0, 1]: the guide says never set a > 1 (got {value!r})")

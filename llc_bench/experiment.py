@@ -13,6 +13,7 @@ import numpy as np
 
 from llc_bench import artifacts
 from llc_bench.config import Config, to_dict, to_toml
+from llc_bench.curvature import AutoStepSize
 from llc_bench.estimator import LLCEstimate, block_bootstrap_ci, estimate_from_result, wnv
 from llc_bench.posterior import Posterior
 from llc_bench.progress import progress_enabled
@@ -69,6 +70,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
 
     spec = get_spec(name)
     settings = settings if settings is not None else cfg.sampler[name]
+    settings, resolved = resolve_step_size_timed(posterior, settings)
     algorithm = spec.build(posterior, settings)
     run, steps = cfg.run, cfg.schedule[name]
     result, states = run_chains_with_state(name, algorithm, posterior, sampler_key(run.seed, name),
@@ -79,16 +81,61 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     estimate = estimate_from_result(result, run.estimate_from)
     tree = to_datatree(result, estimate.running)
     conv = convergence(tree)
-    flags = check_health(result)
+    flags = check_health(result, estimate_from=run.estimate_from)
     mala = None
     if name == "sgld":
         mala = _mala_check(posterior, algorithm, states, settings.step_size, result.diverged_at, run.seed)
         if mala is not None and mala.flag is not None:
             flags.append(mala.flag)
     flags = tuple(flags)
-    summary = _summarize(name, result, estimate, conv, flags, truth, posterior)
+    summary = _summarize(name, result, estimate, conv, flags, truth, posterior,
+                         extra_grad_evals=0.0 if resolved is None else resolved.grad_evals)
     summary["mala_accept"] = None if mala is None else mala.mean_accept
+    summary.update(step_size_summary(settings, resolved))
     return SamplerRun(name, result, estimate, tree, conv, flags, summary)
+
+
+@dataclass(frozen=True)
+class ResolvedStepSize:
+    """An automatic step size as resolved for one run, with its cost."""
+
+    auto: AutoStepSize
+    grad_evals: float  # its work in full-data gradient equivalents (HVP_GRAD_EVALS per HVP, + batches)
+    seconds: float  # wall seconds, compilation of the HVP included
+
+
+# A forward-over-reverse Hessian-vector product costs about two gradients.
+HVP_GRAD_EVALS = 2.0
+
+
+def resolve_step_size_timed(posterior: Posterior, settings):
+    """(settings with a numeric step size, ResolvedStepSize or None); see llc_bench.curvature.resolve_step_size."""
+    import time
+
+    from llc_bench.curvature import PRECONDITIONER_BATCHES, is_auto, resolve_step_size
+
+    if not is_auto(getattr(settings, "step_size", None)):
+        return settings, None
+    start = time.perf_counter()
+    settings, auto = resolve_step_size(posterior, settings)
+    work = HVP_GRAD_EVALS * auto.num_hvp
+    if get_spec("rmsprop_sgld").settings is type(settings):
+        work += PRECONDITIONER_BATCHES * settings.batch_size / posterior.n
+    return settings, ResolvedStepSize(auto, work, time.perf_counter() - start)
+
+
+def step_size_summary(settings, resolved: ResolvedStepSize | None) -> dict:
+    """summary.json fields of the step size: ε used (SG samplers), and for "auto" what chose it."""
+    auto = None if resolved is None else resolved.auto
+    return {
+        "step_size": getattr(settings, "step_size", None),
+        "step_size_auto": auto is not None,
+        "h_max": None if auto is None else auto.h_max,
+        "curvature": None if auto is None else auto.curvature,
+        "num_hvp": None if auto is None else auto.num_hvp,
+        "step_size_constant": None if auto is None else auto.constant,
+        "step_size_auto_s": None if resolved is None else resolved.seconds,
+    }
 
 
 def _mala_check(posterior: Posterior, algorithm, states, step_size: float, diverged_at, seed: int):
@@ -103,16 +150,14 @@ def _mala_check(posterior: Posterior, algorithm, states, step_size: float, diver
     return mala_acceptance(value_and_grad, positions, step_size, stream_key(seed, "projection"))
 
 
-def _summarize(name, result: ChainResult, est: LLCEstimate, conv: dict, flags, truth, posterior) -> dict:
-    grad_evals = float(np.sum(result.grad_evals))
+def _summarize(name, result: ChainResult, est: LLCEstimate, conv: dict, flags, truth, posterior,
+               extra_grad_evals: float = 0.0) -> dict:
+    grad_evals = float(np.sum(result.grad_evals)) + extra_grad_evals
     wall = result.wall_s + result.warmup_s
     wnv_time, wnv_grad = wnv(est.se, wall, grad_evals)
-    if est.status == "failed":
-        status = "failed"
-    elif est.status == "diverged":
-        status = "diverged"
-    else:
-        status = "warnings" if flags else "ok"
+    from llc_bench.health import run_status
+
+    status = run_status(est.status, flags)
     ok = result.diverged_at < 0
     accept = _finite(np.nanmean(result.accept[ok])) if name in ACCEPT_SAMPLERS and ok.any() else None
     energy = result.energy_change[ok][:, result.num_burnin_steps:] if ok.any() else np.empty((0, 0))
@@ -161,6 +206,7 @@ def step_size_check(cfg: Config, name: str, posterior: Posterior, first: Sampler
     settings = cfg.sampler[name]
     if not hasattr(settings, "step_size"):
         return None  # step size is tuned by the sampler itself
+    settings = dataclasses.replace(settings, step_size=first.summary["step_size"])  # "auto" as resolved
     half = dataclasses.replace(settings, step_size=settings.step_size / 2)
     second = run_sampler(cfg, name, posterior, settings=half)
     return step_size_check_summary(first.estimate.mean, second.estimate.mean,

@@ -93,9 +93,9 @@ SPEC_SECTIONS = ("sweep", "base", "base_preset", "axes")
 
 METRICS = ("llc_mean", "llc_se", "truth", "rel_error", "ess_bulk", "ess_tail", "rhat", "accept_rate",
            "grad_evals", "wall_s", "compile_s", "wnv_time", "wnv_grad", "n_beta", "gamma", "d",
-           "loss_at_wstar")
+           "loss_at_wstar", "step_size", "h_max", "num_hvp")
 TAIL = ("status", "warnings", "error", "versions")
-STATUSES = ("ok", "warnings", "diverged", "failed")
+STATUSES = ("ok", "warnings", "not_converged", "diverged", "failed")
 
 CellFn = Callable[[Config], dict]
 

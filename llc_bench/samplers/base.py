@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -12,6 +13,23 @@ from llc_bench.posterior import Posterior
 
 # (x_batch (m, in_dim), y_batch (m, out_dim)) for minibatch samplers; None for full-batch ones.
 Batch = tuple[jax.Array, jax.Array] | None
+
+
+# step_size = "auto" (SG samplers): ε = c / curvature of −log π at w*, see llc_bench.curvature.
+AUTO = "auto"
+
+
+def is_auto(step_size) -> bool:
+    return isinstance(step_size, str) and step_size == AUTO
+
+
+def check_step_size(step_size) -> None:
+    """A step size is a finite number > 0 or "auto"; anything else is a ValueError saying so."""
+    if is_auto(step_size):
+        return
+    ok = isinstance(step_size, int | float) and not isinstance(step_size, bool)
+    if not (ok and math.isfinite(step_size) and step_size > 0):
+        raise ValueError(f'step_size must be a finite number > 0 or "auto", got {step_size!r}')
 
 
 class StepInfo(NamedTuple):
@@ -41,12 +59,16 @@ class Algorithm(NamedTuple):
         found (step size, mass matrix, L, ...) as a pytree of arrays; () if nothing is tuned.
     step(rng_key, state, params, batch) -> (state, StepInfo)
     position(state) -> flat (d,) position
+    end_burnin(state) -> state, or None
+        Called once on every chain's state after the last burn-in step (e.g. RMSProp-SGLD freezes
+        its preconditioner there); None: nothing changes between burn-in and drawing.
     """
 
     warmup: Callable[[jax.Array, jax.Array], tuple[Any, Any, jax.Array]]
     step: Callable[[jax.Array, Any, Any, Batch], tuple[Any, StepInfo]]
     position: Callable[[Any], jax.Array]
     batch_size: int | None  # minibatch size m for SG samplers; None = full batch
+    end_burnin: Callable[[Any], Any] | None = None
 
 
 class SamplerSpec(NamedTuple):

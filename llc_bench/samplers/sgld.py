@@ -8,15 +8,19 @@ import blackjax
 import jax.numpy as jnp
 
 from llc_bench.posterior import Posterior
-from llc_bench.samplers.base import Algorithm, SamplerSpec, minibatch_step_info
+from llc_bench.samplers.base import Algorithm, SamplerSpec, check_step_size, is_auto, minibatch_step_info
 
 
 @dataclass(frozen=True)
 class SGLDSettings:
-    """step_size is ε of DESIGN.md / devinterp's `lr` (not BlackJAX's h = ε/2)."""
+    """step_size is ε, devinterp's `lr` (not BlackJAX's h = ε/2), or "auto": ε = c / (nβ h_max + γ)
+    from the largest Hessian eigenvalue h_max of L_n at w* (llc_bench.curvature)."""
 
-    step_size: float = 1e-4
+    step_size: float | str = 1e-4
     batch_size: int = 256
+
+    def __post_init__(self):
+        check_step_size(self.step_size)
 
 
 def blackjax_step_size(epsilon: float) -> float:
@@ -32,11 +36,16 @@ def build(posterior: Posterior, settings: SGLDSettings) -> Algorithm:
 
         w ← w − ε/2 · ( γ (w − w*) + nβ ∇L_m(w) ) + √ε · η,   η ~ N(0, I)
 
-    ε = settings.step_size (DESIGN.md / seed / devinterp convention); run through
-    `blackjax.sgld`'s kernel with h = blackjax_step_size(ε) = ε/2. State = the position (d,).
+    ε = settings.step_size (the sampling guide's / devinterp's convention); run through
+    `blackjax.sgld`'s kernel with h = blackjax_step_size(ε) = ε/2. "auto" is resolved here by
+    llc_bench.curvature.resolve_step_size if the caller has not. State = the position (d,).
     StepInfo.loss is L_m at the position *before* the step (the loss whose gradient drives the step,
     as devinterp's loss traces record it); grad_evals = m/n.
     """
+    if is_auto(settings.step_size):
+        from llc_bench.curvature import resolve_step_size
+
+        settings, _ = resolve_step_size(posterior, settings)
     kernel = blackjax.sgld.build_kernel()
     h = blackjax_step_size(settings.step_size)
     n_beta = posterior.n_beta
