@@ -103,8 +103,7 @@ def localization_curvature(posterior: Posterior) -> float:
     return float(jnp.vdot(e, hv))
 
 
-def auto_step_size(posterior: Posterior, preconditioner=None, constant: float = AUTO_STEP_CONSTANT,
-                   ) -> AutoStepSize:
+def auto_step_size(posterior: Posterior, preconditioner=None, constant: float | None = None) -> AutoStepSize:
     """ε = constant / (nβ h_max + c_loc · max G) at w*, from full-data Hessian-vector products.
 
     Without a preconditioner (G = I) this is ε = c / (nβ h_max + γ) with h_max the largest
@@ -112,8 +111,10 @@ def auto_step_size(posterior: Posterior, preconditioner=None, constant: float = 
     With a diagonal preconditioner G (RMSProp-SGLD: w ← w − ε/2 G ∇U + √(εG) η, i.e. SGLD in
     u = G^{-1/2} w) the curvature that limits ε is that of G^{1/2} ∇²U G^{1/2}; its loss part is
     computed exactly (h_max of G^{1/2} ∇²L_n G^{1/2}) and the localization part bounded by
-    c_loc · max G, reached along the flat directions where G is largest.
+    c_loc · max G, reached along the flat directions where G is largest. constant: c (None =
+    AUTO_STEP_CONSTANT).
     """
+    constant = AUTO_STEP_CONSTANT if constant is None else constant
     w = jnp.asarray(posterior.w_star)
     hvp = loss_hvp(posterior)
     if preconditioner is None:
