@@ -301,6 +301,8 @@ def _sampler_bound(name: str, field_name: str, value: Any) -> None:
         _check_bound(key, value, "unit")
     elif field_name == "step_size" and isinstance(value, int | float) and not value > 0:
         raise _fail(key, f'must be > 0 or "auto" (got {value!r})')
+    elif field_name == "auto_constant" and not 0 < value < 4:
+        raise _fail(key, f"must be in (0, 4): ε·curvature < 4 is the stability limit (got {value!r})")
     elif field_name == "eps":
         if not 0 < value <= 1:
             raise _fail(key, f"must be in (0, 1]: the guide says never set a > 1 (got {value!r})")

@@ -1,4 +1,4 @@
-"""Largest curvature of the local posterior at w* from Hessian-vector products, and the automatic SG step size ε = c / curvature."""
+"""Largest curvature and gradient noise of the local posterior at w* from Hessian- and covariance-vector products, and the automatic SG step size built on them."""
 
 from __future__ import annotations
 
@@ -12,16 +12,10 @@ import numpy as np
 from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
 from llc_bench.posterior import Posterior
-from llc_bench.samplers.base import AUTO, is_auto
+from llc_bench.samplers.base import AUTO, AUTO_STEP_CONSTANT, is_auto
 
-__all__ = ["AUTO", "AUTO_STEP_CONSTANT", "AutoStepSize", "auto_step_size", "is_auto", "loss_hvp",
-           "resolve_step_size", "top_eigenvalue"]
-
-# ε = AUTO_STEP_CONSTANT / curvature. Stability of a Langevin step on a quadratic needs ε κ < 4;
-# at ε κ = c the stationary variance along the stiffest direction is 1/(1 − c/4) times the exact
-# one (+2.6% at c = 0.1), and softer directions are biased less. Measured on λ = d/2 regression,
-# a one-parameter quadratic and deep linear networks (README, "Automatic step size").
-AUTO_STEP_CONSTANT = 0.1
+__all__ = ["AUTO", "AUTO_STEP_CONSTANT", "AutoStepSize", "auto_step_size", "gradient_cvp", "is_auto",
+           "loss_hvp", "resolve_step_size", "top_eigenvalue"]
 
 # Below this dimension the Hessian is built densely from d products (exact, and ARPACK needs d > 2).
 DENSE_MAX_DIM = 32
@@ -37,17 +31,22 @@ PRECONDITIONER_BATCHES = 32
 class AutoStepSize(NamedTuple):
     """What `auto_step_size` measured and chose (plain floats, ready for summary.json).
 
-    step_size  ε = constant / curvature (the ε convention: BlackJAX h = ε/2)
-    h_max      largest eigenvalue of ∇²L_n(w*), or of G^{1/2} ∇²L_n(w*) G^{1/2} with a diagonal
-               preconditioner G
-    curvature  nβ h_max + c_loc max(G): c_loc the localization's curvature (γ, plus a weight decay)
-    num_hvp    full-data Hessian-vector products spent on h_max
+    step_size   ε = constant / (curvature + noise) (the ε convention: BlackJAX h = ε/2)
+    h_max       largest eigenvalue of ∇²L_n(w*), or of G^{1/2} ∇²L_n(w*) G^{1/2} with a diagonal
+                preconditioner G
+    curvature   nβ h_max + c_loc max(G): c_loc the localization's curvature (γ, plus a weight decay)
+    noise       nβ² s²_max / m: s²_max the largest eigenvalue of the per-sample loss-gradient
+                covariance at w* (G^{1/2} C G^{1/2}), m the batch size; 0 without a batch size
+    num_hvp     full-data Hessian-vector products spent on h_max
+    num_cvp     full-data gradient-covariance-vector products spent on s²_max
     """
 
     step_size: float
     h_max: float
     curvature: float
+    noise: float
     num_hvp: int
+    num_cvp: int
     constant: float
 
     def record(self) -> dict:
@@ -63,6 +62,25 @@ def loss_hvp(posterior: Posterior):
         return jax.jvp(grad, (w,), (v,))[1]
 
     return hvp
+
+
+def gradient_cvp(posterior: Posterior):
+    """(w, v) -> C v, C = covariance over the n samples of the per-sample loss gradient ∇ℓ_i(w), jitted.
+
+    C v = Jᵀ(J v)/n − ḡ (ḡ·v) with J the (n, d) per-sample Jacobian: one jvp and one vjp.
+    """
+    def per_sample(w):
+        return posterior.per_sample_loss(w, posterior.x, posterior.y)
+
+    @jax.jit
+    def cvp(w, v):
+        losses, jv = jax.jvp(per_sample, (w,), (v,))
+        pullback = jax.vjp(per_sample, w)[1]
+        n = losses.shape[0]
+        mean_grad = pullback(jnp.full((n,), 1.0 / n, losses.dtype))[0]
+        return pullback(jv / n)[0] - mean_grad * jnp.vdot(mean_grad, v)
+
+    return cvp
 
 
 def top_eigenvalue(matvec, dim: int, dtype=np.float32, seed: int = 0) -> tuple[float, int]:
@@ -103,37 +121,47 @@ def localization_curvature(posterior: Posterior) -> float:
     return float(jnp.vdot(e, hv))
 
 
-def auto_step_size(posterior: Posterior, preconditioner=None, constant: float | None = None) -> AutoStepSize:
-    """ε = constant / (nβ h_max + c_loc · max G) at w*, from full-data Hessian-vector products.
+def auto_step_size(posterior: Posterior, preconditioner=None, batch_size: int | None = None,
+                   constant: float | None = None) -> AutoStepSize:
+    """ε = c / (nβ h_max + c_loc · max G + nβ² s²_max / m) at w*, from full-data operator products.
 
-    Without a preconditioner (G = I) this is ε = c / (nβ h_max + γ) with h_max the largest
-    eigenvalue of ∇²L_n(w*): the stiffest direction of −log π then moves by ε κ = c per step.
-    With a diagonal preconditioner G (RMSProp-SGLD: w ← w − ε/2 G ∇U + √(εG) η, i.e. SGLD in
-    u = G^{-1/2} w) the curvature that limits ε is that of G^{1/2} ∇²U G^{1/2}; its loss part is
-    computed exactly (h_max of G^{1/2} ∇²L_n G^{1/2}) and the localization part bounded by
-    c_loc · max G, reached along the flat directions where G is largest. constant: c (None =
-    AUTO_STEP_CONSTANT).
+    One Langevin step of size ε on a Gaussian with curvature κ_u along a direction u, driven by
+    minibatch gradients whose noise has variance nβ² s_u²/m there, inflates the stationary
+    variance along u by ε κ_u/4 (discretization) + ε nβ² s_u²/(4m) (gradient noise) to first
+    order. ε as above bounds that by c/4 along every direction (the largest curvature and the
+    largest noise need not share a direction, which only errs on the small side). Stability needs
+    ε κ < 4. Without a preconditioner (G = I) and without gradient noise (full batch, or a
+    noise-free target at w*) this is ε = c / (nβ h_max + γ).
+
+    h_max: largest eigenvalue of ∇²L_n(w*) (Hessian-vector products, jax.jvp of jax.grad); s²_max:
+    of the per-sample gradient covariance at w* (`gradient_cvp`); both by Lanczos
+    (`top_eigenvalue`). With a diagonal preconditioner G (RMSProp-SGLD: w ← w − ε/2 G ∇U + √(εG) η,
+    i.e. SGLD in u = G^{-1/2} w) both operators are taken as G^{1/2} · G^{1/2}, and the
+    localization's part is bounded by c_loc · max G, reached along the flat directions where G is
+    largest. batch_size None: no gradient-noise term. constant: c (None = AUTO_STEP_CONSTANT).
     """
     constant = AUTO_STEP_CONSTANT if constant is None else constant
     w = jnp.asarray(posterior.w_star)
-    hvp = loss_hvp(posterior)
-    if preconditioner is None:
-        def matvec(v):
-            return hvp(w, jnp.asarray(v, w.dtype))
-        g_max = 1.0
-    else:
-        scale = jnp.sqrt(jnp.asarray(preconditioner, w.dtype))
+    dtype = np.dtype(w.dtype)
+    scale = None if preconditioner is None else jnp.sqrt(jnp.asarray(preconditioner, w.dtype))
+    g_max = 1.0 if preconditioner is None else float(jnp.max(preconditioner))
 
-        def matvec(v):
-            return scale * hvp(w, scale * jnp.asarray(v, w.dtype))
-        g_max = float(jnp.max(preconditioner))
-    h_max, count = top_eigenvalue(matvec, posterior.dim, np.dtype(w.dtype))
+    def sandwich(product):
+        if scale is None:
+            return lambda v: product(w, jnp.asarray(v, w.dtype))
+        return lambda v: scale * product(w, scale * jnp.asarray(v, w.dtype))
+
+    h_max, num_hvp = top_eigenvalue(sandwich(loss_hvp(posterior)), posterior.dim, dtype)
     h_max = max(h_max, 0.0)  # w* a minimum: a negative top eigenvalue is round-off
     curvature = posterior.n_beta * h_max + localization_curvature(posterior) * g_max
-    if not (math.isfinite(curvature) and curvature > 0):
+    noise, num_cvp = 0.0, 0
+    if batch_size is not None:
+        s2_max, num_cvp = top_eigenvalue(sandwich(gradient_cvp(posterior)), posterior.dim, dtype)
+        noise = posterior.n_beta**2 * max(s2_max, 0.0) / batch_size
+    if not (math.isfinite(curvature + noise) and curvature + noise > 0):
         raise ValueError(f"step_size = \"auto\": the posterior's curvature at w* is {curvature!r}; "
                          "give a numeric step size (nβ h_max + γ must be > 0)")
-    return AutoStepSize(constant / curvature, h_max, curvature, count, constant)
+    return AutoStepSize(constant / (curvature + noise), h_max, curvature, noise, num_hvp, num_cvp, constant)
 
 
 def resolve_step_size(posterior: Posterior, settings):
@@ -147,5 +175,5 @@ def resolve_step_size(posterior: Posterior, settings):
     from llc_bench.samplers.rmsprop_sgld import RMSPropSGLDSettings, preconditioner_at_wstar
 
     precond = preconditioner_at_wstar(posterior, settings) if isinstance(settings, RMSPropSGLDSettings) else None
-    auto = auto_step_size(posterior, precond)
+    auto = auto_step_size(posterior, precond, batch_size=settings.batch_size, constant=settings.auto_constant)
     return dataclasses.replace(settings, step_size=auto.step_size), auto

@@ -104,7 +104,7 @@ class ResolvedStepSize:
     seconds: float  # wall seconds, compilation of the HVP included
 
 
-# A forward-over-reverse Hessian-vector product costs about two gradients.
+# A forward-over-reverse Hessian-vector product, or a jvp + vjp covariance product, costs about two gradients.
 HVP_GRAD_EVALS = 2.0
 
 
@@ -118,7 +118,7 @@ def resolve_step_size_timed(posterior: Posterior, settings):
         return settings, None
     start = time.perf_counter()
     settings, auto = resolve_step_size(posterior, settings)
-    work = HVP_GRAD_EVALS * auto.num_hvp
+    work = HVP_GRAD_EVALS * (auto.num_hvp + auto.num_cvp)
     if get_spec("rmsprop_sgld").settings is type(settings):
         work += PRECONDITIONER_BATCHES * settings.batch_size / posterior.n
     return settings, ResolvedStepSize(auto, work, time.perf_counter() - start)
@@ -132,7 +132,9 @@ def step_size_summary(settings, resolved: ResolvedStepSize | None) -> dict:
         "step_size_auto": auto is not None,
         "h_max": None if auto is None else auto.h_max,
         "curvature": None if auto is None else auto.curvature,
+        "gradient_noise": None if auto is None else auto.noise,
         "num_hvp": None if auto is None else auto.num_hvp,
+        "num_cvp": None if auto is None else auto.num_cvp,
         "step_size_constant": None if auto is None else auto.constant,
         "step_size_auto_s": None if resolved is None else resolved.seconds,
     }

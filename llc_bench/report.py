@@ -71,9 +71,10 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
         for w in s["warnings"]:
             console.print(f"[yellow]{name}: {w}[/yellow]")
         if s.get("step_size_auto"):
-            console.print(f"{name}: step size auto: ε = {s['step_size_constant']:g} / {s['curvature']:.4g} = "
-                          f"{s['step_size']:.3g} (curvature nβ·h_max + γ·max G at w*; h_max = {s['h_max']:.4g} "
-                          f"from {s['num_hvp']} Hessian-vector products)", highlight=False)
+            console.print(f"{name}: step size auto: ε = {s['step_size_constant']:g} / ({s['curvature']:.4g} + "
+                          f"{s['gradient_noise']:.4g}) = {s['step_size']:.3g} (curvature nβ·h_max + γ·max G and "
+                          f"gradient noise nβ²·s²_max/m at w*; h_max = {s['h_max']:.4g} from {s['num_hvp']} "
+                          f"Hessian-vector products, {s['num_cvp']} covariance products)", highlight=False)
         if s.get("mala_accept") is not None:
             console.print(f"{name}: MALA-style acceptance of a full-gradient proposal at this ε: "
                           f"{s['mala_accept']:.2f} (below 0.5 suggests a smaller ε)")

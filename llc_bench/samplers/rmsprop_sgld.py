@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 
 from llc_bench.posterior import Posterior
-from llc_bench.samplers.base import Algorithm, SamplerSpec, check_step_size, is_auto, minibatch_step_info
+from llc_bench.samplers.base import (
+    AUTO_STEP_CONSTANT,
+    Algorithm,
+    SamplerSpec,
+    check_step_size,
+    is_auto,
+    minibatch_step_info,
+)
 
 
 ADAPT_MODES = ("burnin", "always")
@@ -35,9 +42,10 @@ class RMSPropSGLDSettings:
     eps: float = 0.1
     bias_correction: bool = True
     adapt: str = "burnin"
+    auto_constant: float = AUTO_STEP_CONSTANT  # c of step_size = "auto"
 
     def __post_init__(self):
-        check_step_size(self.step_size)
+        check_step_size(self.step_size, self.auto_constant)
         # a bounds the per-parameter step at ε/a; the guide says never a > 1, and a <= 0 makes the
         # first step (v = 0) infinite.
         if not 0.0 < self.eps <= 1.0:

@@ -8,19 +8,28 @@ import blackjax
 import jax.numpy as jnp
 
 from llc_bench.posterior import Posterior
-from llc_bench.samplers.base import Algorithm, SamplerSpec, check_step_size, is_auto, minibatch_step_info
+from llc_bench.samplers.base import (
+    AUTO_STEP_CONSTANT,
+    Algorithm,
+    SamplerSpec,
+    check_step_size,
+    is_auto,
+    minibatch_step_info,
+)
 
 
 @dataclass(frozen=True)
 class SGLDSettings:
-    """step_size is ε, devinterp's `lr` (not BlackJAX's h = ε/2), or "auto": ε = c / (nβ h_max + γ)
-    from the largest Hessian eigenvalue h_max of L_n at w* (llc_bench.curvature)."""
+    """step_size is ε, devinterp's `lr` (not BlackJAX's h = ε/2), or "auto": ε = c / (nβ h_max + γ
+    + nβ² s²_max/m) from the largest Hessian eigenvalue h_max of L_n at w* and the largest
+    per-sample gradient variance s²_max there (llc_bench.curvature.auto_step_size), c = auto_constant."""
 
     step_size: float | str = 1e-4
     batch_size: int = 256
+    auto_constant: float = AUTO_STEP_CONSTANT  # c of step_size = "auto"
 
     def __post_init__(self):
-        check_step_size(self.step_size)
+        check_step_size(self.step_size, self.auto_constant)
 
 
 def blackjax_step_size(epsilon: float) -> float:
