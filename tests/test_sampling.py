@@ -433,6 +433,7 @@ def test_full_batch_samplers_restricted_llc(problem, method, kwargs):
     ({"sampling_method": "hmc"}, "tunes its own step size"),
     ({"sampling_method": "hmc", "lr": None, "bounding_box_size": 1.0}, "bounding_box_size is only supported"),
     ({"lr": None}, "needs a positive lr"),
+    ({"lr": "fast"}, 'needs a positive lr .* or lr="auto", got \'fast\''),
     ({"noise_level": 0.0}, "noise_level must be > 0"),
     ({"n_beta": None}, "n_beta must be > 0"),
     ({"localization": -1.0}, "localization must be >= 0"),
@@ -455,3 +456,23 @@ def test_loss_fn_must_be_per_sample(problem):
 
     with pytest.raises(ValueError, match=r"per-sample losses of shape \(m,\)"):
         sample(apply_linear, params, mean_loss, (x, y), **COMMON)
+
+
+def test_lr_auto_on_the_tempered_posterior(problem):
+    """lr="auto": ε = c/(nβ h_max + γ + nβ² s²_max/m) on the posterior actually sampled (with
+    noise_level σ: nβ, γ divided by σ², and ε = σ² lr), recorded in attrs["run"]; λ̂ ≈ d/2."""
+    params, x, y = problem
+    kwargs = {**COMMON, "lr": "auto", "num_draws": 200}
+    tree = sample(apply_linear, params, squared_error, (x, y), **kwargs)
+    run = tree.attrs["run"]
+    assert run["step_size_auto"] and run["num_hvp"] == 4 and run["h_max"] > 0
+    design = np.concatenate([np.asarray(x), np.ones((x.shape[0], 1))], axis=1)
+    h_max = np.linalg.eigvalsh(design.T @ design / x.shape[0])[-1]
+    assert run["h_max"] == pytest.approx(h_max, rel=1e-3)
+    assert run["step_size"] == pytest.approx(0.1 / (N_BETA * h_max + 1.0 + run["gradient_noise"]), rel=1e-3)
+    assert tree.attrs["options"]["lr"] == "auto"
+    result = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS)
+    assert result.llc_mean == pytest.approx(2.0, rel=0.1)  # 4 free parameters: λ = 2
+    # σ = 2: the sampled posterior is p^(1/4); "auto" is measured on it, not on p
+    tempered = sample(apply_linear, params, squared_error, (x, y), **{**kwargs, "num_draws": 2, "noise_level": 2.0})
+    assert tempered.attrs["run"]["curvature"] == pytest.approx((N_BETA * h_max) / 4 + 0.25, rel=1e-3)
