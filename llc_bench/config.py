@@ -113,6 +113,10 @@ class RunConfig:
     num_projections: int = 4
     chunk_size: int = 0  # steps per jitted chunk between progress updates; 0 = automatic
     estimate_from: str = "full"  # "full": full-data L_n at draws; "minibatch": per-step sampler loss
+    # > 0: double the draws (at most max_doublings times) until SE(λ̂)/|λ̂| <= target_rel_se and the
+    # drift test passes (llc_bench.experiment.run_sampler); 0 = one run of num_draws
+    target_rel_se: float = 0.0
+    max_doublings: int = 3
     out_dir: str = "results"  # each run writes <out_dir>/<run_id>/
 
 
@@ -177,7 +181,7 @@ BOUNDS = {
     "posterior.beta0": "pos", "posterior.gamma": "nonneg", "posterior.prior_radius": "pos",
     "run.seed": "nonneg", "run.num_chains": "pos", "run.num_burnin_steps": "nonneg",
     "run.num_draws": "pos", "run.num_steps_bw_draws": "pos", "run.num_projections": "nonneg",
-    "run.chunk_size": "nonneg",
+    "run.chunk_size": "nonneg", "run.target_rel_se": "nonneg", "run.max_doublings": "nonneg",
 }
 _BOUND_TEXT = {"pos": "> 0", "nonneg": ">= 0", "unit": "in [0, 1]", "open_unit": "in (0, 1)"}
 

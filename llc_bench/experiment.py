@@ -64,24 +64,45 @@ def _finite(x) -> float | None:
 
 def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | None = None,
                 progress: bool = False, settings=None) -> SamplerRun:
-    """Sample one posterior with one sampler and turn the chains into an estimate with diagnostics."""
+    """Sample one posterior with one sampler and turn the chains into an estimate with diagnostics.
+
+    step_size = "auto" is resolved first (`resolve_step_size_timed`). With run.target_rel_se > 0
+    the draws are doubled (at most run.max_doublings times) until SE(λ̂)/|λ̂| <= target_rel_se and
+    the run is not `not_converged`; each attempt reruns the chains from w* with the same keys, so
+    a longer attempt extends the shorter one's chains exactly. summary["target_rel_se"] records
+    every attempt; the summary's work and seconds are those of the final attempt (the cost of
+    running it once), summary["target_rel_se"]["grad_evals_all"] the sum over attempts.
+    """
     from llc_bench.diagnostics import convergence, to_datatree
-    from llc_bench.health import check_health
+    from llc_bench.health import check_health, run_status
 
     spec = get_spec(name)
     settings = settings if settings is not None else cfg.sampler[name]
     settings, resolved = resolve_step_size_timed(posterior, settings)
     algorithm = spec.build(posterior, settings)
     run, steps = cfg.run, cfg.schedule[name]
-    result, states = run_chains_with_state(name, algorithm, posterior, sampler_key(run.seed, name),
-                        num_chains=run.num_chains, num_burnin_steps=steps.num_burnin_steps,
-                        num_draws=steps.num_draws, num_steps_bw_draws=steps.num_steps_bw_draws,
-                        num_projections=run.num_projections, chunk_size=run.chunk_size,
-                        progress=progress, devices=chain_devices(run.num_chains))
-    estimate = estimate_from_result(result, run.estimate_from)
+    num_draws, attempts = steps.num_draws, []
+    while True:
+        result, states = run_chains_with_state(name, algorithm, posterior, sampler_key(run.seed, name),
+                            num_chains=run.num_chains, num_burnin_steps=steps.num_burnin_steps,
+                            num_draws=num_draws, num_steps_bw_draws=steps.num_steps_bw_draws,
+                            num_projections=run.num_projections, chunk_size=run.chunk_size,
+                            progress=progress, devices=chain_devices(run.num_chains))
+        estimate = estimate_from_result(result, run.estimate_from)
+        flags = check_health(result, estimate_from=run.estimate_from)
+        if run.target_rel_se <= 0:
+            break
+        rel_se = abs(estimate.se / estimate.mean) if estimate.mean else math.inf
+        status = run_status(estimate.status, flags)
+        reached = bool(rel_se <= run.target_rel_se) and status != "not_converged"
+        attempts.append({"num_draws": num_draws, "steps": steps.num_burnin_steps + num_draws * steps.num_steps_bw_draws,
+                         "llc_mean": _finite(estimate.mean), "rel_se": _finite(rel_se), "status": status,
+                         "grad_evals": float(np.sum(result.grad_evals))})
+        if reached or status in ("failed", "diverged") or len(attempts) > run.max_doublings:
+            break
+        num_draws *= 2
     tree = to_datatree(result, estimate.running)
     conv = convergence(tree)
-    flags = check_health(result, estimate_from=run.estimate_from)
     mala = None
     if name == "sgld":
         mala = _mala_check(posterior, algorithm, states, settings.step_size, result.diverged_at, run.seed)
@@ -92,6 +113,9 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
                          extra_grad_evals=0.0 if resolved is None else resolved.grad_evals)
     summary["mala_accept"] = None if mala is None else mala.mean_accept
     summary.update(step_size_summary(settings, resolved))
+    summary["target_rel_se"] = None if not attempts else {
+        "target": run.target_rel_se, "reached": reached, "num_draws": num_draws, "steps": attempts[-1]["steps"],
+        "grad_evals_all": sum(a["grad_evals"] for a in attempts), "attempts": attempts}
     return SamplerRun(name, result, estimate, tree, conv, flags, summary)
 
 

@@ -75,6 +75,12 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
                           f"{s['gradient_noise']:.4g}) = {s['step_size']:.3g} (curvature nβ·h_max + γ·max G and "
                           f"gradient noise nβ²·s²_max/m at w*; h_max = {s['h_max']:.4g} from {s['num_hvp']} "
                           f"Hessian-vector products, {s['num_cvp']} covariance products)", highlight=False)
+        target = s.get("target_rel_se")
+        if target:
+            trail = ", ".join(f"{a['num_draws']} draws: {_num(a['rel_se'], '.1%')} {a['status']}" for a in target["attempts"])
+            console.print(f"{name}: target relative SE {target['target']:.1%} "
+                          f"{'reached' if target['reached'] else 'NOT reached'} after {target['steps']} steps per "
+                          f"chain ({trail})", highlight=False)
         if s.get("mala_accept") is not None:
             console.print(f"{name}: MALA-style acceptance of a full-gradient proposal at this ε: "
                           f"{s['mala_accept']:.2f} (below 0.5 suggests a smaller ε)")

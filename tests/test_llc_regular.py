@@ -121,3 +121,24 @@ def test_dln_llc_matches_aoyagi(name):
     assert target.truth == pytest.approx(dln_learning_coefficient([6, 5, 4, 4], 2))
     run = run_sampler(cfg, name, build_posterior(cfg, target), truth=target.truth)
     assert run.estimate.mean == pytest.approx(target.truth, rel=0.15)
+
+
+def test_target_rel_se_doubles_the_draws_until_reached(regular):
+    """run.target_rel_se: draws 25 → 50 → … until SE/λ̂ <= 3% (and no drift); each attempt extends the last."""
+    cfg, target, posterior = regular
+    cfg = replace(cfg, **{"run.target_rel_se": 0.03, "run.max_doublings": 4, "sampler.hmc.num_draws": 25,
+                          "run.samplers": ["hmc"], "sampler.hmc.num_warmup": 100})
+    run = run_sampler(cfg, "hmc", posterior, truth=target.truth)
+    record = run.summary["target_rel_se"]
+    draws = [a["num_draws"] for a in record["attempts"]]
+    assert draws == [25 * 2**i for i in range(len(draws))] and len(draws) >= 2
+    assert record["reached"] and record["num_draws"] == draws[-1] == run.result.draw_loss.shape[1]
+    assert record["attempts"][-1]["rel_se"] <= 0.03 < record["attempts"][-2]["rel_se"]
+    sched = cfg.schedule["hmc"]
+    assert record["steps"] == sched.num_burnin_steps + draws[-1] * sched.num_steps_bw_draws
+    assert record["grad_evals_all"] > run.summary["grad_evals"]
+    # the same keys: the shorter attempt's chains are the start of the final one's
+    short = run_sampler(replace(cfg, **{"run.target_rel_se": 0.0}), "hmc", posterior)
+    np.testing.assert_array_equal(short.result.draw_loss, run.result.draw_loss[:, :25])
+    assert short.summary["target_rel_se"] is None
+    assert run.estimate.mean == pytest.approx(4.0, rel=0.05)
