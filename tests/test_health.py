@@ -14,9 +14,9 @@ from llc_bench.health import (
     HealthFlag,
     check_health,
     drift_test,
-    run_status,
     mala_acceptance,
     mala_log_accept_ratio,
+    run_status,
     step_size_check_summary,
     unsplit_rank_rhat,
 )

@@ -18,7 +18,6 @@ from llc_bench.samplers.base import (
     minibatch_step_info,
 )
 
-
 ADAPT_MODES = ("burnin", "always")
 
 
