@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -24,6 +25,41 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "missing"
     return out
+
+
+@functools.cache
+def fingerprint() -> str:
+    """Where numbers are computed: jax/jaxlib versions, backend and device kind, CPU, XLA_FLAGS.
+
+    Same seed, same numbers holds between runs with equal fingerprints; another XLA build or another
+    CPU may fuse and vectorize reductions differently and change the last bits.
+    """
+    import platform
+
+    import jax
+
+    try:
+        jaxlib_version = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        jaxlib_version = "missing"
+    parts = [f"jax {jax.__version__}", f"jaxlib {jaxlib_version}",
+             f"{jax.default_backend()} {jax.devices()[0].device_kind}", f"{platform.machine()} {_cpu_model()}"]
+    if os.environ.get("XLA_FLAGS"):
+        parts.append(f"XLA_FLAGS={os.environ['XLA_FLAGS']}")
+    return "; ".join(parts)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown cpu"
 
 
 def run_id(config_dict: dict) -> str:
@@ -80,9 +116,28 @@ def write_datatree_atomic(tree, path: Path) -> Path:
             # expect it (and warn without it), so write it.
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             tree.to_zarr(tmp, mode="w", consolidated=True)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp.parent, ignore_errors=True)
     return path
+
+
+def swap_in(new: Path, path: Path) -> None:
+    """Move `new` to `path`, replacing what is there with no moment at which `path` is missing.
+
+    A directory cannot be renamed over a non-empty one, so the old one is renamed aside first, the
+    new one renamed in, and only then is the old one deleted (put back if the second rename fails).
+    """
+    path = Path(path)
+    if not path.exists():
+        os.replace(new, path)
+        return
+    aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old.")) / path.name
+    os.replace(path, aside)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        os.replace(aside, path)
+        raise
+    finally:
+        shutil.rmtree(aside.parent, ignore_errors=True)

@@ -10,6 +10,9 @@ from pathlib import Path
 from llc_bench.config import ConfigError, load_config, preset_names
 
 COMMANDS = ("run", "sweep", "tune", "bench")
+# Exit statuses: 0 done, 2 bad input (nothing run), 3 ran but no sampler produced an estimate, 130 interrupted.
+EXIT_BAD_INPUT = 2
+EXIT_ALL_FAILED = 3
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,6 +54,9 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--backend", choices=("local", "ray"), default="local")
         p.add_argument("--address", help="Ray cluster address (with --backend ray)")
         p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+        p.add_argument("--rerun-stale", action="store_true",
+                       help="redo rows computed under another fingerprint (machine, jax/jaxlib, backend, "
+                            "XLA_FLAGS); they move to <out>.stale.csv. Without it every row counts as done")
         p.add_argument("--no-progress", action="store_true")
         return p
     if command == "tune":
@@ -73,7 +79,11 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def check_writable(path: str | Path, what: str = "--out") -> Path:
     """Create the directory if needed and prove it is writable, before any work is done."""
+    if not str(path).strip():
+        raise ConfigError(f"{what}: empty path; give a directory")
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{what} {path}: is a file, not a directory")
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / f".write-test-{os.getpid()}"
@@ -89,12 +99,17 @@ def _run(args) -> int:
     if args.samplers:
         overrides.append("run.samplers=" + ",".join(args.samplers))
     cfg = load_config(args.preset, args.config, overrides)
-    if args.out:
+    if args.out is not None:
         check_writable(args.out)
+    else:
+        check_writable(cfg.run.out_dir, "run.out_dir")
     from llc_bench.experiment import run_experiment
 
-    run_experiment(cfg, out_dir=args.out, progress=not args.no_progress,
-                   check_step_size=args.check_step_size)
+    summary = run_experiment(cfg, out_dir=args.out, progress=not args.no_progress,
+                             check_step_size=args.check_step_size)
+    if all(s["status"] == "failed" for s in summary["samplers"].values()):
+        print("error: every sampler failed; no LLC estimate (see the status column)", file=sys.stderr)
+        return EXIT_ALL_FAILED
     return 0
 
 
@@ -117,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return sweep_main(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

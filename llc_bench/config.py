@@ -166,7 +166,8 @@ CHOICES = {
     "run.estimate_from": ESTIMATE_FROM,
 }
 
-# Numeric bounds: key -> (kind, description). kind: "pos" > 0, "nonneg" >= 0, "unit" in [0, 1], "open_unit" in (0, 1).
+# Numeric bounds: key -> kind. "pos" > 0, "nonneg" >= 0, "unit" in [0, 1], "open_unit" in (0, 1),
+# "seed" in [0, 2^32): JAX keys keep 32 bits of an integer seed, so larger seeds would alias smaller ones.
 BOUNDS = {
     "data.n": "pos", "data.in_dim": "pos", "data.out_dim": "pos",
     "data.spectrum_decay": "nonneg", "data.spectrum_scale": "pos",
@@ -179,11 +180,13 @@ BOUNDS = {
     "train.learning_rate": "pos", "train.steps": "nonneg", "train.batch_size": "nonneg",
     "train.grad_tol": "nonneg",
     "posterior.beta0": "pos", "posterior.gamma": "nonneg", "posterior.prior_radius": "pos",
-    "run.seed": "nonneg", "run.num_chains": "pos", "run.num_burnin_steps": "nonneg",
+    "run.seed": "seed", "run.num_chains": "pos", "run.num_burnin_steps": "nonneg",
     "run.num_draws": "pos", "run.num_steps_bw_draws": "pos", "run.num_projections": "nonneg",
     "run.chunk_size": "nonneg", "run.target_rel_se": "nonneg", "run.max_doublings": "nonneg",
 }
-_BOUND_TEXT = {"pos": "> 0", "nonneg": ">= 0", "unit": "in [0, 1]", "open_unit": "in (0, 1)"}
+SEED_LIMIT = 2**32
+_BOUND_TEXT = {"pos": "> 0", "nonneg": ">= 0", "unit": "in [0, 1]", "open_unit": "in (0, 1)",
+               "seed": f"an integer in [0, 2^32 = {SEED_LIMIT})"}
 
 
 def _suggest(word: str, options) -> str:
@@ -199,6 +202,24 @@ def _field_types(cls) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
+def _split_list(key: str, text: str) -> list[str]:
+    """'[8, 16]', '(8, 16)' or '8,16' -> ['8', '16']; a torn bracket or an empty item is refused, not repaired."""
+    body = text.strip()
+    closing = {"[": "]", "(": ")"}.get(body[:1])
+    if closing is not None:
+        if len(body) < 2 or body[-1] != closing:
+            raise _fail(key, f"unbalanced brackets in {text!r}; write a list like [a, b]")
+        body = body[1:-1]
+    if any(c in body for c in "[]()"):
+        raise _fail(key, f"malformed list {text!r}; write a flat list like [a, b]")
+    items = [v.strip() for v in body.split(",")]
+    if items == [""]:
+        return []
+    if "" in items:
+        raise _fail(key, f"empty item in list {text!r}; write a list like [a, b]")
+    return [v[1:-1] if len(v) >= 2 and v[0] == v[-1] and v[0] in "\"'" else v for v in items]
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Convert a TOML / command-line value to the field's declared type, or raise ConfigError."""
     origin, args = get_origin(hint), get_args(hint)
@@ -210,7 +231,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is tuple:
         elem = args[0]
         if isinstance(value, str):
-            value = [v.strip() for v in value.strip("[]()").split(",") if v.strip()]
+            value = _split_list(key, value)
         if not isinstance(value, list | tuple):
             value = [value]
         return tuple(_coerce(key, v, elem) for v in value)
@@ -266,7 +287,8 @@ def _check_bound(key: str, value: Any, kind: str) -> None:
         return
     values = value if isinstance(value, tuple) else (value,)
     for v in values:
-        ok = {"pos": v > 0, "nonneg": v >= 0, "unit": 0 <= v <= 1, "open_unit": 0 < v < 1}[kind]
+        ok = {"pos": v > 0, "nonneg": v >= 0, "unit": 0 <= v <= 1, "open_unit": 0 < v < 1,
+              "seed": 0 <= v < SEED_LIMIT}[kind]
         if not ok:
             raise _fail(key, f"must be {_BOUND_TEXT[kind]} (got {value!r})")
 
@@ -285,7 +307,8 @@ def build_section(section: str, cls, raw: dict) -> Any:
     try:
         return cls(**kwargs)
     except ValueError as exc:  # a settings class's own __post_init__ check
-        raise _fail(section, str(exc)) from None
+        message = str(exc)
+        raise (ConfigError(message) if message.startswith(f"{section}.") else _fail(section, message)) from None
 
 
 def _sampler_bound(name: str, field_name: str, value: Any) -> None:
@@ -332,8 +355,17 @@ def _validate(cfg: Config) -> None:
     for key, widths in (("teacher.widths", t.widths), ("model.widths", m.widths)):
         if widths is not None and any(w <= 0 for w in widths):
             raise _fail(key, f"widths must be positive integers (got {list(widths)})")
+    if d.n < 2:
+        raise _fail("data.n", f"must be >= 2: β = β0 / log n needs log n > 0 (got {d.n})")
     if m.widths is None and m.target_params is None:
         raise _fail("model.widths", "give model.widths or model.target_params")
+    if m.widths is None:
+        from llc_bench.models import hidden_widths_for_target
+
+        try:
+            hidden_widths_for_target(d.in_dim, d.out_dim, m.target_params, m.depth, m.bias)
+        except ValueError as exc:
+            raise _fail("model.target_params", str(exc)) from None
     if len(t.sv_band) != 2 or not 0 < t.sv_band[0] <= t.sv_band[1]:
         raise _fail("teacher.sv_band", f"must be [low, high] with 0 < low <= high (got {list(t.sv_band)})")
     if t.rank is not None:
@@ -390,18 +422,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def read_toml(path: str | Path) -> dict:
-    """Read a TOML file; a missing or unreadable file or bad TOML is a ConfigError."""
+def read_toml(path: str | Path, what: str = "--config") -> dict:
+    """Read a TOML file; an empty name, a missing or unreadable file, non-UTF-8 text or bad TOML is a ConfigError."""
+    if not str(path).strip():
+        raise ConfigError(f"{what}: empty file name; give the path of a TOML file")
     p = Path(path)
     try:
         with p.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"--config {path}: file not found") from None
+        raise ConfigError(f"{what} {path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path}: is a directory, not a TOML file") from None
     except OSError as exc:
-        raise ConfigError(f"--config {path}: cannot read ({exc.strerror})") from None
+        raise ConfigError(f"{what} {path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {exc.start}); TOML files must be UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path}: invalid TOML ({exc})") from None
+        raise ConfigError(f"{what} {path}: invalid TOML ({exc})") from None
 
 
 def preset_names() -> list[str]:
@@ -409,12 +447,38 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml") if not p.stem.startswith(JOB_SPEC_PREFIXES))
 
 
-def preset_path(name: str) -> Path:
-    path = PRESET_DIR / f"{name}.toml"
-    if not path.is_file():
-        names = preset_names()
-        raise ConfigError(f"--preset: unknown preset {name!r}{_suggest(name, names)}; allowed: {', '.join(names)}")
-    return path
+def preset_path(name: str, what: str = "--preset") -> Path:
+    """configs/<name>.toml of a run preset; only the names preset_names() lists (no paths, no job specs)."""
+    names = preset_names()
+    if name in names:
+        return PRESET_DIR / f"{name}.toml"
+    if isinstance(name, str) and name.startswith(JOB_SPEC_PREFIXES) and (PRESET_DIR / f"{name}.toml").is_file():
+        command = next(p for p in JOB_SPEC_PREFIXES if name.startswith(p))
+        raise ConfigError(f"{what}: {name!r} is a {command} spec, not a run preset; run it with "
+                          f"main.py {command} --spec configs/{name}.toml (presets: {', '.join(names)})")
+    raise ConfigError(f"{what}: unknown preset {name!r}{_suggest(str(name), names)}; allowed: {', '.join(names)}")
+
+
+def _student_from_teacher(model: ModelConfig, teacher: TeacherConfig, model_raw: dict) -> ModelConfig:
+    """train.use_teacher makes w* the teacher, so the student is the teacher's architecture.
+
+    model.widths, model.activation and model.bias default to the teacher's (a "dln" teacher is
+    linear without bias); one written in the config that differs is an error, not a silent override.
+    """
+    dln = teacher.kind == "dln"
+    want = {"widths": (teacher.widths, "teacher.widths"),
+            "activation": ("identity", 'teacher.kind = "dln"') if dln else (teacher.activation, "teacher.activation"),
+            "bias": (False, 'teacher.kind = "dln"') if dln else (teacher.bias, "teacher.bias")}
+    for name, (value, source) in want.items():
+        given = getattr(model, name)
+        if name in model_raw and given is not None and given != value:
+            show = list if name == "widths" else repr
+            raise _fail(f"model.{name}", f"{show(given)} contradicts the teacher's {show(value)} ({source}): "
+                                         "train.use_teacher = true needs the student to equal the teacher; "
+                                         f"drop model.{name} to take the teacher's")
+    target_params = model.target_params if model.widths is not None else None
+    return dataclasses.replace(model, widths=teacher.widths, activation=want["activation"][0],
+                               bias=want["bias"][0], target_params=target_params)
 
 
 def from_dict(raw: dict) -> Config:
@@ -449,6 +513,8 @@ def from_dict(raw: dict) -> Config:
             steps[k] = _coerce(f"sampler.{name}.{k}", v, int)
             _check_bound(f"sampler.{name}.{k}", steps[k], BOUNDS[f"run.{k}"])
         schedules[name] = Schedule(**{k: steps.get(k, getattr(run_cfg, k)) for k in SCHEDULE_KEYS})
+    if sections["train"].use_teacher:
+        sections["model"] = _student_from_teacher(sections["model"], sections["teacher"], raw.get("model", {}))
     cfg = Config(**sections, sampler=samplers, schedule=schedules)
     _validate(cfg)
     return cfg
@@ -458,9 +524,9 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
                 overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- preset TOML <- --config file <- --set key=value overrides; validated once."""
     raw: dict = {}
-    if preset:
+    if preset is not None:  # "" is refused by preset_path, not read as "no preset"
         raw = deep_merge(raw, read_toml(preset_path(preset)))
-    if config_file:
+    if config_file is not None:
         raw = deep_merge(raw, read_toml(config_file))
     for text in overrides:
         key, value = parse_override(text)

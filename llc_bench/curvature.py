@@ -164,16 +164,20 @@ def auto_step_size(posterior: Posterior, preconditioner=None, batch_size: int | 
     return AutoStepSize(constant / (curvature + noise), h_max, curvature, noise, num_hvp, num_cvp, constant)
 
 
-def resolve_step_size(posterior: Posterior, settings):
+def resolve_step_size(posterior: Posterior, settings, full_batch: bool = False):
     """(settings with a numeric step_size, AutoStepSize or None): settings unchanged unless step_size == "auto".
 
     RMSProp-SGLD is measured with its preconditioner estimated at w*
-    (llc_bench.samplers.rmsprop_sgld.preconditioner_at_wstar).
+    (llc_bench.samplers.rmsprop_sgld.preconditioner_at_wstar). full_batch: every step uses the
+    exact full-data gradient (sample(full_batch=True)), so there is no gradient-noise term.
     """
     if not is_auto(getattr(settings, "step_size", None)):
         return settings, None
     from llc_bench.samplers.rmsprop_sgld import RMSPropSGLDSettings, preconditioner_at_wstar
 
-    precond = preconditioner_at_wstar(posterior, settings) if isinstance(settings, RMSPropSGLDSettings) else None
-    auto = auto_step_size(posterior, precond, batch_size=settings.batch_size, constant=settings.auto_constant)
+    precond = None
+    if isinstance(settings, RMSPropSGLDSettings):
+        precond = preconditioner_at_wstar(posterior, settings, full_batch=full_batch)
+    auto = auto_step_size(posterior, precond, batch_size=None if full_batch else settings.batch_size,
+                          constant=settings.auto_constant)
     return dataclasses.replace(settings, step_size=auto.step_size), auto

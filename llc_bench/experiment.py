@@ -103,6 +103,8 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
         num_draws *= 2
     tree = to_datatree(result, estimate.running)
     conv = convergence(tree)
+    if estimate.status != "failed":
+        flags.extend(_diagnostics_missing(conv, num_draws))
     mala = None
     if name == "sgld":
         mala = _mala_check(posterior, algorithm, states, settings.step_size, result.diverged_at, run.seed)
@@ -119,6 +121,22 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     return SamplerRun(name, result, estimate, tree, conv, flags, summary)
 
 
+def _diagnostics_missing(conv: dict, num_draws: int) -> list:
+    """A run too short for ESS / R̂ has no evidence of mixing: say so instead of reporting "ok"."""
+    from llc_bench.health import HealthFlag
+
+    stats = conv["L_n"]
+    missing = [name for name, key, needed in (("ESS", "ess_bulk", True),
+                                              ("R̂", "rhat", len(conv["chains_used"]) >= 2))
+               if needed and not math.isfinite(float(stats[key]))]
+    if not missing:
+        return []
+    return [HealthFlag("too_few_draws",
+                       f"{' and '.join(missing)} could not be computed from {num_draws} draw(s) per chain, "
+                       "so nothing shows the chains mixed (and the interval has no spread to measure).",
+                       "Increase run.num_draws (at least a few dozen draws per chain).")]
+
+
 @dataclass(frozen=True)
 class ResolvedStepSize:
     """An automatic step size as resolved for one run, with its cost."""
@@ -132,7 +150,7 @@ class ResolvedStepSize:
 HVP_GRAD_EVALS = 2.0
 
 
-def resolve_step_size_timed(posterior: Posterior, settings):
+def resolve_step_size_timed(posterior: Posterior, settings, full_batch: bool = False):
     """(settings with a numeric step size, ResolvedStepSize or None); see llc_bench.curvature.resolve_step_size."""
     import time
 
@@ -141,9 +159,9 @@ def resolve_step_size_timed(posterior: Posterior, settings):
     if not is_auto(getattr(settings, "step_size", None)):
         return settings, None
     start = time.perf_counter()
-    settings, auto = resolve_step_size(posterior, settings)
+    settings, auto = resolve_step_size(posterior, settings, full_batch=full_batch)
     work = HVP_GRAD_EVALS * (auto.num_hvp + auto.num_cvp)
-    if get_spec("rmsprop_sgld").settings is type(settings):
+    if get_spec("rmsprop_sgld").settings is type(settings) and not full_batch:
         work += PRECONDITIONER_BATCHES * settings.batch_size / posterior.n
     return settings, ResolvedStepSize(auto, work, time.perf_counter() - start)
 
@@ -249,13 +267,20 @@ def run_experiment(cfg: Config, out_dir: str | Path | None = None, *, progress: 
     progress = progress_enabled(progress)
     config_dict = to_dict(cfg)
     rid = artifacts.run_id(config_dict)
+    out = None
+    if write:
+        out = Path(out_dir) if out_dir else Path(cfg.run.out_dir) / rid
+        _start_run_dir(out, cfg)
     target = build_target(cfg, progress=progress)
     posterior = build_posterior(cfg, target)
     runs: dict[str, SamplerRun] = {}
-    for name in cfg.run.samplers:
+    erm_failure = unusable_wstar(target, posterior)
+    for name in cfg.run.samplers if erm_failure is None else ():
         runs[name] = run_sampler(cfg, name, posterior, truth=target.truth, progress=progress)
         if check_step_size:
             runs[name].summary["step_size_check"] = step_size_check(cfg, name, posterior, runs[name])
+    sampler_summaries = ({name: r.summary for name, r in runs.items()} if erm_failure is None
+                         else {name: failed_summary(erm_failure) for name in cfg.run.samplers})
 
     train = target.train_report
     summary = {
@@ -272,29 +297,71 @@ def run_experiment(cfg: Config, out_dir: str | Path | None = None, *, progress: 
         "teacher_generator": target.generator,
         "train": dataclasses.asdict(train) if train is not None else None,
         "versions": artifacts.versions(),
-        "samplers": {name: r.summary for name, r in runs.items()},
+        "samplers": sampler_summaries,
     }
-    out = None
-    if write:
-        out = Path(out_dir) if out_dir else Path(cfg.run.out_dir) / rid
-        out.mkdir(parents=True, exist_ok=True)
-        _write_artifacts(out, cfg, summary, runs, target.truth, plots)
+    if out is not None:
+        _write_artifacts(out, summary, runs, target.truth, plots)
     print_report(summary, out, console=console)
     return summary
 
 
-def _write_artifacts(out: Path, cfg: Config, summary: dict, runs: dict, truth, plots: bool) -> None:
+def unusable_wstar(target, posterior: Posterior) -> str | None:
+    """Why w* cannot anchor a local posterior (ERM diverged: non-finite weights, loss or gradient), or None."""
+    train = target.train_report
+    problems = []
+    if not np.all(np.isfinite(np.asarray(target.w_star))):
+        problems.append("w* has non-finite weights")
+    if not math.isfinite(posterior.loss_at_wstar):
+        problems.append(f"L_n(w*) = {posterior.loss_at_wstar}")
+    if train is not None and not math.isfinite(train.grad_norm):
+        problems.append(f"‖∇L_n(w*)‖ = {train.grad_norm} (L_n(w*) = {train.final_loss:.4g})")
+    if not problems:
+        return None
+    cause = "ERM diverged" if train is not None else "the teacher's parameters are not a usable w*"
+    remedy = " Lower train.learning_rate." if train is not None else ""
+    return f"{cause}: {'; '.join(problems)}; no LLC estimate.{remedy}"
+
+
+def failed_summary(error: str) -> dict:
+    """The summary of a sampler that was not run because the problem itself is unusable."""
+    return {
+        "llc_mean": None, "llc_se": None, "llc_ci95": [None, None], "llc_per_chain": [], "rel_error": None,
+        "ess_bulk": None, "ess_tail": None, "rhat": None, "mcse_loss": None, "accept_rate": None,
+        "energy_change": None, "grad_evals": 0.0, "wall_s": 0.0, "compile_s": 0.0, "wnv_time": None,
+        "wnv_grad": None, "status": "failed", "warnings": [], "error": error, "chains_used": 0,
+        "chains_excluded": [], "diverged_at": [], "tuned": {}, "mala_accept": None,
+    }
+
+
+def _start_run_dir(out: Path, cfg: Config) -> None:
+    """Make `out` describe this run only, before any work: remove an earlier run's artifacts
+    (summary.json first: its presence means "finished"), then write this run's config.toml."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    shutil.rmtree(out / "traces.zarr", ignore_errors=True)
+    plots = out / "plots"
+    if plots.is_dir():
+        for png in plots.glob("*.png"):
+            png.unlink()
+        for hidden in plots.glob(".*.png"):  # a plot cut off before its rename
+            hidden.unlink()
+        if not any(plots.iterdir()):
+            plots.rmdir()
+    artifacts.write_text_atomic(out / "config.toml", to_toml(cfg))
+
+
+def _write_artifacts(out: Path, summary: dict, runs: dict, truth, plots: bool) -> None:
     import xarray as xr
 
     from llc_bench.plots import plot_all
 
-    # An earlier summary.json here would claim success while this run overwrites its other files.
-    (out / "summary.json").unlink(missing_ok=True)
-    artifacts.write_text_atomic(out / "config.toml", to_toml(cfg))
-    tree = xr.DataTree.from_dict({f"/{name}": r.tree for name, r in runs.items()})
-    tree.attrs.update(artifacts.jsonable({k: v for k, v in summary.items()
-                                          if k not in ("samplers", "versions", "train")}))
-    artifacts.write_datatree_atomic(tree, out / "traces.zarr")
+    if runs:
+        tree = xr.DataTree.from_dict({f"/{name}": r.tree for name, r in runs.items()})
+        tree.attrs.update(artifacts.jsonable({k: v for k, v in summary.items()
+                                              if k not in ("samplers", "versions", "train")}))
+        artifacts.write_datatree_atomic(tree, out / "traces.zarr")
     if plots:
         for r in runs.values():
             plot_all(r.result, out / "plots", truth=truth, llc_running=r.estimate.running)

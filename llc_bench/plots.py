@@ -28,11 +28,22 @@ LOSS_UNITS = "nats / sample"
 DPI = 110
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path, **savefig_kwargs) -> Path:
+    """Save to a temp file beside `path`, then rename: a run killed mid-plot leaves no truncated PNG."""
+    import os
+    import tempfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **({"dpi": DPI, "bbox_inches": "tight"} | savefig_kwargs))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 
@@ -153,11 +164,7 @@ def plot_trace_rank(result: ChainResult, path: Path) -> Path:
         ax.imshow(pixels, interpolation="none")
         ax.set_axis_off()
         fig.suptitle(title, fontsize=9)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=DPI)
-        plt.close(fig)
-        return path
+        return _save(fig, path, bbox_inches=None)
     except Exception as err:  # noqa: BLE001 - any arviz_plots failure falls back to matplotlib
         warnings.warn(f"arviz_plots trace/rank failed ({err!r}); using matplotlib fallback", stacklevel=2)
         plt.close("all")

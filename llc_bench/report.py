@@ -66,7 +66,9 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
             console.print(f"[red]{name}: chains {s['chains_excluded']} diverged (loss or position became "
                           f"NaN/inf at steps {[s['diverged_at'][c] for c in s['chains_excluded']]}) and are "
                           f"excluded from the estimate.[/red]")
-        if s["status"] == "failed":
+        if s.get("error"):
+            console.print(f"[red]{name}: {s['error']}[/red]")
+        elif s["status"] == "failed":
             console.print(f"[red]{name}: every chain diverged; no estimate. Decrease the step size.[/red]")
         for w in s["warnings"]:
             console.print(f"[yellow]{name}: {w}[/yellow]")

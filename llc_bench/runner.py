@@ -259,6 +259,17 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
+def baseline_loss(posterior: Posterior, num_chains: int) -> float:
+    """L_n(w*) computed the way draws compute L_n (vmapped over num_chains copies, in the data's precision).
+
+    λ̂ subtracts this from the draws' L_n: evaluated by another path (eager, or in float64) it differs
+    in the last bits, and nβ times that difference is what a chain that never moves would report.
+    """
+    w = jnp.broadcast_to(posterior.w_star, (num_chains, posterior.dim))
+    losses = jax.jit(jax.vmap(posterior.batch_loss, in_axes=(0, None, None)))(w, posterior.x, posterior.y)
+    return float(losses[0])
+
+
 def run_chains(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: jax.Array, *,
                num_chains: int, num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int,
                num_projections: int = 4, chunk_size: int = 0, progress: bool = True,
@@ -395,7 +406,7 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
         grad_evals=warmup_work + trace.grad_evals.astype(np.float64).sum(axis=1),
         warmup_grad_evals=warmup_work,
         num_burnin_steps=num_burnin_steps,
-        loss_at_wstar=float(posterior.loss_at_wstar),
+        loss_at_wstar=baseline_loss(posterior, num_chains),
         n_beta=float(posterior.n_beta),
         wall_s=wall_s,
         warmup_s=warmup_s,

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from llc_bench.config import SEED_LIMIT
 from llc_bench.posterior import Posterior
 from llc_bench.runner import key_name
 
@@ -182,6 +183,17 @@ def _set_position(state, position):
     raise ValueError(f"bounding_box_size: cannot set the position of a {type(state).__name__} state")
 
 
+def _full_batch(algorithm, x: jax.Array, y: jax.Array):
+    """An SG algorithm whose every step gets all n points: the runner draws no indices (batch_size None)."""
+    inner_step = algorithm.step
+
+    def step(rng_key, state, params, batch):
+        del batch  # None: the runner treats batch_size None as a full-batch sampler
+        return inner_step(rng_key, state, params, (x, y))
+
+    return algorithm._replace(step=step, batch_size=None)
+
+
 def _wrap_algorithm(algorithm, w_star: jax.Array, init_noise: float | None, box: float | None):
     """init_noise: w ← w* + init_noise · N(0, I) once per chain before warm-up; box: clip every
     step's position to [w* − box, w* + box] (both on the free entries only)."""
@@ -323,7 +335,8 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
            rmsprop_eps: float | None = None, rmsprop_alpha: float | None = None, noise_level: float = 1.0,
            weight_decay: float = 0.0, bounding_box_size: float | None = None, init_noise: float | None = None,
            param_masks=None, batches_per_draw: int = 3, seed: int = 0, output_path: str | Path | None = None,
-           save_metrics: bool = False, overwrite: bool = False, progress: bool = True):
+           save_metrics: bool = False, overwrite: bool = False, progress: bool = True, full_batch: bool = False,
+           per_sample_losses: bool = True, **devinterp_v1):
     """Sample the local posterior of `params` and record per-sample losses at every draw (devinterp's sample()).
 
     Model and loss: `loss_fn(apply_fn, params, x, y) -> (m,)` per-sample negative log-likelihoods
@@ -345,13 +358,17 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     σ ≠ 1 is run as exact SGLD at step σ²ε on the posterior with nβ, γ, λ divided by σ² (the
     same update), i.e. it samples p^(1/σ²): it breaks the posterior guarantee, as in devinterp.
     "rmsprop_sgld" preconditions the same update (llc_bench.samplers.rmsprop_sgld; eps/alpha via
-    rmsprop_eps/rmsprop_alpha or sampling_method_kwargs, e.g. bias_correction=False for devinterp's
-    exact update). "hmc", "nuts", "mclmc", "adjusted_mclmc" (full batch, self-tuned: lr must be
+    rmsprop_eps/rmsprop_alpha or sampling_method_kwargs; its preconditioner adapts during burn-in
+    only, then stays fixed: adapt="always" with bias_correction=False is devinterp's exact,
+    biased, update). "hmc", "nuts", "mclmc", "adjusted_mclmc" (full batch, self-tuned: lr must be
     None; their settings via sampling_method_kwargs) target the same posterior; noise_level then
     tempers it the same way. "sgmcmc_sgld" is accepted as devinterp's name for "sgld".
 
     Minibatches: each step draws batch_size · gradient_accumulation_steps indices uniformly with
-    replacement (llc_bench.runner), processed in gradient_accumulation_steps chunks.
+    replacement (llc_bench.runner), processed in gradient_accumulation_steps chunks, so even
+    batch_size = n is not the full batch. full_batch=True (SG methods): every step's gradient is the
+    exact full-data ∇L_n over all n points, in gradient_accumulation_steps chunks (which must divide
+    n); batch_size then only sizes the draw batches and the observables' points.
     Steps: num_burnin_steps + num_draws · num_steps_bw_draws per chain; a draw follows every
     num_steps_bw_draws-th step after burn-in.
 
@@ -366,12 +383,17 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         every draw of every chain.
       batches_per_draw: default batches per observable, and the number of fresh random sampling
         batches evaluated at each draw (sampling_loss).
-      seed: chains use the experiment pipeline's key (llc_bench.experiment.sampler_key(seed,
+      seed: an integer in [0, 2^32) (JAX keys keep 32 bits). Chains use the experiment pipeline's key (llc_bench.experiment.sampler_key(seed,
         method)); the sampling batches at draws use sampler_key(seed, "sample:sampling_batches")
         folded with chain and draw; observable points come from `observable_indices(seed, n)`.
 
     Output: an xarray DataTree (root dataset; C chains, D draws, T steps, k = batches_per_draw,
-    b = batch_size):
+    b = batch_size). By default it holds per-sample losses: sampling_loss and sampling_index take
+    C·D·k·b values each, and each observable C·D·k_obs·b, about 8·C·D·k·b bytes per dataset (4·10⁸
+    bytes for 4 chains × 1000 draws × 3 batches × 8192). per_sample_losses=False keeps only each
+    batch's mean loss (dims chain, draw, batch; no sampling_index): compute_llc and
+    compute_susceptibilities' χ work unchanged, the per-point results (compute_bif, χ per sample) need
+    the per-sample losses.
       init_loss(chain, sample_init)       per-sample losses of the full dataset at w* (same for every
                                           chain; its own dim because n ≠ b)
       full_loss(chain, draw)              full-data L_n(w) at each draw (computed by the runner)
@@ -381,6 +403,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
       index_<obs>(batch_<obs>, sample)    those points' indices in the observable's dataset
       distance(chain, draw)               ‖w − w*‖ over the free entries
       diverged_at(chain)                  first non-finite step, −1 if none (its draws are NaN)
+      full_loss_at_wstar ()               full-data L_n(w*), computed as full_loss is (λ̂'s baseline)
       n_beta ()                           nβ as given
       metrics_{loss,accept,energy_change,diverging}(chain, step)  per-step sampler info (save_metrics)
     Root attrs: `options` (every resolved option plus fingerprints of params, masks and data),
@@ -389,14 +412,20 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     output_path: the tree is written as a Zarr store atomically (temp dir, then rename) and the
     returned tree is read back from it. If a store already exists there, it is reused (no
     sampling) when its stored options equal the new ones exactly; otherwise a ValueError names the
-    differing options, unless overwrite=True, which replaces it. The fingerprints cover array
-    contents and the names of apply_fn/loss_fn, not their code.
+    differing options, unless overwrite=True, which replaces it (the old store stays in place until
+    the new one is complete). A path that is a regular file, or whose directory cannot be written,
+    is refused before sampling. The fingerprints cover array contents and the names of
+    apply_fn/loss_fn, not their code.
+
+    Every argument is checked before any work, and a ValueError names it. devinterp v1's names
+    (nbeta, optimizer_kwargs, grad_accum_steps, ...) raise a TypeError that gives the name used here.
     """
     import xarray as xr
 
     from llc_bench.runner import run_chains
 
     # ---- validate and resolve ---------------------------------------------------------------
+    _refuse_v1_names(devinterp_v1)
     method = METHOD_ALIASES.get(sampling_method, sampling_method)
     if method not in SG_METHODS + FULL_BATCH_METHODS:
         raise ValueError(f"unknown sampling_method {sampling_method!r}; allowed: "
@@ -417,6 +446,11 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         if (value is not None or required) and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
                                       and math.isfinite(value) and ok(value)):
             raise ValueError(f"{name} must be {rule}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
+    _check_lr(lr)
+    if full_batch and method not in SG_METHODS:
+        raise ValueError(f"full_batch applies to {SG_METHODS}; {method!r} always uses the full batch")
     if bounding_box_size is not None and method not in SG_METHODS:
         raise ValueError(f"bounding_box_size is only supported for {SG_METHODS}, not {method!r}")
     spec, settings = _sampler_settings(
@@ -425,6 +459,13 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         rmsprop_alpha=rmsprop_alpha)
     x, y = _as_dataset(dataset, "dataset")
     n = int(x.shape[0])
+    if full_batch and n % gradient_accumulation_steps:
+        raise ValueError(f"full_batch: gradient_accumulation_steps = {gradient_accumulation_steps} must divide "
+                         f"the dataset size n = {n}")
+    if method in SG_METHODS and not full_batch and batch_size * gradient_accumulation_steps > n:
+        raise ValueError(f"batch_size × gradient_accumulation_steps = {batch_size * gradient_accumulation_steps} "
+                         f"must be <= the dataset size n = {n}")
+    path = _check_output_path(output_path)
     obs = _observable_specs(observables, batches_per_draw, batch_size)
     restriction = Restriction.build(params, param_masks)
     if not jnp.issubdtype(restriction.w_all.dtype, jnp.floating):
@@ -449,6 +490,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         "rmsprop_eps": rmsprop_eps, "rmsprop_alpha": rmsprop_alpha, "noise_level": noise_level,
         "weight_decay": weight_decay, "bounding_box_size": bounding_box_size, "init_noise": init_noise,
         "batches_per_draw": batches_per_draw, "seed": seed, "save_metrics": save_metrics,
+        "full_batch": bool(full_batch), "per_sample_losses": bool(per_sample_losses),
         "apply_fn": _fn_name(apply_fn), "loss_fn": _fn_name(loss_fn),
         "params_sha256": _sha256(*jax.tree_util.tree_leaves(params)),
         "param_paths": param_paths(params),
@@ -459,7 +501,6 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
                         for name, (ox, oy, k) in obs.items()},
     })
 
-    path = Path(output_path) if output_path is not None else None
     if path is not None and path.exists():
         reused = _reuse_store(path, options, overwrite)
         if reused is not None:
@@ -476,8 +517,10 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
                                   accumulation_steps=gradient_accumulation_steps)
     from llc_bench.experiment import resolve_step_size_timed, step_size_summary
 
-    settings, resolved_step = resolve_step_size_timed(posterior, settings)
+    settings, resolved_step = resolve_step_size_timed(posterior, settings, full_batch=full_batch)
     algorithm = _wrap_algorithm(spec.build(posterior, settings), w_star, init_noise, bounding_box_size)
+    if full_batch:
+        algorithm = _full_batch(algorithm, x, y)
 
     fixed = {}
     obs_index = {}
@@ -490,16 +533,18 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
 
     def batch_losses(w, xs, ys):
         # One batch at a time: the memory of a batch, not of all k.
-        return jax.lax.map(lambda xy: per_sample_loss(w, *xy), (xs, ys))
+        losses = jax.lax.map(lambda xy: per_sample_loss(w, *xy), (xs, ys))
+        return losses if per_sample_losses else jnp.mean(losses, axis=-1)
 
     def draw_fn(w, chain, draw, data):
         key = jax.random.fold_in(jax.random.fold_in(data["key"], chain), draw)
         idx = jax.random.randint(key, (k_sampling, batch_size), 0, n)
         out = {
             "sampling_loss": batch_losses(w, data["x"][idx], data["y"][idx]),
-            "sampling_index": idx.astype(jnp.int32),
             "distance": jnp.linalg.norm(w - data["w_star"]),
         }
+        if per_sample_losses:
+            out["sampling_index"] = idx.astype(jnp.int32)
         for name, (xs, ys) in data["obs"].items():
             out[f"loss_{name}"] = batch_losses(w, xs, ys)
         return out
@@ -515,14 +560,17 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     data_vars = {
         "init_loss": (("chain", "sample_init"), np.broadcast_to(np.asarray(init_loss), (num_chains, n))),
         "full_loss": (("chain", "draw"), result.draw_loss),
-        "sampling_loss": (("chain", "draw", "batch", "sample"), draws["sampling_loss"]),
-        "sampling_index": (("chain", "draw", "batch", "sample"), draws["sampling_index"]),
+        "sampling_loss": (("chain", "draw", "batch", "sample")[:draws["sampling_loss"].ndim], draws["sampling_loss"]),
         "distance": (("chain", "draw"), draws["distance"]),
         "diverged_at": (("chain",), result.diverged_at),
+        "full_loss_at_wstar": ((), np.float64(result.loss_at_wstar)),
         "n_beta": ((), np.float64(n_beta)),
     }
+    if per_sample_losses:
+        data_vars["sampling_index"] = (("chain", "draw", "batch", "sample"), draws["sampling_index"])
     for name in obs:
-        data_vars[f"loss_{name}"] = (("chain", "draw", f"batch_{name}", "sample"), draws[f"loss_{name}"])
+        dims = ("chain", "draw", f"batch_{name}", "sample")[:draws[f"loss_{name}"].ndim]
+        data_vars[f"loss_{name}"] = (dims, draws[f"loss_{name}"])
         data_vars[f"index_{name}"] = ((f"batch_{name}", "sample"), obs_index[name])
     if save_metrics:
         for field in ("loss", "accept", "energy_change", "diverging"):
@@ -536,7 +584,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         "num_params": int(restriction.w_all.size),
         "num_params_free": int(restriction.free_index.size),
         "n": n,
-        "loss_at_wstar": loss_at_wstar,
+        "loss_at_wstar": result.loss_at_wstar,
         "grad_evals": float(np.sum(result.grad_evals)),
         "wall_s": result.wall_s, "warmup_s": result.warmup_s, "compile_s": result.compile_s,
         "tuned": result.tuned,
@@ -551,9 +599,62 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         return tree
     from llc_bench.artifacts import write_datatree_atomic
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_datatree_atomic(tree, path)
     return xr.open_datatree(path, engine="zarr", consolidated=False)
+
+
+# devinterp v1 keyword -> how sample() spells it
+V1_NAMES = {
+    "nbeta": "n_beta",
+    "optimizer_kwargs": "sampling_method_kwargs (lr, n_beta, localization, noise_level, weight_decay and "
+                        "bounding_box_size are sample() arguments)",
+    "grad_accum_steps": "gradient_accumulation_steps",
+    "temperature": "n_beta",
+    "loader": "dataset",
+    "callbacks": "observables and compute_llc / compute_bif / compute_susceptibilities on the returned tree",
+    "device": "JAX's default device (no argument)",
+    "cores": "num_chains (chains run vectorized)",
+    "verbose": "progress",
+}
+
+
+def _refuse_v1_names(extra: dict) -> None:
+    """Unknown keywords get a TypeError; devinterp v1 names get one that says how to spell them here."""
+    import difflib
+    import inspect
+
+    for name in extra:
+        if name in V1_NAMES:
+            raise TypeError(f"sample(): {name!r} is devinterp v1's name; use {V1_NAMES[name]}")
+        known = [p for p in inspect.signature(sample).parameters if p != "devinterp_v1"]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TypeError(f"sample() got an unexpected keyword argument {name!r}{hint}")
+
+
+def _check_lr(lr) -> None:
+    """lr: None (samplers that tune their own step), a finite number > 0 or "auto"; _sampler_settings says which is needed."""
+    if lr is None or (isinstance(lr, str) and lr == "auto"):
+        return
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f'lr must be a finite number > 0 or "auto" (or None for self-tuning samplers), got {lr!r}')
+
+
+def _check_output_path(output_path) -> Path | None:
+    """Refuse, before any sampling, an output_path that could not take the store."""
+    import tempfile
+
+    if output_path is None:
+        return None
+    path = Path(output_path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_path {path} is a file, not a Zarr store; remove it or choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as err:
+        raise ValueError(f"output_path {path}: its directory cannot be written ({err.strerror or err})") from None
+    return path
 
 
 def _reuse_store(path: Path, options: dict, overwrite: bool):
@@ -629,8 +730,9 @@ def _llc_draws(ds, source: str, burn: int) -> tuple[np.ndarray, int]:
     burn_steps = int(ds.attrs.get("options", {}).get("num_burnin_steps", 0)) + burn * k
     if source == "full":
         return np.asarray(ds["full_loss"], np.float64)[:, burn:], burn_steps
-    if source == "sampling":
-        return np.asarray(ds["sampling_loss"], np.float64).mean(axis=(2, 3))[:, burn:], burn_steps
+    if source == "sampling":  # batches have equal sizes: the mean of batch means is the mean of all
+        s = np.asarray(ds["sampling_loss"], np.float64)
+        return s.reshape(*s.shape[:2], -1).mean(axis=2)[:, burn:], burn_steps
     if source == "minibatch":
         if "metrics_loss" not in ds:
             raise ValueError("source='minibatch' needs the per-step losses: sample(..., save_metrics=True)")
@@ -638,10 +740,18 @@ def _llc_draws(ds, source: str, burn: int) -> tuple[np.ndarray, int]:
     raise ValueError(f"source must be 'full', 'sampling' or 'minibatch', got {source!r}")
 
 
+def _baseline(ds) -> float:
+    """L_n(w*) as the draws' L_n is computed (stores without it: the float64 mean of init_loss)."""
+    if "full_loss_at_wstar" in ds:
+        return float(ds["full_loss_at_wstar"])
+    return float(np.mean(np.asarray(ds["init_loss"], np.float64)[0]))
+
+
 def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCResult:
     """λ̂ = nβ ( mean over usable chains and post-burn-in draws of L(w) − L_n(w*) ).
 
-    L_n(w*) = mean of init_loss: the FULL-data loss at w*, never a minibatch average. Draws
+    L_n(w*) = full_loss_at_wstar: the FULL-data loss at w* (the mean of init_loss, computed the way the
+    draws' full_loss is, so a chain that never moves gives exactly 0), never a minibatch average. Draws
     before `num_burnin_draws` are dropped (on top of the sampler's num_burnin_steps). L(w):
       source="full"      (default) full-data L_n(w) at each draw (full_loss)
       source="sampling"  mean of the k fresh random batches at each draw (sampling_loss; unbiased,
@@ -660,7 +770,7 @@ def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCRes
     num_chains, num_draws = ds.sizes["chain"], ds.sizes["draw"]
     burn = _burnin(num_burnin_draws, num_draws)
     draws, burn_steps = _llc_draws(ds, source, burn)
-    loss_at_wstar = float(np.mean(np.asarray(ds["init_loss"], np.float64)[0]))
+    loss_at_wstar = _baseline(ds)
     n_beta = float(ds["n_beta"])
     diverged_at = np.asarray(ds["diverged_at"], np.int64)
     estimate = estimate_llc(draws, loss_at_wstar, n_beta, diverged_at)
@@ -704,7 +814,12 @@ def _pooled_cov(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("cti,ctj->ij", a, b) / (a.shape[0] * (a.shape[1] - 1))
 
 
+def _per_sample(ds) -> bool:
+    return bool(ds.attrs.get("options", {}).get("per_sample_losses", True))
+
+
 def _obs_losses(ds, name: str, burn: int) -> np.ndarray:
+    """(C, N, I) per-sample losses, or (C, N, k) batch means when the tree stores only means."""
     var = f"loss_{name}"
     if var not in ds:
         have = [v[5:] for v in ds.data_vars if v.startswith("loss_")]
@@ -734,6 +849,9 @@ def compute_bif(tree, obs_a: str, obs_b: str | None = None, *, num_burnin_draws:
         raise ValueError(f"normalize must be 'covariance' or 'correlation', got {normalize!r}")
     obs_b = obs_a if obs_b is None else obs_b
     ds = _dataset(tree)
+    if not _per_sample(ds):
+        raise ValueError("compute_bif needs per-sample losses; this tree has batch means only "
+                         "(sample(..., per_sample_losses=True))")
     burn = _burnin(num_burnin_draws, ds.sizes["draw"], need=2)
     a, b = _obs_losses(ds, obs_a, burn), _obs_losses(ds, obs_b, burn)
     ok = _usable(ds, a, b)
@@ -771,7 +889,8 @@ def compute_susceptibilities(tree, *, num_burnin_draws: int = 0, source: str = "
     Covariances are pooled over usable chains and post-burn-in draws, each chain centered on its
     own means. Returns an xarray.Dataset with, per observable: `<obs>` (χ), `<obs>_se` (between-
     chain standard error of χ; NaN with one usable chain) and `<obs>_per_sample`
-    (batch_<obs>, sample): χ_i = −nβ Cov(L, ℓ_i) for each of its points.
+    (batch_<obs>, sample): χ_i = −nβ Cov(L, ℓ_i) for each of its points (only when the tree holds
+    per-sample losses; with per_sample_losses=False χ comes from the batch means, which average to φ).
     """
     import xarray as xr
 
@@ -791,7 +910,8 @@ def compute_susceptibilities(tree, *, num_burnin_draws: int = 0, source: str = "
         if not ok.any():
             out[name] = ((), np.nan)
             out[f"{name}_se"] = ((), np.nan)
-            out[f"{name}_per_sample"] = (dims, np.full(shape, np.nan))
+            if _per_sample(ds):
+                out[f"{name}_per_sample"] = (dims, np.full(shape, np.nan))
             continue
         L = loss[ok][:, :, None]
         phi = per_sample[ok].mean(axis=2, keepdims=True)
@@ -800,5 +920,6 @@ def compute_susceptibilities(tree, *, num_burnin_draws: int = 0, source: str = "
         se = float(np.std(per_chain, ddof=1) / math.sqrt(len(per_chain))) if len(per_chain) > 1 else math.nan
         out[name] = ((), chi)
         out[f"{name}_se"] = ((), se)
-        out[f"{name}_per_sample"] = (dims, (-n_beta * _pooled_cov(L, per_sample[ok])[0]).reshape(shape))
+        if _per_sample(ds):
+            out[f"{name}_per_sample"] = (dims, (-n_beta * _pooled_cov(L, per_sample[ok])[0]).reshape(shape))
     return xr.Dataset(out, attrs={"n_beta": n_beta, "source": source, "num_burnin_draws": burn})

@@ -32,7 +32,10 @@ line (a write cut by SIGKILL or power loss) is truncated away, cells with all th
 are skipped, a cell with only some sampler rows reruns just the missing samplers (each sampler has
 its own RNG stream, so the result is the one the full cell would have given), and rows already in
 the file are never written twice. ``failed`` rows count as done: delete them (or use a new --out)
-to retry those cells. The CSV belongs to one spec: ``cell_id`` hashes the cell's overrides and
+to retry those cells. Each row records a ``fingerprint`` of where it was computed (jax/jaxlib,
+backend and device kind, CPU, XLA_FLAGS): bit-identity holds only between equal fingerprints, and
+``--rerun-stale`` moves rows of another fingerprint to ``<name>.stale.csv`` and reruns their cells.
+A CSV from before that column reads with it empty, and gains it at its next write. The CSV belongs to one spec: ``cell_id`` hashes the cell's overrides and
 seed, not the base, so after changing the base write to a new CSV.
 
 Parallelism: ``--workers N`` runs cells in N local processes (``ProcessPoolExecutor``, 'spawn'
@@ -75,6 +78,7 @@ from typing import Any
 
 from llc_bench.config import (
     PRESET_DIR,
+    SEED_LIMIT,
     Config,
     ConfigError,
     _suggest,
@@ -94,8 +98,10 @@ SPEC_SECTIONS = ("sweep", "base", "base_preset", "axes")
 METRICS = ("llc_mean", "llc_se", "truth", "rel_error", "ess_bulk", "ess_tail", "rhat", "accept_rate",
            "grad_evals", "wall_s", "compile_s", "wnv_time", "wnv_grad", "n_beta", "gamma", "d",
            "loss_at_wstar", "step_size", "h_max", "num_hvp")
-TAIL = ("status", "warnings", "error", "versions")
+TAIL = ("status", "warnings", "error", "versions", "fingerprint")
 STATUSES = ("ok", "warnings", "not_converged", "diverged", "failed")
+# Columns newer than some CSVs still being resumed: an older file gets them empty.
+ADDED_COLUMNS = ("fingerprint", "step_size", "h_max", "num_hvp")
 
 CellFn = Callable[[Config], dict]
 
@@ -192,8 +198,8 @@ def parse_spec(raw: dict, path: str = "<spec>") -> SweepSpec:
     seeds = sweep.get("seeds", [0])
     seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
     if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-        raise ConfigError(f"{path}: sweep.seeds: must be a non-empty list of integers >= 0 (got {seeds!r})")
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < SEED_LIMIT for s in seeds)):
+        raise ConfigError(f"{path}: sweep.seeds: must be a non-empty list of integers in [0, 2^32) (got {seeds!r})")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{path}: sweep.seeds: repeated seed in {seeds!r}")
     samplers = sweep.get("samplers")
@@ -215,7 +221,7 @@ def parse_spec(raw: dict, path: str = "<spec>") -> SweepSpec:
     if preset is not None:
         if not isinstance(preset, str):
             raise ConfigError(f"{path}: base_preset: must be a preset name (got {preset!r})")
-        base = read_toml(preset_path(preset))
+        base = read_toml(preset_path(preset, f"{path}: base_preset"), f"{path}: base_preset")
     extra = raw.get("base", {})
     if not isinstance(extra, dict):
         raise ConfigError(f"{path}: [base] must be a table")
@@ -231,11 +237,7 @@ def parse_spec(raw: dict, path: str = "<spec>") -> SweepSpec:
 def load_spec(path: str | Path | None = None) -> SweepSpec:
     """Read and parse a spec file (default configs/sweep_default.toml)."""
     path = Path(path) if path is not None else DEFAULT_SPEC
-    try:
-        raw = read_toml(path)
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace("--config", "--spec", 1)) from None
-    return parse_spec(raw, str(path))
+    return parse_spec(read_toml(path, "--spec"), str(path))
 
 
 def _combos(spec: SweepSpec) -> list[dict[str, Any]]:
@@ -292,21 +294,7 @@ def _build(spec: SweepSpec, overrides: dict[str, Any], seed: int) -> Config:
     set_dotted(raw, "run.seed", seed)
     if spec.samplers is not None:
         set_dotted(raw, "run.samplers", list(spec.samplers))
-    cfg = from_dict(raw)
-    _check_sizes(cfg)
-    return cfg
-
-
-def _check_sizes(cfg: Config) -> None:
-    """A student sized by target_params must be buildable; fail at expansion, not mid-sweep."""
-    m = cfg.model
-    if m.widths is None:
-        from llc_bench.models import hidden_widths_for_target
-
-        try:
-            hidden_widths_for_target(cfg.data.in_dim, cfg.data.out_dim, m.target_params, m.depth, m.bias)
-        except ValueError as exc:
-            raise ConfigError(f"model.target_params: {exc}") from None
+    return from_dict(raw)  # also checks that a student sized by target_params is buildable
 
 
 def expand(spec: SweepSpec) -> list[Cell]:
@@ -410,15 +398,22 @@ def _versions_json(versions: dict | None) -> str:
 
 
 def rows_for(cell: Cell, config_columns: Iterable[str], summary: dict | None,
-             error: str | None = None) -> list[dict]:
-    """The CSV rows of one finished cell: one per sampler; all 'failed' with `error` when summary is None."""
+             error: str | None = None, fingerprint: str | None = None) -> list[dict]:
+    """The CSV rows of one finished cell: one per sampler; all 'failed' with `error` when summary is None.
+
+    fingerprint: where the rows were computed (default: this process, artifacts.fingerprint()).
+    """
+    from llc_bench.artifacts import fingerprint as here
+
     resolved = to_dict(cell.config)
     base = {"cell_id": cell.cell_id, "seed": cell.seed}
     base.update({col: _cell_text(_lookup(resolved, col)) for col in config_columns})
     versions = _versions_json(summary.get("versions") if summary else None)
+    where = here() if fingerprint is None else fingerprint
     rows = []
     for name in cell.samplers:
-        row = {**base, "sampler": name, **dict.fromkeys(METRICS, ""), "warnings": "", "versions": versions}
+        row = {**base, "sampler": name, **dict.fromkeys(METRICS, ""), "warnings": "", "versions": versions,
+               "fingerprint": where}
         s = (summary or {}).get("samplers", {}).get(name)
         if summary is None or s is None:
             row.update(status="failed", error=_one_line(error or f"no result for sampler {name!r}"))
@@ -434,7 +429,7 @@ def rows_for(cell: Cell, config_columns: Iterable[str], summary: dict | None,
             warnings = list(s.get("warnings", ()))
             row["warnings"] = _one_line(";".join(w.split(":", 1)[0] for w in warnings))
             # a run the estimator gave up on (e.g. every chain NaN) says why in `error` too
-            row["error"] = (_one_line(" | ".join(warnings) or "the estimator reported failure")
+            row["error"] = (_one_line(s.get("error") or " | ".join(warnings) or "the estimator reported failure")
                             if row["status"] == "failed" else "")
         rows.append(row)
     return rows
@@ -466,8 +461,12 @@ class ResultsCSV:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         return fh
 
-    def _repair_and_read(self, fh) -> list[dict]:
-        """Drop a torn last line (no trailing newline), check the header, return the rows."""
+    def _repair_and_read(self, fh, migrate: bool = False) -> list[dict]:
+        """Drop a torn last line (no trailing newline), check the header, return the rows.
+
+        A CSV from before the fingerprint column reads with it empty (computed somewhere unknown);
+        with migrate=True (before a write) the file itself gains the column.
+        """
         fh.seek(0)
         data = fh.read()
         if data and not data.endswith(b"\n"):
@@ -476,11 +475,59 @@ class ResultsCSV:
             data = data[:keep]
         if not data:
             return []
-        reader = csv.DictReader(io.StringIO(data.decode()))
-        if reader.fieldnames != self.header:
+        try:
+            reader = csv.DictReader(io.StringIO(data.decode()))
+            fieldnames = reader.fieldnames
+        except (UnicodeDecodeError, csv.Error):
+            raise ConfigError(f"--out {self.path}: not a sweep results CSV; use a new --out") from None
+        if fieldnames != self.header:
+            missing = [c for c in self.header if c not in fieldnames]
+            if set(fieldnames) <= set(self.header) and set(missing) <= set(ADDED_COLUMNS):
+                rows = [{**r, **dict.fromkeys(missing, "")} for r in reader]
+                if migrate:
+                    self._rewrite(fh, rows)
+                return rows
             raise ConfigError(f"--out {self.path}: existing CSV has other columns (written by another "
                               "spec?); use a new --out")
         return list(reader)
+
+    def _rewrite(self, fh, rows: list[dict]) -> None:
+        """Replace the whole file's content by `rows` (under the held lock), fsynced."""
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.header, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        data = buf.getvalue().encode()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+    def remove_stale(self, fingerprint: str) -> list[dict]:
+        """Take the rows computed under another fingerprint out of the CSV, and return them.
+
+        They are appended to <name>.stale.csv first, so the old numbers are kept for comparison.
+        """
+        if not self.path.exists():
+            return []
+        with self._open_locked() as fh:
+            rows = self._repair_and_read(fh, migrate=True)
+            stale = [r for r in rows if r.get("fingerprint") != fingerprint]
+            if stale:
+                aside = ResultsCSV(self.path.with_suffix(".stale.csv"), self.header)
+                with aside._open_locked() as out:
+                    aside._repair_and_read(out)
+                    buf = io.StringIO()
+                    writer = csv.DictWriter(buf, fieldnames=self.header, lineterminator="\n")
+                    if out.tell() == 0:
+                        writer.writeheader()
+                    writer.writerows(stale)
+                    out.write(buf.getvalue().encode())
+                    out.flush()
+                    os.fsync(out.fileno())
+                self._rewrite(fh, [r for r in rows if r.get("fingerprint") == fingerprint])
+            return stale
 
     def read(self) -> list[dict]:
         """All complete rows (repairing a torn last line), or [] when the file does not exist."""
@@ -492,7 +539,7 @@ class ResultsCSV:
     def append(self, rows: list[dict]) -> int:
         """Append rows not already in the file (by cell_id, sampler); returns how many were written."""
         with self._open_locked() as fh:
-            existing = {(r["cell_id"], r["sampler"]) for r in self._repair_and_read(fh)}
+            existing = {(r["cell_id"], r["sampler"]) for r in self._repair_and_read(fh, migrate=True)}
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=self.header, lineterminator="\n")
             if fh.tell() == 0:
@@ -585,7 +632,7 @@ def _run_ray(cells, cols, runner, done_fn, address: str | None):
         try:
             rows = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - a worker crash (not a cell exception) is a failed cell
-            rows = rows_for(cell, cols, None, f"ray task failed: {type(exc).__name__}: {exc}")
+            rows = rows_for(cell, cols, None, f"ray task failed: {type(exc).__name__}: {exc}", fingerprint="")
         done_fn(cell, rows)
 
 
@@ -595,8 +642,13 @@ def _run_ray(cells, cols, runner, done_fn, address: str | None):
 
 def run_sweep(spec: SweepSpec, out: str | Path | None = None, *, workers: int = 1,
               backend: str = "local", address: str | None = None, progress: bool = False,
-              log: Callable[[str], None] = print) -> Path:
-    """Run the cells of `spec` not yet in the CSV; returns the CSV path."""
+              rerun_stale: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Run the cells of `spec` not yet in the CSV; returns the CSV path.
+
+    rerun_stale: rows whose fingerprint differs from this process's (another machine, jax/jaxlib,
+    backend or XLA_FLAGS) are moved to <name>.stale.csv and their cells run again; otherwise any
+    row counts as done, wherever it was computed.
+    """
     from llc_bench.progress import Bar, progress_enabled
 
     cells = expand(spec)
@@ -605,6 +657,12 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, *, workers: int = 
     resolve_runner(spec.runner)  # an unimportable hook fails now, not once per cell
     cols = axis_columns(spec)
     csv_file = ResultsCSV(path, columns(spec))
+    if rerun_stale:
+        from llc_bench.artifacts import fingerprint
+
+        stale = csv_file.remove_stale(fingerprint())
+        if stale:
+            log(f"--rerun-stale: {len(stale)} row(s) computed elsewhere moved to {path.with_suffix('.stale.csv')}")
     todo = pending(cells, csv_file.read())
     skipped = len(cells) - len(todo)
     log(f"sweep {spec.name}: {len(cells)} cells ({spec.mode}, {len(spec.seeds)} seed(s)), "
@@ -684,6 +742,8 @@ def main(args) -> int:
     if args.address and args.backend != "ray":
         raise ConfigError("--address: only with --backend ray")
     out = Path(args.out or spec.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a directory; give the path of a CSV file")
     if args.dry_run:
         dry_run(spec, out)
         return 0
@@ -692,7 +752,7 @@ def main(args) -> int:
     check_writable(out.parent, "--out")
     try:
         path = run_sweep(spec, out, workers=args.workers, backend=args.backend, address=args.address,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, rerun_stale=args.rerun_stale)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

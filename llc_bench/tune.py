@@ -20,6 +20,7 @@ from llc_bench import artifacts
 from llc_bench.config import (
     Config,
     ConfigError,
+    _suggest,
     build_section,
     load_config,
     parse_override,
@@ -94,8 +95,9 @@ class TuneGrid:
                      "target_rel_se", "control_min_rel_diff"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"tune.{name}: must be in (0, 1) (got {getattr(self, name)!r})")
-        if self.num_chains < 0 or self.min_chains < 1 or self.control_z < 0:
-            raise ValueError("tune.num_chains must be >= 0, tune.min_chains >= 1, tune.control_z >= 0")
+        for name, low in (("num_chains", 0), ("min_chains", 1), ("control_z", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"tune.{name}: must be >= {low} (got {getattr(self, name)!r})")
 
     def n_beta_value(self, value: float, n: int) -> float:
         return value if self.n_beta_scale == "absolute" else value * n / math.log(n)
@@ -578,7 +580,7 @@ def load_tune_config(preset: str | None, config_file: str | None, overrides: Seq
     if sampler is not None:
         cfg_sets.append(f"run.samplers={sampler}")
     tables = []
-    if config_file:
+    if config_file is not None:
         raw = read_toml(config_file)
         if "tune" in raw:
             tables.append(raw.pop("tune"))
@@ -630,7 +632,8 @@ def main(args) -> int:
     samplers = list(getattr(args, "samplers", []) or [])
     name = samplers[0] if samplers else DEFAULT_SAMPLER
     if name not in SAMPLER_NAMES:
-        raise ConfigError(f"--sampler: unknown sampler {name!r}; allowed: {', '.join(SAMPLER_NAMES)}")
+        raise ConfigError(f"--sampler: unknown sampler {name!r}{_suggest(name, SAMPLER_NAMES)}; "
+                          f"allowed: {', '.join(SAMPLER_NAMES)}")
     cfg, grid = load_tune_config(args.preset, args.config, args.overrides, name)
     if grid.num_chains:
         cfg = replace(cfg, **{"run.num_chains": grid.num_chains})

@@ -192,3 +192,68 @@ def test_unscored_rows_never_enter_the_headline():
     assert "| 1K-bad | chained | 2-2 | 1 | 0 | 0.0001 | 50 | 25 | 12.5 | 25 | invisible directions" in unscored
     # median signed error of the unscored row against Aoyagi's λ, λ(r_eff) and rank(H)/2
     assert "| hmc | 1 | -50.0% | 0.0% | 100.0% |" in unscored
+
+
+BAD_RECIPES = [
+    ('[bench]\nclasses = []\n', "bench.classes: must be a non-empty list"),
+    ('[bench]\nclasses = ["1K", "2K"]\n', "bench.classes: unknown size class '2K'"),
+    ('[bench]\nclasses = "1K"\n', "bench.classes: must be a non-empty list"),
+    ('[bench]\ninstances = { "1K" = 2 }\nclasses = ["1K", "10K"]\n', "no count for class 10K"),
+    ('[bench]\ninstances = -1\n', "bench.instances: must be an integer >= 0"),
+    ('[bench]\ngenerators = { chained = 2 }\ninstances = 3\n', "bench.instances: give the counts either"),
+    ('[bench]\ngenerators = { chaind = 2 }\n', "unknown generator 'chaind'"),
+    ('[bench]\nvisibility_margin = "big"\n', "bench.visibility_margin: must be a number > 0"),
+    ('[bench]\naudit_sampler = "sgld"\n', "bench.audit_sampler: unknown full-batch sampler 'sgld'"),
+    ('[bench]\naudit_factor = 1\n', "bench.audit_factor: must be an integer >= 2"),
+    ('[bench]\naudit_threshold = 5\n', "bench.audit_threshold: must be in (0, 1)"),
+    ('[class.1K]\nmin_params = 900\nmax_params = 800\n', "class.1K: min_params = 900 must be below"),
+    ('[class.1K]\nn = true\n', "class.1K.n: must be an integer > 0"),
+    ('profile = 3\n', "profile: must be a table"),
+    ('[profile]\nfast = 3\n', "profile.fast: must be a table"),
+    ('[bench]\nsuite_seed = "abc"\n', "bench.suite_seed: must be an integer >= 0"),
+    ('[class.1K]\nmin_layers = "two"\n', "class.1K.min_layers: must be an integer > 0"),
+    ('[bench]\ninstances = 0\n', "the suite is empty"),
+    ('[audit]\nsamplr = {}\n', "audit.samplr: unknown key"),
+    ('[base.teacher]\nsv_band = [-1.0, 2.0]\n', "teacher.sv_band"),
+    ('[base.teacher]\nsv_band = [2.0, 1.0]\n', "teacher.sv_band"),
+    ('[sampler]\nhmc = 3\n', "sampler.hmc: must be a table"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_RECIPES, ids=[e for _, e in BAD_RECIPES])
+def test_bad_recipe_is_one_line_exit_2_before_any_work(text, expected, tmp_path, capsys):
+    from llc_bench import cli
+
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text)
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--spec", str(spec), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert expected in err, err
+    assert not out.exists()
+    for bad in ("-2", "0"):
+        assert cli.main(["bench", "--instances", bad, "--out", str(out)]) == 2
+        assert "--instances: must be an integer >= 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_finite_n_audit_reruns_at_k_times_n_and_flags_moves(tiny_recipe, tmp_path):
+    small = {"num_burnin_steps": 10, "num_draws": 40, "num_steps_bw_draws": 1}
+    recipe = dataclasses.replace(
+        tiny_recipe, samplers=("hmc",), generators={"chained": 1}, classes={"1K": 1},
+        sampler={**tiny_recipe.sampler, "hmc": {"num_warmup": 60, "num_integration_steps": 8}},
+        run={**tiny_recipe.run, "hmc": small}, audit={"run": {"num_draws": 60}})
+    logged = []
+    bench.run_bench(recipe, tmp_path, log=logged.append, figures=False, audit=True)
+    (ref,) = bench.read_scoreboard(tmp_path / bench.CSV_NAME)
+    (row,) = bench.read_audit(tmp_path / bench.AUDIT_CSV_NAME)
+    assert (row["instance"], row["n"], row["n_audit"]) == ("1K-chained-000", 300, 3000)
+    assert row["llc_n"] == pytest.approx(ref["llc_mean"], rel=1e-5) and row["llc_audit"] > 0
+    assert row["shift"] == pytest.approx(row["llc_audit"] / row["llc_n"] - 1, rel=1e-4)
+    assert row["flagged"] == ("yes" if abs(row["shift"]) > recipe.audit_threshold else "no")
+    assert row["recipe"] == recipe.audit_fingerprint() != dataclasses.replace(recipe, audit={}).audit_fingerprint()
+    assert "Finite-n audit (hmc rerun at 10 × n" in (tmp_path / "summary.md").read_text()
+    # Resumable: a second audit finds the row done.
+    bench.run_audit(recipe, tmp_path, log=logged.append)
+    assert len(bench.read_audit(tmp_path / bench.AUDIT_CSV_NAME)) == 1

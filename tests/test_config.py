@@ -44,6 +44,26 @@ BAD_INPUTS = [
     (["--config", "/nonexistent/x.toml"], "--config /nonexistent/x.toml: file not found"),
     (["--set", "posterior.prior_radius=2"], "posterior.gamma: set exactly one"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--set", "data.n=1", "--set", "sampler.sgld.batch_size=1", "--set", "sampler.rmsprop_sgld.batch_size=1"],
+     "data.n: must be >= 2"),
+    (["--set", "model.widths=none", "--set", "model.target_params=1"], "model.target_params: cannot size"),
+    (["--set", "run.seed=99999999999999999999"], "run.seed: must be an integer in [0, 2^32"),
+    (["--set", "run.seed=4294967296"], "run.seed: must be an integer in [0, 2^32"),
+    (["--set", "model.widths=[8,"], "model.widths: unbalanced brackets in '[8,'"),
+    (["--set", "model.widths=((8,16"], "model.widths: unbalanced brackets"),
+    (["--set", "model.widths=[8,,16]"], "model.widths: empty item"),
+    (["--set", "model.widths=[8,(16)]"], "model.widths: malformed list"),
+    (["--set", "run.samplers=[hmc"], "run.samplers: unbalanced brackets"),
+    (["--preset", ""], "--preset: unknown preset ''"),
+    (["--preset", "../pyproject"], "--preset: unknown preset '../pyproject'"),
+    (["--preset", "sweep_default"], "'sweep_default' is a sweep spec, not a run preset"),
+    (["--config", ""], "--config: empty file name"),
+    (["--preset", "dln", "--set", "teacher.widths=[8]", "--set", "model.widths=[5,4]"],
+     "model.widths: [5, 4] contradicts the teacher's [8]"),
+    (["--preset", "dln", "--set", "model.bias=true"], "model.bias: True contradicts the teacher's False"),
+    (["tune", "--set", "tune.step_sizes=[-1]"], "error: tune.step_sizes: values must be"),
+    (["tune", "--set", "tune.min_chains=0"], "tune.min_chains: must be >= 1 (got 0)"),
+    (["tune", "--sampler", "sgldd"], "--sampler: unknown sampler 'sgldd' (did you mean 'sgld'?)"),
 ]
 
 
@@ -142,3 +162,49 @@ def test_auto_step_size_through_toml_set_and_round_trip(tmp_path):
     assert to_dict(load_config(None, resolved)) == to_dict(cfg)
     assert replace(cfg, **{"sampler.sgld.step_size": 1e-5}).sampler["sgld"].step_size == 1e-5
     assert load_config("quick").sampler["rmsprop_sgld"].adapt == "burnin"
+
+
+def test_bad_paths_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("x")
+    Path("b.toml").write_bytes(b"\xff\xfe[data]\n")
+    Path("results").mkdir()
+    for argv, expected in [
+        (["--sampler", "hmc", "--set", "run.out_dir=afile"], "run.out_dir afile: is a file"),
+        (["--sampler", "hmc", "--set", "run.out_dir=afile/sub"], "run.out_dir afile/sub: not writable"),
+        (["--preset", "quick", "--config", "b.toml"], "--config b.toml: not UTF-8"),
+        (["tune", "--config", "b.toml"], "--config b.toml: not UTF-8"),
+        (["sweep", "--spec", "b.toml"], "--spec b.toml: not UTF-8"),
+        (["sweep", "--out", "results", "--dry-run"], "--out results: is a directory"),
+        (["sweep", "--out", "results"], "--out results: is a directory"),
+    ]:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "b.toml", "results"]
+    assert Path("afile").read_text() == "x" and not any(Path("results").iterdir())
+
+
+def test_use_teacher_student_defaults_to_the_teacher():
+    cfg = load_config("dln", None, ["data.in_dim=6", "teacher.widths=[8]"])
+    assert (cfg.model.widths, cfg.model.activation, cfg.model.bias) == ((8,), "identity", False)
+    assert from_dict(to_dict(cfg)) == cfg  # the resolved student round-trips as explicit keys
+    mlp = load_config("quick", None, ["train.use_teacher=true", "teacher.widths=[3]", "teacher.activation=tanh",
+                                      "model.widths=none"])
+    assert (mlp.model.widths, mlp.model.activation, mlp.model.bias) == ((3,), "tanh", True)
+
+
+def test_strict_lists_still_accept_the_usual_spellings():
+    for text, widths in [("[8, 16]", (8, 16)), ("(8,16)", (8, 16)), ("8,16", (8, 16)), ("[]", ())]:
+        assert load_config("quick", None, [f"model.widths={text}"]).model.widths == widths
+    assert load_config("quick", None, ["run.samplers=[hmc, sgld]"]).run.samplers == ("hmc", "sgld")
+
+
+def test_seed_keys_are_distinct_across_the_allowed_range():
+    import jax
+
+    from llc_bench.rng import stream_key
+
+    top = load_config("quick", None, [f"run.seed={2**32 - 1}"]).run.seed
+    keys = {tuple(jax.random.key_data(stream_key(s, "data")).tolist()) for s in (0, 1, top)}
+    assert len(keys) == 3

@@ -103,3 +103,53 @@ def test_atomic_json_write_keeps_old_file_on_failure(tmp_path):
         artifacts.write_json_atomic(path, {"bad": Unserializable()})
     assert json.loads(path.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+FAST = ["run.samplers=sgld", "run.num_draws=20", "run.num_burnin_steps=20", "sampler.sgld.num_burnin_steps=20"]
+
+
+def test_out_dir_describes_one_run(tmp_path, monkeypatch):
+    """An earlier run's summary, store and plots never survive into a new run's directory."""
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "hmc_loss_trace.png").write_bytes(b"old")
+    (tmp_path / "plots" / ".sgld_autocorr.x1.png").write_bytes(b"torn")
+    (tmp_path / "traces.zarr").mkdir()
+    (tmp_path / "summary.json").write_text('{"samplers": {"hmc": {"status": "ok"}}}')
+    (tmp_path / "notes.txt").write_text("mine")
+    cfg = load_config("quick", None, FAST)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("crashed mid-run")
+
+    monkeypatch.setattr("llc_bench.target.build_target", crash)
+    with pytest.raises(RuntimeError, match="crashed mid-run"):
+        experiment.run_experiment(cfg, out_dir=tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "notes.txt"]
+    assert load_config(None, tmp_path / "config.toml") == cfg  # the directory names the run that crashed
+    monkeypatch.undo()
+    experiment.run_experiment(cfg, out_dir=tmp_path, progress=False)
+    assert {p.name.split("_")[0] for p in (tmp_path / "plots").iterdir()} == {"sgld"}
+    assert set(json.loads((tmp_path / "summary.json").read_text())["samplers"]) == {"sgld"}
+
+
+def test_diverged_erm_is_failed_with_its_reason_and_exit_3(tmp_path, capsys):
+    from llc_bench import cli
+
+    argv = ["--preset", "quick", "--sampler", "hmc", "--set", "train.learning_rate=1e6", "--out", str(tmp_path),
+            "--no-progress"]
+    assert cli.main(argv) == cli.EXIT_ALL_FAILED == 3
+    captured = capsys.readouterr()
+    assert "ERM diverged" in captured.out and "Traceback" not in captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: every sampler failed")
+    s = json.loads((tmp_path / "summary.json").read_text())["samplers"]["hmc"]
+    assert s["status"] == "failed" and s["llc_mean"] is None and s["llc_per_chain"] == []
+    assert s["error"].startswith("ERM diverged") and "train.learning_rate" in s["error"]
+    assert not (tmp_path / "traces.zarr").exists()
+
+
+def test_one_draw_is_a_warning_not_ok():
+    cfg = load_config("quick", None, [*FAST, "run.num_draws=1"])
+    summary = experiment.run_experiment(cfg, progress=False, write=False)
+    s = summary["samplers"]["sgld"]
+    assert s["status"] == "warnings" and s["ess_bulk"] is None
+    assert any(w.startswith("too_few_draws: ESS and R̂ could not be computed from 1 draw") for w in s["warnings"])

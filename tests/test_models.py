@@ -103,7 +103,7 @@ def test_apply_matches_manual_forward():
 DLN_WIDTHS = (6, 5, 7, 4, 5)  # min width 4
 
 
-@pytest.mark.parametrize("generator", ["rand_rank", "deepest"])
+@pytest.mark.parametrize("generator", ["rand_rank", "deepest", "chained"])
 @pytest.mark.parametrize("rank", [0, 1, 2, 4])
 def test_dln_teacher_has_requested_rank(generator, rank):
     for seed in range(3):
@@ -111,7 +111,7 @@ def test_dln_teacher_has_requested_rank(generator, rank):
         assert measured == rank == dln_rank(params)
         layer_ranks = [np.linalg.matrix_rank(np.asarray(k, np.float64), rtol=1e-5) for k in kernels(params)]
         assert min(layer_ranks) == rank
-        if generator == "deepest":
+        if generator in ("deepest", "chained"):
             assert layer_ranks == [rank] * 4
         assert set(params["layer_000"]) == {"kernel"}  # no biases
 

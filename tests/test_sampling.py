@@ -211,7 +211,9 @@ def test_compute_llc_baseline_is_full_data_and_burnin_dropped(stored):
     tree, _ = stored
     full = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS)
     L = np.asarray(tree["full_loss"], np.float64)[:, BURNIN_DRAWS:]
-    baseline = np.asarray(tree["init_loss"], np.float64)[0].mean()
+    # the full-data mean of init_loss, as the draws' full_loss computes a mean (float32, not float64)
+    baseline = float(tree["full_loss_at_wstar"])
+    assert baseline == pytest.approx(np.asarray(tree["init_loss"], np.float64)[0].mean(), rel=1e-6)
     np.testing.assert_allclose(full.per_chain, N_BETA * (L.mean(axis=1) - baseline), rtol=1e-10)
     assert full.llc_mean == pytest.approx(N_BETA * (L.mean() - baseline), rel=1e-10)
     assert full.loss_at_wstar == pytest.approx(tree.attrs["run"]["loss_at_wstar"], rel=1e-6)
@@ -387,12 +389,13 @@ def test_sample_with_every_extra_option(problem):
     params, x, y = problem
     tree = sample(apply_linear, params, squared_error, (x, y), lr=1e-2, n_beta=100.0, localization=1.0,
                   num_chains=2, num_draws=5, num_burnin_steps=3, batch_size=16, gradient_accumulation_steps=2,
-                  sampling_method="rmsprop_sgld", rmsprop_alpha=0.9, sampling_method_kwargs={"bias_correction": False},
+                  sampling_method="rmsprop_sgld", rmsprop_alpha=0.9,
+                  sampling_method_kwargs={"bias_correction": False, "adapt": "always"},
                   noise_level=0.5, weight_decay=0.1, bounding_box_size=0.01, init_noise=0.005,
                   param_masks={"params/dense/bias": None}, batches_per_draw=2, seed=1, progress=False)
     options = tree.attrs["options"]
     assert options["sampler_settings"] == {"step_size": 1e-2 * 0.25, "batch_size": 32, "alpha": 0.9, "eps": 0.1,
-                                           "bias_correction": False}
+                                           "bias_correction": False, "adapt": "always", "auto_constant": 0.1}
     # one free parameter (the bias), boxed at ±0.01 around w*
     assert tree.attrs["run"]["num_params_free"] == 1
     distance = np.asarray(tree["distance"])
@@ -433,13 +436,21 @@ def test_full_batch_samplers_restricted_llc(problem, method, kwargs):
     ({"sampling_method": "hmc"}, "tunes its own step size"),
     ({"sampling_method": "hmc", "lr": None, "bounding_box_size": 1.0}, "bounding_box_size is only supported"),
     ({"lr": None}, "needs a positive lr"),
-    ({"lr": "fast"}, 'needs a positive lr .* or lr="auto", got \'fast\''),
+    ({"lr": "fast"}, 'lr must be a finite number > 0 or "auto" \\(or None for self-tuning samplers\\), got \'fast\''),
     ({"noise_level": 0.0}, "noise_level must be > 0"),
     ({"n_beta": None}, "n_beta must be > 0"),
     ({"localization": -1.0}, "localization must be >= 0"),
     ({"num_draws": 0}, "num_draws must be an integer >= 1"),
     ({"observables": {"big": (np.zeros((5, IN)), np.zeros((5, 1)))}}, "fewer than batches_per_draw"),
     ({"observables": {"not valid": (np.zeros((64, IN)), np.zeros((64, 1)))}}, "must be a Python identifier"),
+    ({"seed": None}, r"seed must be an integer in \[0, 2\^32\), got None"),
+    ({"seed": -1}, r"seed must be an integer in \[0, 2\^32\), got -1"),
+    ({"seed": "abc"}, r"seed must be an integer in \[0, 2\^32\), got 'abc'"),
+    ({"seed": 2**32}, r"seed must be an integer in \[0, 2\^32\)"),
+    ({"lr": "1e-4"}, r"lr must be a finite number > 0 or \"auto\" \(or None for self-tuning samplers\), got '1e-4'"),
+    ({"lr": float("nan")}, "lr must be a finite number > 0"),
+    ({"batch_size": 2001}, r"batch_size × gradient_accumulation_steps = 2001 must be <= the dataset size n = 2000"),
+    ({"batch_size": 1000, "gradient_accumulation_steps": 3}, "must be <= the dataset size n = 2000"),
 ])
 def test_invalid_options_raise_clear_errors(problem, overrides, match):
     params, x, y = problem
@@ -476,3 +487,111 @@ def test_lr_auto_on_the_tempered_posterior(problem):
     # σ = 2: the sampled posterior is p^(1/4); "auto" is measured on it, not on p
     tempered = sample(apply_linear, params, squared_error, (x, y), **{**kwargs, "num_draws": 2, "noise_level": 2.0})
     assert tempered.attrs["run"]["curvature"] == pytest.approx((N_BETA * h_max) / 4 + 0.25, rel=1e-3)
+    # exact full-data gradients: no minibatch noise, so no noise term
+    exact = sample(apply_linear, params, squared_error, (x, y), **{**kwargs, "num_draws": 2, "full_batch": True})
+    assert exact.attrs["run"]["gradient_noise"] == 0.0 and exact.attrs["run"]["num_cvp"] == 0
+    assert exact.attrs["run"]["step_size"] == pytest.approx(0.1 / (N_BETA * h_max + 1.0), rel=1e-3)
+
+
+@pytest.mark.parametrize("name, instead", [("nbeta", "use n_beta"), ("optimizer_kwargs", "use sampling_method_kwargs"),
+                                           ("grad_accum_steps", "use gradient_accumulation_steps")])
+def test_devinterp_v1_names_are_refused_naming_the_new_spelling(problem, name, instead):
+    params, x, y = problem
+    with pytest.raises(TypeError, match=f"'{name}' is devinterp v1's name; {instead}"):
+        sample(apply_linear, params, squared_error, (x, y), **COMMON, **{name: 1.0})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_draw' \\(did you mean 'num_draws'\\?\\)"):
+        sample(apply_linear, params, squared_error, (x, y), **COMMON, num_draw=3)
+
+
+def test_unusable_output_path_is_refused_before_sampling(problem, tmp_path, monkeypatch):
+    import llc_bench.runner
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before refusing the output path")
+
+    monkeypatch.setattr(llc_bench.runner, "run_chains", no_sampling)
+    params, x, y = problem
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep")
+    for path, match in [(blocker, "is a file, not a Zarr store"), (blocker / "run.zarr", "cannot be written")]:
+        with pytest.raises(ValueError, match=match):
+            sample(apply_linear, params, squared_error, (x, y), **COMMON, output_path=path, overwrite=True)
+    assert blocker.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("num_chains", [1, 3])
+def test_a_chain_that_never_moves_reads_exactly_zero(problem, num_chains):
+    """lr = 1e-30 leaves every float32 weight where it is: λ̂ must be 0, not nβ × a rounding difference."""
+    params, x, y = problem
+    tree = sample(apply_linear, params, squared_error, (x, y), **{**COMMON, "lr": 1e-30, "num_chains": num_chains,
+                                                                   "num_draws": 3, "num_steps_bw_draws": 1})
+    assert np.all(np.asarray(tree["distance"]) == 0)
+    est = compute_llc(tree)
+    assert est.llc_mean == 0.0 and np.all(est.per_chain == 0.0)
+
+
+def test_store_swap_keeps_the_old_store_until_the_new_one_is_in(tmp_path, monkeypatch):
+    import os
+
+    from llc_bench import artifacts
+
+    path = tmp_path / "run.zarr"
+    artifacts.write_datatree_atomic(xr.DataTree(xr.Dataset({"v": ("i", [1, 2])})), path)
+    new_tree = xr.DataTree(xr.Dataset({"v": ("i", [3, 4])}))
+    real_replace, calls = os.replace, []
+
+    def failing_second_rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # old store moved aside, new one about to go in
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(artifacts.os, "replace", failing_second_rename)
+    with pytest.raises(OSError, match="disk full"):
+        artifacts.write_datatree_atomic(new_tree, path)
+    monkeypatch.setattr(artifacts.os, "replace", real_replace)
+    assert list(xr.open_datatree(path, engine="zarr")["v"].values) == [1, 2]
+    artifacts.write_datatree_atomic(new_tree, path)
+    assert list(xr.open_datatree(path, engine="zarr")["v"].values) == [3, 4]
+    assert [p.name for p in tmp_path.iterdir()] == ["run.zarr"]  # nothing left aside
+
+
+def test_full_batch_steps_use_the_exact_full_data_gradient(problem):
+    """With full_batch the loss each step reports (at its starting point) is the full-data L_n there:
+    step t_d + 1 starts where draw d was taken, so it must equal full_loss at draw d. Minibatches of
+    size n drawn with replacement do not."""
+    params, x, y = problem
+    common = {**COMMON, "num_draws": 6, "num_steps_bw_draws": 1, "num_chains": 2, "save_metrics": True,
+              "batch_size": 2000}
+    exact = sample(apply_linear, params, squared_error, (x, y), **common, full_batch=True,
+                   gradient_accumulation_steps=4)
+    steps = np.asarray(exact["draw_step"])
+    full = np.asarray(exact["full_loss"])
+    np.testing.assert_allclose(np.asarray(exact["metrics_loss"])[:, steps[:-1] + 1], full[:, :-1], rtol=1e-5)
+    assert exact.attrs["options"]["full_batch"] is True
+    drawn = sample(apply_linear, params, squared_error, (x, y), **common)
+    assert not np.allclose(np.asarray(drawn["metrics_loss"])[:, steps[:-1] + 1],
+                           np.asarray(drawn["full_loss"])[:, :-1], rtol=1e-5)
+    with pytest.raises(ValueError, match="must divide the dataset size n = 2000"):
+        sample(apply_linear, params, squared_error, (x, y), **common, full_batch=True, gradient_accumulation_steps=3)
+    with pytest.raises(ValueError, match="'hmc' always uses the full batch"):
+        sample(apply_linear, params, squared_error, (x, y), **{**common, "lr": None}, sampling_method="hmc",
+               full_batch=True)
+
+
+def test_means_only_storage_gives_the_same_estimates(problem):
+    params, x, y = problem
+    kwargs = {**COMMON, "num_draws": 20, "observables": _observables(x, y)}
+    full = sample(apply_linear, params, squared_error, (x, y), **kwargs)
+    means = sample(apply_linear, params, squared_error, (x, y), **kwargs, per_sample_losses=False)
+    assert means["sampling_loss"].dims == ("chain", "draw", "batch") and "sampling_index" not in means
+    assert means["loss_held"].dims == ("chain", "draw", "batch_held")
+    np.testing.assert_allclose(means["sampling_loss"], np.asarray(full["sampling_loss"]).mean(axis=-1), rtol=1e-6)
+    for source in ("full", "sampling"):
+        assert compute_llc(means, source=source).llc_mean == pytest.approx(
+            compute_llc(full, source=source).llc_mean, rel=1e-6)
+    chi_full, chi_means = compute_susceptibilities(full), compute_susceptibilities(means)
+    assert float(chi_means["held"]) == pytest.approx(float(chi_full["held"]), rel=1e-5)
+    assert "held_per_sample" in chi_full and "held_per_sample" not in chi_means
+    with pytest.raises(ValueError, match="compute_bif needs per-sample losses"):
+        compute_bif(means, "held")

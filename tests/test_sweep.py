@@ -155,6 +155,12 @@ def test_bad_sweep_section_is_refused():
         make_spec({}, seed=3)
     with pytest.raises(ConfigError, match=r"sweep\.seeds"):
         make_spec({}, seeds=(-1,))
+    with pytest.raises(ConfigError, match=r"sweep\.seeds: must be a non-empty list of integers in \[0, 2\^32\)"):
+        make_spec({}, seeds=(2**32,))
+    with pytest.raises(ConfigError, match=r"^x/s\.toml: base_preset: unknown preset 'quik' \(did you mean 'quick'\?\)"):
+        sweep.parse_spec({"sweep": {"base_preset": "quik"}}, "x/s.toml")
+    with pytest.raises(ConfigError, match=r"base_preset: 'sweep_default' is a sweep spec, not a run preset"):
+        sweep.parse_spec({"sweep": {"base_preset": "sweep_default"}}, "x/s.toml")
 
 
 def test_cli_bad_spec_exits_2_before_running_anything(tmp_path, capsys):
@@ -195,7 +201,7 @@ def test_csv_rows_schema_values_and_a_failing_cell(tmp_path):
     rows = read_csv(out)
     header = next(csv.reader(out.open()))
     assert header == ["cell_id", "seed", "sampler", "model.activation", "data.noise", *sweep.METRICS,
-                      "status", "warnings", "error", "versions"]
+                      "status", "warnings", "error", "versions", "fingerprint"]
     assert len(rows) == 3 * 3 * 2 * 2  # cells x seeds x samplers
     assert len({(r["cell_id"], r["sampler"]) for r in rows}) == len(rows)
     for r in rows:
@@ -259,6 +265,47 @@ def test_resume_truncates_a_torn_line_and_runs_only_missing_cells(tmp_path, monk
     log.unlink()
     run_quiet(spec, out)  # nothing left to do
     assert not log.exists()
+
+
+def test_rows_record_their_fingerprint_and_rerun_stale_redoes_only_foreign_rows(tmp_path, monkeypatch):
+    from llc_bench.artifacts import fingerprint
+
+    here = fingerprint()
+    assert "jax " in here and "jaxlib " in here and "cpu" in here.lower()
+    spec = make_spec({"data.n": [300, 350]})
+    out = tmp_path / "r.csv"
+    run_quiet(spec, out)
+    rows = read_csv(out)
+    assert {r["fingerprint"] for r in rows} == {here}
+    # a CSV from before the column: resumed, its rows get an empty (unknown) fingerprint
+    legacy = [{k: v for k, v in r.items() if k != "fingerprint"} for r in rows]
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(legacy[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(legacy)
+    text = out.read_text().splitlines()
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv(LOG_ENV, str(log))
+    legacy_bytes = out.read_bytes()
+    sweep.dry_run(spec, out, log=lambda _: None)
+    run_quiet(spec, out)  # resume treats every row as done, and reading writes nothing
+    assert not log.exists() and out.read_bytes() == legacy_bytes
+    assert [r["fingerprint"] for r in sweep.ResultsCSV(out, sweep.columns(spec)).read()] == [""] * len(legacy)
+    sweep.ResultsCSV(out, sweep.columns(spec)).append([])  # a write migrates the file
+    assert next(csv.reader(out.open()))[-1] == "fingerprint" and len(read_csv(out)) == len(legacy)
+    # one row now claims another machine
+    rows = sweep.ResultsCSV(out, sweep.columns(spec)).read()
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows([{**r, "fingerprint": here if r["data.n"] == "300" else "jax 0.0; other machine"}
+                          for r in rows])
+    run_quiet(spec, out, rerun_stale=True)
+    calls = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(calls) == 1 and calls[0]["samplers"] == ["sgld", "rmsprop_sgld"]
+    rows = read_csv(out)
+    assert len(rows) == len(text) - 1 and {r["fingerprint"] for r in rows} == {here}
+    assert [r["data.n"] for r in read_csv(tmp_path / "r.stale.csv")] == ["350", "350"]
 
 
 def test_append_never_duplicates_and_refuses_a_foreign_csv(tmp_path):

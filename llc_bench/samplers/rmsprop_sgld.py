@@ -96,20 +96,22 @@ def rmsprop_preconditioner(alpha: float, a: float, bias_correction: bool):
 
 
 def preconditioner_at_wstar(posterior: Posterior, settings: RMSPropSGLDSettings,
-                            num_batches: int | None = None) -> jax.Array:
+                            num_batches: int | None = None, full_batch: bool = False) -> jax.Array:
     """(d,) G = 1/(√v + a) with v = mean over fixed minibatches at w* of (∇L_m(w*))²: the stationary
     v of a chain sitting at w*, for the automatic step size.
 
     On the posterior v also holds the full-data gradient (zero at w*), so v is larger and G
     smaller there: G(w*) overstates the curvature the chain sees, which errs on the stable side.
     The batches (settings.batch_size samples, with replacement, as the runner draws them) come
-    from a fixed key.
+    from a fixed key; full_batch: v = (∇L_n(w*))², the gradient every step then uses.
     """
     from llc_bench.curvature import PRECONDITIONER_BATCHES
 
+    w = jnp.asarray(posterior.w_star)
+    if full_batch:
+        return 1.0 / (jnp.abs(jax.grad(posterior.full_loss)(w)) + settings.eps)
     num_batches = num_batches or PRECONDITIONER_BATCHES
     n = posterior.n
-    w = jnp.asarray(posterior.w_star)
     idx = jax.random.randint(jax.random.key(0), (num_batches, settings.batch_size), 0, n)
 
     @jax.jit
