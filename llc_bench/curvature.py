@@ -9,7 +9,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
 
 from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import AUTO, AUTO_STEP_CONSTANT, is_auto
@@ -100,17 +100,38 @@ def top_eigenvalue(matvec, dim: int, dtype=np.float32, seed: int = 0) -> tuple[f
     if dim <= DENSE_MAX_DIM:
         dense = np.stack([apply(e) for e in np.eye(dim)], axis=1)
         return float(np.linalg.eigvalsh(0.5 * (dense + dense.T))[-1]), count
-    op = LinearOperator((dim, dim), matvec=apply, dtype=np.float64)
     v0 = np.random.default_rng(seed).normal(size=dim)
+    v0 /= np.linalg.norm(v0)
+    first = apply(v0)
+    scale = np.linalg.norm(first)
+    if not np.isfinite(scale):
+        raise ValueError("the operator gave a non-finite product at w*")
+    if scale == 0.0:
+        # e.g. the gradient covariance of a noise-free target at w*: the zero operator (ARPACK
+        # cannot start from a vector it maps to 0)
+        return 0.0, count
+    op = LinearOperator((dim, dim), matvec=apply, dtype=np.float64)
     ncv = min(LANCZOS_NCV, dim - 1)
     try:
         value = eigsh(op, k=1, which="LA", v0=v0, ncv=ncv, tol=LANCZOS_TOL,
                       maxiter=LANCZOS_MAX_RESTARTS, return_eigenvectors=False)[0]
     except ArpackNoConvergence as exc:  # keep the best Ritz value found
-        if exc.eigenvalues.size == 0:
-            raise
-        value = exc.eigenvalues[0]
+        value = exc.eigenvalues[0] if exc.eigenvalues.size else float(v0 @ first)
+    except ArpackError:  # an invariant subspace hit at once (an operator of tiny rank): one more try
+        value = _power_iteration(apply, first / scale, scale)
     return float(value), count
+
+
+def _power_iteration(apply, v: np.ndarray, value: float, num_iters: int = 30) -> float:
+    """Rayleigh quotient after a few power steps from a unit v (a fallback; it converges from below)."""
+    for _ in range(num_iters):
+        w = apply(v)
+        norm = np.linalg.norm(w)
+        if norm == 0.0:
+            return 0.0
+        value = float(v @ w)
+        v = w / norm
+    return value
 
 
 def localization_curvature(posterior: Posterior) -> float:

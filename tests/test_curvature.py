@@ -127,3 +127,28 @@ def test_build_resolves_auto_itself(problem):
     new, _ = alg.step(key, w0, (), batch)
     ref, _ = get_spec("sgld").build(post, SGLDSettings(step_size=eps, batch_size=50)).step(key, w0, (), batch)
     np.testing.assert_array_equal(np.asarray(new), np.asarray(ref))
+
+
+@pytest.mark.parametrize("dim", [3, 200])
+def test_zero_and_rank_one_operators(dim):
+    """The gradient covariance of a noise-free target at w* is 0; Lanczos must not choke on it."""
+    assert top_eigenvalue(lambda v: 0.0 * v, dim, np.float64)[0] == 0.0
+    u = np.arange(1.0, dim + 1) / np.linalg.norm(np.arange(1.0, dim + 1))
+    value, _ = top_eigenvalue(lambda v: 2.5 * u * (u @ v), dim, np.float64)
+    assert value == pytest.approx(2.5, rel=1e-3)
+
+
+def test_noise_free_target_has_no_noise_term():
+    """Interpolated data (y = x w_true exactly): every per-sample gradient is 0 at w*, so ε = c/(nβ h_max + γ)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 50))
+    y = x @ rng.normal(size=50)
+
+    def per_sample_loss(w, xb, yb):
+        return 0.5 * (yb[:, 0] - xb @ w) ** 2
+
+    w_star = np.linalg.lstsq(x, y, rcond=None)[0]
+    post = Posterior.build(per_sample_loss, jnp.asarray(x), jnp.asarray(y[:, None]), jnp.asarray(w_star), gamma=1.0)
+    for settings in (SGLDSettings(step_size="auto", batch_size=20), RMSPropSGLDSettings(step_size="auto", batch_size=20)):
+        _, auto = resolve_step_size(post, settings)
+        assert auto.noise < 1e-6 * auto.curvature and auto.h_max > 0
