@@ -160,7 +160,9 @@ class Shift:
 
     @property
     def z(self) -> float:
-        return self.diff / self.se if self.se > 0 else float(np.copysign(np.inf, self.diff)) if self.diff else 0.0
+        if self.se > 0:
+            return self.diff / self.se
+        return float(np.copysign(np.inf, self.diff)) if self.diff else 0.0
 
     @property
     def fraction(self) -> float:
