@@ -142,3 +142,26 @@ def test_target_rel_se_doubles_the_draws_until_reached(regular):
     np.testing.assert_array_equal(short.result.draw_loss, run.result.draw_loss[:, :25])
     assert short.summary["target_rel_se"] is None
     assert run.estimate.mean == pytest.approx(4.0, rel=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sgld", "rmsprop_sgld"])
+def test_dln_llc_auto_step_size(name):
+    """The rank-deficient DLN above, noise-free at its teacher, with step_size = "auto" (no gradient
+    noise at w*, so ε = c/(nβ h_max + γ); rmsprop: G = 1/a there) and 30k steps: within 10% of Aoyagi."""
+    cfg = from_dict({
+        "data": {"n": 10000, "in_dim": 6, "out_dim": 4, "distribution": "uniform", "box_half_width": 1.0,
+                 "noise": "none"},
+        "teacher": {"kind": "dln", "widths": [5, 4], "rank": 2, "generator": "deepest"},
+        "model": {"widths": [5, 4], "target_params": "none", "activation": "identity", "bias": False},
+        "train": {"use_teacher": True},
+        "posterior": {"gamma": 1.0},
+        "run": {"samplers": [name], "num_chains": 4, "num_burnin_steps": 10000, "num_draws": 1000,
+                "num_steps_bw_draws": 20},
+        "sampler": {name: {"step_size": "auto", "batch_size": 256}},
+    })
+    target = build_target(cfg)
+    run = run_sampler(cfg, name, build_posterior(cfg, target), truth=target.truth)
+    assert run.summary["gradient_noise"] == 0.0 and run.summary["h_max"] > 0
+    assert run.summary["status"] != "failed"
+    assert run.estimate.mean == pytest.approx(target.truth, rel=0.10)
