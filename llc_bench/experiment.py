@@ -13,7 +13,7 @@ import numpy as np
 
 from llc_bench import artifacts
 from llc_bench.config import Config, to_dict, to_toml
-from llc_bench.curvature import AutoStepSize
+from llc_bench.curvature import AutoStep, build_algorithm
 from llc_bench.estimator import LLCEstimate, block_bootstrap_ci, estimate_from_result, wnv
 from llc_bench.posterior import Posterior
 from llc_bench.progress import progress_enabled
@@ -66,7 +66,8 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
                 progress: bool = False, settings=None) -> SamplerRun:
     """Sample one posterior with one sampler and turn the chains into an estimate with diagnostics.
 
-    step_size = "auto" is resolved first (`resolve_step_size_timed`). With run.target_rel_se > 0
+    step_size = "auto": llc_bench.curvature.build_algorithm (ε at w*, re-measured where the chains
+    are after burn-in; what it measured goes into the summary). With run.target_rel_se > 0
     the draws are doubled (at most run.max_doublings times) until SE(λ̂)/|λ̂| <= target_rel_se and
     the run is not `not_converged`; each attempt reruns the chains from w* with the same keys, so
     a longer attempt extends the shorter one's chains exactly. summary["target_rel_se"] records
@@ -78,8 +79,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
 
     spec = get_spec(name)
     settings = settings if settings is not None else cfg.sampler[name]
-    settings, resolved = resolve_step_size_timed(posterior, settings)
-    algorithm = spec.build(posterior, settings)
+    algorithm = build_algorithm(spec, posterior, settings)
     run, steps = cfg.run, cfg.schedule[name]
     num_draws, attempts = steps.num_draws, []
     while True:
@@ -105,16 +105,17 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     conv = convergence(tree)
     if estimate.status != "failed":
         flags.extend(_diagnostics_missing(conv, num_draws))
+    step = step_size_summary(settings, algorithm.notes)
     mala = None
     if name == "sgld":
-        mala = _mala_check(posterior, algorithm, states, settings.step_size, result.diverged_at, run.seed)
+        mala = _mala_check(posterior, algorithm, states, step["step_size"], result.diverged_at, run.seed)
         if mala is not None and mala.flag is not None:
             flags.append(mala.flag)
     flags = tuple(flags)
     summary = _summarize(name, result, estimate, conv, flags, truth, posterior,
-                         extra_grad_evals=0.0 if resolved is None else resolved.grad_evals)
+                         extra_grad_evals=auto_step_grad_evals(algorithm.notes, posterior.n))
     summary["mala_accept"] = None if mala is None else mala.mean_accept
-    summary.update(step_size_summary(settings, resolved))
+    summary.update(step)
     summary["target_rel_se"] = None if not attempts else {
         "target": run.target_rel_se, "reached": reached, "num_draws": num_draws, "steps": attempts[-1]["steps"],
         "grad_evals_all": sum(a["grad_evals"] for a in attempts), "attempts": attempts}
@@ -137,49 +138,25 @@ def _diagnostics_missing(conv: dict, num_draws: int) -> list:
                        "Increase run.num_draws (at least a few dozen draws per chain).")]
 
 
-@dataclass(frozen=True)
-class ResolvedStepSize:
-    """An automatic step size as resolved for one run, with its cost."""
-
-    auto: AutoStepSize
-    grad_evals: float  # its work in full-data gradient equivalents (HVP_GRAD_EVALS per HVP, + batches)
-    seconds: float  # wall seconds, compilation of the HVP included
-
-
 # A forward-over-reverse Hessian-vector product, or a jvp + vjp covariance product, costs about two gradients.
 HVP_GRAD_EVALS = 2.0
 
 
-def resolve_step_size_timed(posterior: Posterior, settings, full_batch: bool = False):
-    """(settings with a numeric step size, ResolvedStepSize or None); see llc_bench.curvature.resolve_step_size."""
-    import time
-
-    from llc_bench.curvature import PRECONDITIONER_BATCHES, is_auto, resolve_step_size
-
-    if not is_auto(getattr(settings, "step_size", None)):
-        return settings, None
-    start = time.perf_counter()
-    settings, auto = resolve_step_size(posterior, settings, full_batch=full_batch)
-    work = HVP_GRAD_EVALS * (auto.num_hvp + auto.num_cvp)
-    if get_spec("rmsprop_sgld").settings is type(settings) and not full_batch:
-        work += PRECONDITIONER_BATCHES * settings.batch_size / posterior.n
-    return settings, ResolvedStepSize(auto, work, time.perf_counter() - start)
+def auto_step_grad_evals(auto: AutoStep | None, n: int) -> float:
+    """Work of step_size = "auto" in full-data gradient equivalents: its operator products, plus
+    RMSProp-SGLD's minibatch gradients at w*."""
+    if auto is None:
+        return 0.0
+    return HVP_GRAD_EVALS * auto.num_products + auto.precond_batches * auto.settings.batch_size / n
 
 
-def step_size_summary(settings, resolved: ResolvedStepSize | None) -> dict:
-    """summary.json fields of the step size: ε used (SG samplers), and for "auto" what chose it."""
-    auto = None if resolved is None else resolved.auto
-    return {
-        "step_size": getattr(settings, "step_size", None),
-        "step_size_auto": auto is not None,
-        "h_max": None if auto is None else auto.h_max,
-        "curvature": None if auto is None else auto.curvature,
-        "gradient_noise": None if auto is None else auto.noise,
-        "num_hvp": None if auto is None else auto.num_hvp,
-        "num_cvp": None if auto is None else auto.num_cvp,
-        "step_size_constant": None if auto is None else auto.constant,
-        "step_size_auto_s": None if resolved is None else resolved.seconds,
-    }
+def step_size_summary(settings, auto: AutoStep | None) -> dict:
+    """summary.json fields of the step size: the ε the draws used (SG samplers), and for "auto" what chose it."""
+    if auto is not None:
+        return auto.summary()
+    keys = ("step_size_wstar", "h_max", "curvature", "gradient_noise", "h_max_burnin", "curvature_burnin",
+            "num_hvp", "num_cvp", "step_size_constant", "step_size_auto_s")
+    return {"step_size": getattr(settings, "step_size", None), "step_size_auto": False, **dict.fromkeys(keys)}
 
 
 def _mala_check(posterior: Posterior, algorithm, states, step_size: float, diverged_at, seed: int):

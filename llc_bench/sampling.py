@@ -515,10 +515,11 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
                                   float(localization) / temper, loss_at_wstar,
                                   weight_decay=float(weight_decay) / temper,
                                   accumulation_steps=gradient_accumulation_steps)
-    from llc_bench.experiment import resolve_step_size_timed, step_size_summary
+    from llc_bench.curvature import build_algorithm
+    from llc_bench.experiment import auto_step_grad_evals, step_size_summary
 
-    settings, resolved_step = resolve_step_size_timed(posterior, settings, full_batch=full_batch)
-    algorithm = _wrap_algorithm(spec.build(posterior, settings), w_star, init_noise, bounding_box_size)
+    algorithm = _wrap_algorithm(build_algorithm(spec, posterior, settings, full_batch=full_batch), w_star,
+                                init_noise, bounding_box_size)
     if full_batch:
         algorithm = _full_batch(algorithm, x, y)
 
@@ -589,10 +590,9 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         "wall_s": result.wall_s, "warmup_s": result.warmup_s, "compile_s": result.compile_s,
         "tuned": result.tuned,
         # ε of the tempered run (σ² lr) and, for lr="auto", what chose it
-        **step_size_summary(settings, resolved_step),
+        **step_size_summary(settings, algorithm.notes),
     }
-    if resolved_step is not None:
-        run_info["grad_evals"] += resolved_step.grad_evals
+    run_info["grad_evals"] += auto_step_grad_evals(algorithm.notes, n)
     ds.attrs = {"options": options, "run": _json_normalize(run_info)}
     tree = xr.DataTree(ds)
     if path is None:

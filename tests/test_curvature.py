@@ -114,19 +114,69 @@ def test_settings_refuse_bad_step_sizes():
 
 
 def test_build_resolves_auto_itself(problem):
-    """A caller that builds directly (no run_sampler) still gets the automatic ε."""
+    """A caller that builds directly (no run_sampler) still gets the automatic ε, carried in params."""
     from llc_bench.samplers import get_spec
 
     post, _, _ = problem
     settings = SGLDSettings(step_size="auto", batch_size=50)
     eps = resolve_step_size(post, settings)[0].step_size
     alg = get_spec("sgld").build(post, settings)
+    assert alg.retune is not None and alg.notes.step_size == eps
     w0 = post.w_star + 0.1
+    state, params, _ = alg.warmup(jax.random.key(1), w0)
+    assert float(params.step_size) == pytest.approx(eps, rel=1e-6)
     key = jax.random.key(0)
     batch = (post.x[:50], post.y[:50])
-    new, _ = alg.step(key, w0, (), batch)
-    ref, _ = get_spec("sgld").build(post, SGLDSettings(step_size=eps, batch_size=50)).step(key, w0, (), batch)
+    new, _ = alg.step(key, state, params, batch)
+    ref_alg = get_spec("sgld").build(post, SGLDSettings(step_size=eps, batch_size=50))
+    ref_state, ref_params, _ = ref_alg.warmup(jax.random.key(1), w0)
+    assert ref_alg.retune is None
+    ref, _ = ref_alg.step(key, ref_state, ref_params, batch)
     np.testing.assert_array_equal(np.asarray(new), np.asarray(ref))
+
+
+def dln_posterior():
+    """A noise-free two-layer linear network at a rank-1 teacher (d = 24, n = 2000, γ = 1): its
+    curvature grows away from w* along the directions that leave the end-to-end map unchanged."""
+    rng = np.random.default_rng(4)
+    n, d_in, h, d_out = 2000, 4, 4, 2
+    a, b = rng.normal(size=(d_in, 1)), rng.normal(size=(1, d_out))
+    w1 = np.zeros((d_in, h))
+    w1[:, :1] = a
+    w2 = np.zeros((h, d_out))
+    w2[:1] = b
+    x = rng.uniform(-1, 1, size=(n, d_in))
+    y = x @ w1 @ w2
+    w_star = np.concatenate([w1.ravel(), w2.ravel()])
+
+    def per_sample_loss(w, xb, yb):
+        m1, m2 = w[: d_in * h].reshape(d_in, h), w[d_in * h:].reshape(h, d_out)
+        return 0.5 * jnp.sum((xb @ m1 @ m2 - yb) ** 2, axis=-1)
+
+    return Posterior.build(per_sample_loss, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
+                           jnp.asarray(w_star, jnp.float32), gamma=1.0)
+
+
+def test_auto_remeasures_where_the_chains_are():
+    """After burn-in the draws use min(ε at w*, ε at each live chain): here smaller, as measured."""
+    from llc_bench.runner import run_chains
+    from llc_bench.samplers import get_spec
+
+    post = dln_posterior()
+    alg = get_spec("sgld").build(post, SGLDSettings(step_size="auto", batch_size=200))
+    auto = alg.notes
+    eps0 = auto.step_size
+    result = run_chains("sgld", alg, post, jax.random.key(0), num_chains=3, num_burnin_steps=3000,
+                        num_draws=10, num_steps_bw_draws=10, progress=False)
+    assert len(auto.at_burnin) == 3 and auto.step_size < eps0
+    assert auto.step_size == pytest.approx(min(a.step_size for a in auto.at_burnin), rel=1e-12)
+    assert result.tuned["step_size"] == pytest.approx(auto.step_size, rel=1e-6)  # the draws' ε
+    summary = auto.summary()
+    assert summary["curvature_burnin"] > summary["curvature"] + summary["gradient_noise"]
+    assert summary["step_size_wstar"] == eps0 and summary["step_size"] == auto.step_size
+    # the ε at a chain's position is the same measurement as at w*, moved there
+    c0 = auto.at_burnin[0]
+    assert c0.step_size == pytest.approx(c0.constant / (c0.curvature + c0.noise), rel=1e-12)
 
 
 @pytest.mark.parametrize("dim", [3, 200])

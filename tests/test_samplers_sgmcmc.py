@@ -100,7 +100,7 @@ def test_sgld_one_step_matches_design_equation(regression):
     eps = 1e-2  # large enough that drift (~0.1) and noise (~0.1) both move w visibly
     alg = get_spec("sgld").build(post, SGLDSettings(step_size=eps, batch_size=8))
     state, params, warm = alg.warmup(jax.random.key(0), w0)
-    assert params == () and float(warm) == 0.0
+    assert float(params.step_size) == pytest.approx(eps) and float(warm) == 0.0  # ε rides in params
     new, info = jax.jit(alg.step)(keys[0], state, params, batches[0])
     expected = hand_sgld(post, _np(w0), batches[0], keys[0], eps)
     np.testing.assert_allclose(_np(alg.position(new)), expected, rtol=1e-5, atol=1e-6)

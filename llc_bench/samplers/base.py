@@ -44,6 +44,13 @@ def check_step_size(step_size, auto_constant: float = AUTO_STEP_CONSTANT) -> Non
         raise ValueError(f'step_size must be a finite number > 0 or "auto", got {step_size!r}')
 
 
+class StepSizeParams(NamedTuple):
+    """The tuned parameters of an SG sampler: its ε (per chain). step_size = "auto" re-measures it
+    after burn-in (Algorithm.retune), so the step reads it from here, not from the settings."""
+
+    step_size: jax.Array  # ()
+
+
 class StepInfo(NamedTuple):
     """Per-step scalars, identical fields for every sampler (NaN where a field does not apply)."""
 
@@ -74,6 +81,10 @@ class Algorithm(NamedTuple):
     end_burnin(state) -> state, or None
         Called once on every chain's state after the last burn-in step (e.g. RMSProp-SGLD freezes
         its preconditioner there); None: nothing changes between burn-in and drawing.
+    retune(states (C, ...), params (C, ...), alive (C,) bool) -> params, or None
+        Called once on the host after end_burnin, before the first draw, with every chain's state:
+        step_size = "auto" re-measures the curvature where the chains are (llc_bench.curvature).
+    notes: what the sampler measured on the host (step_size = "auto": a curvature.AutoStep), or None.
     """
 
     warmup: Callable[[jax.Array, jax.Array], tuple[Any, Any, jax.Array]]
@@ -81,6 +92,8 @@ class Algorithm(NamedTuple):
     position: Callable[[Any], jax.Array]
     batch_size: int | None  # minibatch size m for SG samplers; None = full batch
     end_burnin: Callable[[Any], Any] | None = None
+    retune: Callable[[Any, Any, Any], Any] | None = None
+    notes: Any = None
 
 
 class SamplerSpec(NamedTuple):

@@ -7,12 +7,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import (
     AUTO_STEP_CONSTANT,
     Algorithm,
     SamplerSpec,
+    StepSizeParams,
     check_step_size,
     is_auto,
     minibatch_step_info,
@@ -95,6 +97,15 @@ def rmsprop_preconditioner(alpha: float, a: float, bias_correction: bool):
     return init, update, freeze
 
 
+def chain_preconditioners(states: RMSPropSGLDState, settings: RMSPropSGLDSettings) -> np.ndarray:
+    """(C, d) the G = 1/(√v̂ + a) each chain's state holds now (frozen after burn-in by default)."""
+    v = np.asarray(states.preconditioner.square_avg, np.float64)
+    t = np.asarray(states.preconditioner.count, np.float64)[:, None]
+    if settings.bias_correction:
+        v = np.where(t > 0, v / np.where(t > 0, 1.0 - settings.alpha**t, 1.0), 0.0)
+    return 1.0 / (np.sqrt(v) + settings.eps)
+
+
 def preconditioner_at_wstar(posterior: Posterior, settings: RMSPropSGLDSettings,
                             num_batches: int | None = None, full_batch: bool = False) -> jax.Array:
     """(d,) G = 1/(√v + a) with v = mean over fixed minibatches at w* of (∇L_m(w*))²: the stationary
@@ -133,8 +144,9 @@ def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
         G = 1 / (√v̂ + a)                              (diagonal, a = settings.eps)
         w ← w − ε/2 · G ⊙ ( γ (w − w*) + nβ ∇L_m(w) ) + √(ε G) ⊙ η,   η ~ N(0, I)
 
-    ε = settings.step_size (G = 1 gives SGLD with the same ε); "auto" is resolved here by
-    llc_bench.curvature.resolve_step_size if the caller has not. The largest per-parameter step
+    ε = settings.step_size, carried per chain in params (StepSizeParams; G = 1 gives SGLD with the
+    same ε); "auto": llc_bench.curvature.build_algorithm (ε at w*, re-measured after burn-in with
+    each chain's frozen G). The largest per-parameter step
     factor εG is ε/a, reached where v̂ = 0. State = (position, (v, t, frozen)); the runner calls
     Algorithm.end_burnin after the last burn-in step, which freezes (v, t) when adapt="burnin".
     With no burn-in, v stays 0 and G = 1/a. StepInfo.loss is L_m at the position before the step;
@@ -151,9 +163,9 @@ def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
     one-parameter quadratic (λ = ½, n = 1000, full batch) λ̂ was +45% at ε = 4e-4.
     """
     if is_auto(settings.step_size):
-        from llc_bench.curvature import resolve_step_size
+        from llc_bench.curvature import build_algorithm
 
-        settings, _ = resolve_step_size(posterior, settings)
+        return build_algorithm(SPEC, posterior, settings)
     epsilon = settings.step_size
     n_beta = posterior.n_beta
     n = posterior.n
@@ -164,21 +176,21 @@ def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
     def warmup(rng_key, position):
         del rng_key  # nothing to tune; v starts at zero as in RMSProp
         state = RMSPropSGLDState(position, precond_init(position))
-        return state, (), jnp.zeros((), position.dtype)
+        return state, StepSizeParams(jnp.asarray(epsilon, position.dtype)), jnp.zeros((), position.dtype)
 
     def end_burnin(state):
         if settings.adapt == "always":
             return state
         return state._replace(preconditioner=precond_freeze(state.preconditioner))
 
-    def step(rng_key, state, params, batch):
-        del params
+    def step(rng_key, state, params: StepSizeParams, batch):
         x_b, y_b = batch
         w = state.position
+        eps = params.step_size
         loss, loss_grad, loc_grad = posterior.minibatch_loss_and_grads(w, x_b, y_b)
         g, precond = precond_update(loss_grad, state.preconditioner)
         noise = jax.random.normal(rng_key, w.shape, w.dtype)
-        new_w = w - 0.5 * epsilon * g * (loc_grad + n_beta * loss_grad) + jnp.sqrt(epsilon * g) * noise
+        new_w = w - 0.5 * eps * g * (loc_grad + n_beta * loss_grad) + jnp.sqrt(eps * g) * noise
         info = minibatch_step_info(loss, x_b.shape[0], n)
         return RMSPropSGLDState(new_w, precond), info
 
