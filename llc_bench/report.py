@@ -73,10 +73,14 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
         for w in s["warnings"]:
             console.print(f"[yellow]{name}: {w}[/yellow]")
         if s.get("step_size_auto"):
+            burn = s.get("curvature_burnin")
             console.print(f"{name}: step size auto: ε = {s['step_size_constant']:g} / ({s['curvature']:.4g} + "
-                          f"{s['gradient_noise']:.4g}) = {s['step_size']:.3g} (curvature nβ·h_max + γ·max G and "
-                          f"gradient noise nβ²·s²_max/m at w*; h_max = {s['h_max']:.4g} from {s['num_hvp']} "
-                          f"Hessian-vector products, {s['num_cvp']} covariance products)", highlight=False)
+                          f"{s['gradient_noise']:.4g}) = {s['step_size_wstar']:.3g} at w* (curvature nβ·h_max + "
+                          f"γ·max G and gradient noise nβ²·s²_max/m; h_max = {s['h_max']:.4g})"
+                          + (f"; after burn-in the chains saw up to {burn:.4g}, so the draws used ε = "
+                             f"{s['step_size']:.3g}" if burn is not None else "")
+                          + f" ({s['num_hvp']} Hessian-vector and {s['num_cvp']} covariance products)",
+                          highlight=False)
         target = s.get("target_rel_se")
         if target:
             trail = ", ".join(f"{a['num_draws']} draws: {_num(a['rel_se'], '.1%')} {a['status']}" for a in target["attempts"])

@@ -15,12 +15,12 @@ from llc_bench.posterior import Posterior
 Batch = tuple[jax.Array, jax.Array] | None
 
 
-# step_size = "auto" (SG samplers): ε = c / (curvature + gradient noise) of −log π at w*, see
-# llc_bench.curvature.auto_step_size. Along every direction the stationary variance is then
-# biased by at most ≈ c/4 to first order (2.5% at c = 0.1): discretization plus minibatch noise.
-# Measured (README, "Automatic step size"): λ̂ of λ = d/2 regression +1.6% (c = 0.1) and +4.0%
-# (c = 0.2); a deep linear network (λ = 10, 30k steps) −0.8% ± 2.9% and +2.6% ± 3.6%; c = 0.4
-# gave +12…14% and loss spikes. Smaller c mixes more slowly (more steps: see not_converged).
+# step_size = "auto" (SG samplers): ε = c / (curvature + gradient noise) of −log π, at w* and again
+# where the chains are after burn-in (llc_bench.curvature). Along every direction the stationary
+# variance is then biased by at most ≈ c/4 to first order (2.5% at c = 0.1): discretization plus
+# minibatch noise. Measured (README, "Automatic step size"): λ̂ of λ = d/2 regression +1.6% ± 0.5%
+# (c = 0.1) and +3.9% (c = 0.2); two deep linear networks (λ = 10, 30k steps) −0.9% ± 3.0% and
+# −1.1% ± 1.4% at c = 0.1. Smaller c mixes more slowly (more steps: see not_converged).
 AUTO = "auto"
 AUTO_STEP_CONSTANT = 0.1
 
