@@ -34,6 +34,11 @@ MIN_WINDOW = 8
 # and by more than DRIFT_MIN_FRACTION of the rise above L_n(w*), i.e. of λ̂.
 DRIFT_Z = 3.0
 DRIFT_MIN_FRACTION = 0.02
+# not_converged also fires when the rank-normalized split R̂ of that series, every chain centered on
+# its own mean, exceeds this: chains drifting in different directions cancel in the pooled halves
+# but not here. 1.1 is the classic "not converged" cut (Gelman et al.); a stationary series with a
+# few hundred effective draws sits ≲ 1.02.
+SPLIT_RHAT_MAX = 1.1
 # spikes: a point above median + SPIKE_K · log10(N) robust standard deviations (1.4826 · MAD), N
 # the chain's series length (at least 10). The log grows like the largest of N draws from an
 # exponential tail: a correctly sampled quadratic basin with one dominant direction has a
@@ -121,6 +126,7 @@ class HealthThresholds:
     trend_min_fraction: float = TREND_MIN_FRACTION
     drift_z: float = DRIFT_Z
     drift_min_fraction: float = DRIFT_MIN_FRACTION
+    split_rhat_max: float = SPLIT_RHAT_MAX
     early_fraction: float = EARLY_FRACTION
     min_window: int = MIN_WINDOW
     spike_k: float = SPIKE_K
@@ -248,15 +254,36 @@ def _trend_flags(name: str, x: np.ndarray, loss_at_wstar: float, th: HealthThres
     return []
 
 
+def within_chain_split_rhat(x: np.ndarray) -> float:
+    """ArviZ's rank-normalized split R̂ of a (C, N) series with every chain centered on its own mean.
+
+    Centering removes differences between the chains' levels (chains_disagree's business), so what
+    is left compares each chain's first half with its second: a chain still drifting. NaN when too short.
+    """
+    if x.shape[1] < 4:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(azs.rhat(x - x.mean(axis=1, keepdims=True), chain_axis=0, draw_axis=1))
+
+
 def _drift_flag(name: str, x: np.ndarray, loss_at_wstar: float, th: HealthThresholds) -> list[HealthFlag]:
+    """not_converged: the pooled halves differ (drift_test), or the chains' own halves do (split R̂)."""
     shift = drift_test(x, loss_at_wstar, th.drift_z, th.drift_min_fraction)
-    if shift is None or not shift.significant:
-        return []
-    return [_flag(
-        "not_converged",
-        f"{name}: the second half of the draws averages {shift.diff:+.3g} relative to the first "
-        f"({shift.z:+.1f} standard errors; λ̂ moves by {shift.fraction:+.1%} between the halves).",
-    )]
+    if shift is not None and shift.significant:
+        return [_flag(
+            "not_converged",
+            f"{name}: the second half of the draws averages {shift.diff:+.3g} relative to the first "
+            f"({shift.z:+.1f} standard errors; λ̂ moves by {shift.fraction:+.1%} between the halves).",
+        )]
+    rhat = within_chain_split_rhat(x)
+    if rhat > th.split_rhat_max:
+        return [_flag(
+            "not_converged",
+            f"{name}: within-chain split R̂ = {rhat:.3f} > {th.split_rhat_max:g}: each chain's halves "
+            "disagree (the chains still wander, even if their pooled halves agree).",
+        )]
+    return []
 
 
 def _series_flags(name: str, x: np.ndarray, chains: np.ndarray, loss_at_wstar: float, n_beta: float,

@@ -283,3 +283,18 @@ def test_spikes_and_low_snr_still_fire_on_real_failures():
     noisy = exact_quadratic_result(0.5, 100.0, minibatch_sd=0.025)
     assert {f.code for f in check_health(noisy, estimate_from="minibatch")} == {"low_snr"}
     assert check_health(noisy, estimate_from="full") == []  # λ̂ from the L_n draws is not affected
+
+
+def test_chains_wandering_apart_are_not_converged():
+    """Each chain drifts its own way (a slow random walk of its level): the pooled halves barely move,
+    but the chains' halves disagree (split R̂ > 1.1), which is as much a failure to equilibrate."""
+    rng = np.random.default_rng(7)
+    walk = np.cumsum(rng.normal(size=(4, 2000)), axis=1) * 0.004
+
+    def level(c, t):
+        return RISE * (1 - np.exp(-t / 50.0)) + walk[c[:, 0]][:, t[0]] - walk[c[:, 0]][:, 400:].mean(axis=1, keepdims=True)
+
+    res = synthetic_result(level, seed=0)
+    flags = {f.code: f for f in check_health(res)}
+    assert "not_converged" in flags and "within-chain split R̂" in flags["not_converged"].message
+    assert run_status("ok", list(flags.values())) == "not_converged"
