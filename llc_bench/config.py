@@ -113,6 +113,10 @@ class RunConfig:
     num_projections: int = 4
     chunk_size: int = 0  # steps per jitted chunk between progress updates; 0 = automatic
     estimate_from: str = "full"  # "full": full-data L_n at draws; "minibatch": per-step sampler loss
+    # > 0: double the draws (at most max_doublings times) until SE(λ̂)/|λ̂| <= target_rel_se and the
+    # drift test passes (llc_bench.experiment.run_sampler); 0 = one run of num_draws
+    target_rel_se: float = 0.0
+    max_doublings: int = 3
     out_dir: str = "results"  # each run writes <out_dir>/<run_id>/
 
 
@@ -178,7 +182,7 @@ BOUNDS = {
     "posterior.beta0": "pos", "posterior.gamma": "nonneg", "posterior.prior_radius": "pos",
     "run.seed": "seed", "run.num_chains": "pos", "run.num_burnin_steps": "nonneg",
     "run.num_draws": "pos", "run.num_steps_bw_draws": "pos", "run.num_projections": "nonneg",
-    "run.chunk_size": "nonneg",
+    "run.chunk_size": "nonneg", "run.target_rel_se": "nonneg", "run.max_doublings": "nonneg",
 }
 SEED_LIMIT = 2**32
 _BOUND_TEXT = {"pos": "> 0", "nonneg": ">= 0", "unit": "in [0, 1]", "open_unit": "in (0, 1)",
@@ -231,6 +235,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list | tuple):
             value = [value]
         return tuple(_coerce(key, v, elem) for v in value)
+    if args and set(args) == {float, str}:  # a step size: a number or "auto"
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, str):
+            try:
+                float(value)
+            except ValueError:
+                raise _fail(key, f'must be a number > 0 or "auto" (got {value!r})') from None
+        return _coerce(key, value, float)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -303,10 +316,20 @@ def _sampler_bound(name: str, field_name: str, value: Any) -> None:
     key = f"sampler.{name}.{field_name}"
     if isinstance(value, bool) or value is None:
         return
-    if field_name in ("alpha", "target_accept"):
+    if field_name == "adapt":
+        from llc_bench.samplers.rmsprop_sgld import ADAPT_MODES
+
+        if value not in ADAPT_MODES:
+            raise _fail(key, f"unknown value {value!r}{_suggest(str(value), ADAPT_MODES)}; "
+                             f"allowed: {', '.join(ADAPT_MODES)}")
+    elif field_name in ("alpha", "target_accept"):
         _check_bound(key, value, "open_unit")
     elif field_name.startswith("frac_"):
         _check_bound(key, value, "unit")
+    elif field_name == "step_size" and isinstance(value, int | float) and not value > 0:
+        raise _fail(key, f'must be > 0 or "auto" (got {value!r})')
+    elif field_name == "auto_constant" and not 0 < value < 4:
+        raise _fail(key, f"must be in (0, 4): ε·curvature < 4 is the stability limit (got {value!r})")
     elif field_name == "eps":
         if not 0 < value <= 1:
             raise _fail(key, f"must be in (0, 1]: the guide says never set a > 1 (got {value!r})")

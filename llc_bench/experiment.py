@@ -13,6 +13,7 @@ import numpy as np
 
 from llc_bench import artifacts
 from llc_bench.config import Config, to_dict, to_toml
+from llc_bench.curvature import AutoStep, build_algorithm
 from llc_bench.estimator import LLCEstimate, block_bootstrap_ci, estimate_from_result, wnv
 from llc_bench.posterior import Posterior
 from llc_bench.progress import progress_enabled
@@ -63,33 +64,61 @@ def _finite(x) -> float | None:
 
 def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | None = None,
                 progress: bool = False, settings=None) -> SamplerRun:
-    """Sample one posterior with one sampler and turn the chains into an estimate with diagnostics."""
+    """Sample one posterior with one sampler and turn the chains into an estimate with diagnostics.
+
+    step_size = "auto": llc_bench.curvature.build_algorithm (ε at w*, re-measured where the chains
+    are after burn-in; what it measured goes into the summary). With run.target_rel_se > 0
+    the draws are doubled (at most run.max_doublings times) until SE(λ̂)/|λ̂| <= target_rel_se and
+    the run is not `not_converged`; each attempt reruns the chains from w* with the same keys, so
+    a longer attempt extends the shorter one's chains exactly. summary["target_rel_se"] records
+    every attempt; the summary's work and seconds are those of the final attempt (the cost of
+    running it once), summary["target_rel_se"]["grad_evals_all"] the sum over attempts.
+    """
     from llc_bench.diagnostics import convergence, to_datatree
-    from llc_bench.health import check_health
+    from llc_bench.health import check_health, run_status
 
     spec = get_spec(name)
     settings = settings if settings is not None else cfg.sampler[name]
-    algorithm = spec.build(posterior, settings)
+    algorithm = build_algorithm(spec, posterior, settings)
     run, steps = cfg.run, cfg.schedule[name]
-    result, states = run_chains_with_state(name, algorithm, posterior, sampler_key(run.seed, name),
-                        num_chains=run.num_chains, num_burnin_steps=steps.num_burnin_steps,
-                        num_draws=steps.num_draws, num_steps_bw_draws=steps.num_steps_bw_draws,
-                        num_projections=run.num_projections, chunk_size=run.chunk_size,
-                        progress=progress, devices=chain_devices(run.num_chains))
-    estimate = estimate_from_result(result, run.estimate_from)
+    num_draws, attempts = steps.num_draws, []
+    while True:
+        result, states = run_chains_with_state(name, algorithm, posterior, sampler_key(run.seed, name),
+                            num_chains=run.num_chains, num_burnin_steps=steps.num_burnin_steps,
+                            num_draws=num_draws, num_steps_bw_draws=steps.num_steps_bw_draws,
+                            num_projections=run.num_projections, chunk_size=run.chunk_size,
+                            progress=progress, devices=chain_devices(run.num_chains))
+        estimate = estimate_from_result(result, run.estimate_from)
+        flags = check_health(result, estimate_from=run.estimate_from)
+        if run.target_rel_se <= 0:
+            break
+        rel_se = abs(estimate.se / estimate.mean) if estimate.mean else math.inf
+        status = run_status(estimate.status, flags)
+        reached = bool(rel_se <= run.target_rel_se) and status != "not_converged"
+        attempts.append({"num_draws": num_draws, "steps": steps.num_burnin_steps + num_draws * steps.num_steps_bw_draws,
+                         "llc_mean": _finite(estimate.mean), "rel_se": _finite(rel_se), "status": status,
+                         "grad_evals": float(np.sum(result.grad_evals))})
+        if reached or status in ("failed", "diverged") or len(attempts) > run.max_doublings:
+            break
+        num_draws *= 2
     tree = to_datatree(result, estimate.running)
     conv = convergence(tree)
-    flags = check_health(result)
     if estimate.status != "failed":
-        flags.extend(_diagnostics_missing(conv, steps.num_draws))
+        flags.extend(_diagnostics_missing(conv, num_draws))
+    step = step_size_summary(settings, algorithm.notes)
     mala = None
     if name == "sgld":
-        mala = _mala_check(posterior, algorithm, states, settings.step_size, result.diverged_at, run.seed)
+        mala = _mala_check(posterior, algorithm, states, step["step_size"], result.diverged_at, run.seed)
         if mala is not None and mala.flag is not None:
             flags.append(mala.flag)
     flags = tuple(flags)
-    summary = _summarize(name, result, estimate, conv, flags, truth, posterior)
+    summary = _summarize(name, result, estimate, conv, flags, truth, posterior,
+                         extra_grad_evals=auto_step_grad_evals(algorithm.notes, posterior.n))
     summary["mala_accept"] = None if mala is None else mala.mean_accept
+    summary.update(step)
+    summary["target_rel_se"] = None if not attempts else {
+        "target": run.target_rel_se, "reached": reached, "num_draws": num_draws, "steps": attempts[-1]["steps"],
+        "grad_evals_all": sum(a["grad_evals"] for a in attempts), "attempts": attempts}
     return SamplerRun(name, result, estimate, tree, conv, flags, summary)
 
 
@@ -109,6 +138,27 @@ def _diagnostics_missing(conv: dict, num_draws: int) -> list:
                        "Increase run.num_draws (at least a few dozen draws per chain).")]
 
 
+# A forward-over-reverse Hessian-vector product, or a jvp + vjp covariance product, costs about two gradients.
+HVP_GRAD_EVALS = 2.0
+
+
+def auto_step_grad_evals(auto: AutoStep | None, n: int) -> float:
+    """Work of step_size = "auto" in full-data gradient equivalents: its operator products, plus
+    RMSProp-SGLD's minibatch gradients at w*."""
+    if auto is None:
+        return 0.0
+    return HVP_GRAD_EVALS * auto.num_products + auto.precond_batches * auto.settings.batch_size / n
+
+
+def step_size_summary(settings, auto: AutoStep | None) -> dict:
+    """summary.json fields of the step size: the ε the draws used (SG samplers), and for "auto" what chose it."""
+    if auto is not None:
+        return auto.summary()
+    keys = ("step_size_wstar", "h_max", "curvature", "gradient_noise", "h_max_burnin", "curvature_burnin",
+            "num_hvp", "num_cvp", "step_size_constant", "step_size_auto_s")
+    return {"step_size": getattr(settings, "step_size", None), "step_size_auto": False, **dict.fromkeys(keys)}
+
+
 def _mala_check(posterior: Posterior, algorithm, states, step_size: float, diverged_at, seed: int):
     """Seed 002's MALA-style diagnostic at the chains' final positions: would a Metropolis test accept
     a full-gradient SGLD proposal of this ε? (No accept step is taken; low values mean ε is coarse.)"""
@@ -121,16 +171,14 @@ def _mala_check(posterior: Posterior, algorithm, states, step_size: float, diver
     return mala_acceptance(value_and_grad, positions, step_size, stream_key(seed, "projection"))
 
 
-def _summarize(name, result: ChainResult, est: LLCEstimate, conv: dict, flags, truth, posterior) -> dict:
-    grad_evals = float(np.sum(result.grad_evals))
+def _summarize(name, result: ChainResult, est: LLCEstimate, conv: dict, flags, truth, posterior,
+               extra_grad_evals: float = 0.0) -> dict:
+    grad_evals = float(np.sum(result.grad_evals)) + extra_grad_evals
     wall = result.wall_s + result.warmup_s
     wnv_time, wnv_grad = wnv(est.se, wall, grad_evals)
-    if est.status == "failed":
-        status = "failed"
-    elif est.status == "diverged":
-        status = "diverged"
-    else:
-        status = "warnings" if flags else "ok"
+    from llc_bench.health import run_status
+
+    status = run_status(est.status, flags)
     ok = result.diverged_at < 0
     accept = _finite(np.nanmean(result.accept[ok])) if name in ACCEPT_SAMPLERS and ok.any() else None
     energy = result.energy_change[ok][:, result.num_burnin_steps:] if ok.any() else np.empty((0, 0))
@@ -179,6 +227,7 @@ def step_size_check(cfg: Config, name: str, posterior: Posterior, first: Sampler
     settings = cfg.sampler[name]
     if not hasattr(settings, "step_size"):
         return None  # step size is tuned by the sampler itself
+    settings = dataclasses.replace(settings, step_size=first.summary["step_size"])  # "auto" as resolved
     half = dataclasses.replace(settings, step_size=settings.step_size / 2)
     second = run_sampler(cfg, name, posterior, settings=half)
     return step_size_check_summary(first.estimate.mean, second.estimate.mean,

@@ -29,16 +29,32 @@ TREND_MIN_FRACTION = 0.05
 EARLY_FRACTION = 0.1
 # A window shorter than this gives no usable MCSE; the check is skipped (never fired).
 MIN_WINDOW = 8
-# spikes: a point above median + SPIKE_K robust standard deviations (1.4826 · MAD). With
-# Gaussian-like noise a 10σ excursion never happens by chance; only upward jumps count.
+# not_converged: the mean of the second half of the draws differs from the first half's by more
+# than DRIFT_Z standard errors (two-sided; the same autocorrelation-aware test as the trend flags)
+# and by more than DRIFT_MIN_FRACTION of the rise above L_n(w*), i.e. of λ̂.
+DRIFT_Z = 3.0
+DRIFT_MIN_FRACTION = 0.02
+# not_converged also fires when the rank-normalized split R̂ of that series, every chain centered on
+# its own mean, exceeds this: chains drifting in different directions cancel in the pooled halves
+# but not here. 1.1 is the classic "not converged" cut (Gelman et al.); a stationary series with a
+# few hundred effective draws sits ≲ 1.02.
+SPLIT_RHAT_MAX = 1.1
+# spikes: a point above median + SPIKE_K · log10(N) robust standard deviations (1.4826 · MAD), N
+# the chain's series length (at least 10). The log grows like the largest of N draws from an
+# exponential tail: a correctly sampled quadratic basin with one dominant direction has a
+# ½χ²₁-shaped loss, whose largest of N points sits 31, 38, 45, 52 robust SDs above the median at
+# N = 1e3 … 1e6 (1% quantile of the maximum); SPIKE_K = 10 stays above that, and a Gaussian-like
+# trace never comes near it. Only upward jumps count.
 SPIKE_K = 10.0
 MAD_TO_SD = 1.4826
 # below_wstar: a chain's mean loss is below L_n(w*) by more than BELOW_WSTAR_Z of its MCSE.
 BELOW_WSTAR_Z = 4.0
-# low_snr: the guide wants the average rise above L_n(w*) to exceed the within-chain standard
-# deviation, i.e. signal / noise >= LOW_SNR_MIN. Caveat: for an exact sampler on a quadratic
-# basin, nβ(L_n − L*) ~ ½χ²_{2λ}, so a full-data trace has SNR ≈ √λ; the rule is informative
-# for minibatch traces and for λ ≳ 1.
+# low_snr: the guide wants the average rise above L_n(w*) to exceed the trace's noise, i.e.
+# signal / noise >= LOW_SNR_MIN. The posterior's own spread is not noise: for an exact sampler
+# nβ(L_n − L*) ~ Gamma(λ, 1) on a quadratic basin (½χ²_{2λ}; the normal-crossing form gives the
+# same), so Var(L_n) = λ/nβ² = rise/nβ and SNR = √λ, below 1 whenever λ < 1. The noise judged is
+# therefore the within-chain SD in excess of that: √max(0, Var − rise/nβ), e.g. minibatch noise.
+# It is judged on the series λ̂ is computed from.
 LOW_SNR_MIN = 1.0
 # chains_disagree: rank-normalized R̂ WITHOUT chain splitting, so a common trend (not_leveling)
 # does not masquerade as disagreement. 1.05 is the classic looser cut (Vehtari et al. use 1.01).
@@ -56,6 +72,8 @@ STEP_SIZE_Z = 2.0
 REMEDIES = {
     "nan": "First decrease ε; also consider if nβ and/or γ are too large.",
     "not_leveling": "Increase ε and/or take more total steps; if that fails, increase γ.",
+    "not_converged": "More steps; a larger ε if it is stable (the chains have not equilibrated: "
+                     "λ̂ still drifts).",
     "burnin_too_short": "Increase num_burnin_steps until the trace is flat before the first draw.",
     "spikes": "First decrease ε; also consider if nβ and/or γ are too large.",
     "below_wstar": "Increase γ and/or decrease nβ.",
@@ -70,6 +88,20 @@ REMEDIES = {
         "Discretization bias: the estimate moved when ε was halved; use a smaller ε."
     ),
 }
+
+
+# Flags that say the draws are not yet from the stationary law: a run with one is `not_converged`.
+NOT_CONVERGED_CODES = ("not_leveling", "burnin_too_short", "not_converged")
+
+
+def run_status(estimate_status: str, flags) -> str:
+    """failed (no usable chain) > diverged (chains excluded) > not_converged > warnings > ok."""
+    if estimate_status in ("failed", "diverged"):
+        return estimate_status
+    codes = {f.code for f in flags}
+    if codes & set(NOT_CONVERGED_CODES):
+        return "not_converged"
+    return "warnings" if codes else "ok"
 
 
 @dataclass(frozen=True)
@@ -92,6 +124,9 @@ class HealthThresholds:
 
     trend_z: float = TREND_Z
     trend_min_fraction: float = TREND_MIN_FRACTION
+    drift_z: float = DRIFT_Z
+    drift_min_fraction: float = DRIFT_MIN_FRACTION
+    split_rhat_max: float = SPLIT_RHAT_MAX
     early_fraction: float = EARLY_FRACTION
     min_window: int = MIN_WINDOW
     spike_k: float = SPIKE_K
@@ -120,6 +155,53 @@ def window_rise(early: np.ndarray, late: np.ndarray) -> tuple[float, float]:
     return diff, float(np.hypot(_mcse_mean(early), _mcse_mean(late)))
 
 
+@dataclass(frozen=True)
+class Shift:
+    """A move between two windows of a (C, N) series and whether it counts as real."""
+
+    diff: float  # mean(late) − mean(early)
+    se: float  # its autocorrelation-aware standard error
+    rise: float  # mean of the whole series − L_n(w*): the scale the move is judged against
+    significant: bool
+
+    @property
+    def z(self) -> float:
+        if self.se > 0:
+            return self.diff / self.se
+        return float(np.copysign(np.inf, self.diff)) if self.diff else 0.0
+
+    @property
+    def fraction(self) -> float:
+        return self.diff / abs(self.rise) if self.rise else float(np.inf)
+
+
+def window_shift(early: np.ndarray, late: np.ndarray, rise: float, z: float, min_fraction: float,
+                 two_sided: bool = False) -> Shift:
+    """The trend test shared by not_leveling, burnin_too_short and not_converged.
+
+    A move counts only if it beats the noise (|diff| > z · SE; one-sided: diff > z · SE) AND is a
+    real fraction of the rise above L_n(w*) (|diff| > min_fraction · |rise|).
+    """
+    diff, se = window_rise(early, late)
+    size = abs(diff) if two_sided else diff
+    return Shift(diff, se, rise, bool(size > z * se and size > min_fraction * abs(rise)))
+
+
+def drift_test(x: np.ndarray, loss_at_wstar: float, z: float = DRIFT_Z,
+               min_fraction: float = DRIFT_MIN_FRACTION) -> Shift | None:
+    """Two-sided test that the second half of the (C, N) draws has the same mean as the first half.
+
+    SEs from ArviZ's MCSE of each half (pooled over chains). λ̂ = nβ (mean − L*), so
+    `fraction` is the relative drift of λ̂ between the halves. None if a half is shorter than
+    MIN_WINDOW points.
+    """
+    half = x.shape[1] // 2
+    if half < MIN_WINDOW:
+        return None
+    rise = float(np.mean(x) - loss_at_wstar)
+    return window_shift(x[:, :half], x[:, x.shape[1] - half:], rise, z, min_fraction, two_sided=True)
+
+
 def unsplit_rank_rhat(x: np.ndarray) -> float:
     """Gelman–Rubin R̂ on rank-normalized (C, N) values, chains not split.
 
@@ -135,12 +217,12 @@ def unsplit_rank_rhat(x: np.ndarray) -> float:
 
 
 def _spike_counts(x: np.ndarray, k: float) -> np.ndarray:
-    """Per chain, how many points exceed median + k · 1.4826 · MAD."""
+    """Per chain, how many points exceed median + k · log10(max(N, 10)) · 1.4826 · MAD."""
     med = np.median(x, axis=1, keepdims=True)
     scale = MAD_TO_SD * np.median(np.abs(x - med), axis=1, keepdims=True)
     # A constant trace has MAD 0; any real jump off it is still a spike.
     scale = np.maximum(scale, 1e-12 * np.maximum(1.0, np.abs(med)))
-    return np.sum(x > med + k * scale, axis=1)
+    return np.sum(x > med + k * np.log10(max(x.shape[1], 10)) * scale, axis=1)
 
 
 def _trend_flags(name: str, x: np.ndarray, loss_at_wstar: float, th: HealthThresholds) -> list[HealthFlag]:
@@ -152,40 +234,71 @@ def _trend_flags(name: str, x: np.ndarray, loss_at_wstar: float, th: HealthThres
     late_half = x[:, n - 2 * quarter :]
     rise = float(np.mean(late_half) - loss_at_wstar)
     q3, q4 = x[:, n - 2 * quarter : n - quarter], x[:, n - quarter :]
-    def significant(diff: float, se: float) -> bool:
-        # a move counts only if it beats the noise AND is a real fraction of the total rise
-        return diff > th.trend_z * se and diff > th.trend_min_fraction * abs(rise)
-
-    diff, se = window_rise(q3, q4)
-    if significant(diff, se):
+    shift = window_shift(q3, q4, rise, th.trend_z, th.trend_min_fraction)
+    if shift.significant:
         return [_flag(
             "not_leveling",
-            f"{name}: the last quarter's mean is {diff:.3g} above the quarter before "
-            f"({diff / se if se > 0 else np.inf:.1f} standard errors, {diff / abs(rise) if rise else np.inf:.0%} "
+            f"{name}: the last quarter's mean is {shift.diff:.3g} above the quarter before "
+            f"({shift.z:.1f} standard errors, {shift.fraction:.0%} "
             f"of the rise above L_n(w*)); the trace is still climbing.",
         )]
     early = x[:, : max(th.min_window, int(th.early_fraction * n))]
-    diff, se = window_rise(early, late_half)
-    if significant(diff, se):
+    shift = window_shift(early, late_half, rise, th.trend_z, th.trend_min_fraction)
+    if shift.significant:
         return [_flag(
             "burnin_too_short",
-            f"{name}: the first {early.shape[1]} points after burn-in average {diff:.3g} below the "
-            f"last half ({diff / se if se > 0 else np.inf:.1f} standard errors); the chains were "
+            f"{name}: the first {early.shape[1]} points after burn-in average {shift.diff:.3g} below the "
+            f"last half ({shift.z:.1f} standard errors); the chains were "
             "still rising when draws began.",
         )]
     return []
 
 
-def _series_flags(name: str, x: np.ndarray, chains: np.ndarray, loss_at_wstar: float,
-                  th: HealthThresholds, *, snr: bool) -> list[HealthFlag]:
+def within_chain_split_rhat(x: np.ndarray) -> float:
+    """ArviZ's rank-normalized split R̂ of a (C, N) series with every chain centered on its own mean.
+
+    Centering removes differences between the chains' levels (chains_disagree's business), so what
+    is left compares each chain's first half with its second: a chain still drifting. NaN when too short.
+    """
+    if x.shape[1] < 4:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(azs.rhat(x - x.mean(axis=1, keepdims=True), chain_axis=0, draw_axis=1))
+
+
+def _drift_flag(name: str, x: np.ndarray, loss_at_wstar: float, th: HealthThresholds) -> list[HealthFlag]:
+    """not_converged: the pooled halves differ (drift_test), or the chains' own halves do (split R̂)."""
+    shift = drift_test(x, loss_at_wstar, th.drift_z, th.drift_min_fraction)
+    if shift is not None and shift.significant:
+        return [_flag(
+            "not_converged",
+            f"{name}: the second half of the draws averages {shift.diff:+.3g} relative to the first "
+            f"({shift.z:+.1f} standard errors; λ̂ moves by {shift.fraction:+.1%} between the halves).",
+        )]
+    rhat = within_chain_split_rhat(x)
+    if rhat > th.split_rhat_max:
+        return [_flag(
+            "not_converged",
+            f"{name}: within-chain split R̂ = {rhat:.3f} > {th.split_rhat_max:g}: each chain's halves "
+            "disagree (the chains still wander, even if their pooled halves agree).",
+        )]
+    return []
+
+
+def _series_flags(name: str, x: np.ndarray, chains: np.ndarray, loss_at_wstar: float, n_beta: float,
+                  th: HealthThresholds, *, estimated: bool) -> list[HealthFlag]:
+    """Every check on one (C, N) series; drift and low_snr only on the series λ̂ is estimated from."""
     flags = _trend_flags(name, x, loss_at_wstar, th)
+    if estimated and not flags:  # a trend flag already says the chains have not equilibrated
+        flags += _drift_flag(name, x, loss_at_wstar, th)
 
     spikes = _spike_counts(x, th.spike_k)
     if spikes.any():
         bad = chains[spikes > 0]
         flags.append(_flag(
             "spikes",
-            f"{name}: {int(spikes.sum())} point(s) jump more than {th.spike_k:g} robust standard "
+            f"{name}: {int(spikes.sum())} point(s) jump more than {th.spike_k:g}·log10(N) robust standard "
             f"deviations above the chain's median (chains {bad.tolist()}).",
             bad,
         ))
@@ -202,14 +315,16 @@ def _series_flags(name: str, x: np.ndarray, chains: np.ndarray, loss_at_wstar: f
             f"{th.below_wstar_z:g} standard errors; the sampler found lower loss than w*.",
             bad,
         ))
-    elif snr:
+    elif estimated:
         rise = float(np.mean(x) - loss_at_wstar)
-        noise = float(np.sqrt(np.mean(np.var(x, axis=1, ddof=1))))
+        variance = float(np.mean(np.var(x, axis=1, ddof=1)))
+        noise = float(np.sqrt(max(variance - max(rise, 0.0) / n_beta, 0.0)))
         if rise < th.low_snr_min * noise:
             flags.append(_flag(
                 "low_snr",
                 f"{name}: the average rise above L_n(w*) ({rise:.3g}) is smaller than "
-                f"{th.low_snr_min:g}× the within-chain standard deviation ({noise:.3g}).",
+                f"{th.low_snr_min:g}× the within-chain noise ({noise:.3g}, the standard deviation "
+                "beyond the posterior's own spread).",
             ))
 
     rhat = unsplit_rank_rhat(x)
@@ -230,13 +345,15 @@ def _first_bad_step(trace_c: np.ndarray, diverged_at_c: int) -> int:
     return int(np.argmax(nonfinite)) if nonfinite.any() else -1
 
 
-def check_health(result: ChainResult, thresholds: HealthThresholds = HealthThresholds()) -> list[HealthFlag]:
+def check_health(result: ChainResult, thresholds: HealthThresholds = HealthThresholds(),
+                 estimate_from: str = "full") -> list[HealthFlag]:
     """Every failed check, one flag per code, in the guide's order.
 
     Checks run on the post-burn-in per-step loss trace and on the full-data L_n draws; a flag
-    fires if either series shows the failure (its message names the series). low_snr is judged on
-    the per-step trace only, as in the guide (its batch-size remedy concerns that trace). Chains
-    that went non-finite raise `nan` and are excluded from every other check.
+    fires if either series shows the failure (its message names the series). The drift test
+    (not_converged) and low_snr are judged on the series λ̂ is estimated from: the L_n draws
+    (estimate_from="full"; the trace when there are no draws) or the per-step trace
+    ("minibatch"). Chains that went non-finite raise `nan` and are excluded from every other check.
     """
     th = thresholds
     trace = np.asarray(result.loss_trace, dtype=float)
@@ -259,14 +376,16 @@ def check_health(result: ChainResult, thresholds: HealthThresholds = HealthThres
 
     series = []
     post = trace[good, result.num_burnin_steps :]
+    has_draws = draws.shape[1] >= 2
     if post.shape[1] >= 2:
-        series.append(("loss trace after burn-in", post, True))
-    if draws.shape[1] >= 2:
-        series.append(("L_n draws", draws[good], post.shape[1] < 2))
+        series.append(("loss trace after burn-in", post, estimate_from == "minibatch" or not has_draws))
+    if has_draws:
+        series.append(("L_n draws", draws[good], estimate_from != "minibatch" or post.shape[1] < 2))
     seen = {f.code for f in flags}
-    for name, x, snr in series:
-        for f in _series_flags(name, x, good, result.loss_at_wstar, th, snr=snr):
-            if f.code not in seen:
+    for name, x, estimated in series:
+        for f in _series_flags(name, x, good, result.loss_at_wstar, result.n_beta, th, estimated=estimated):
+            # a trend flag on the other series already says the chains have not equilibrated
+            if f.code not in seen and not (f.code == "not_converged" and seen & set(NOT_CONVERGED_CODES)):
                 seen.add(f.code)
                 flags.append(f)
 

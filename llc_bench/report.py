@@ -28,6 +28,13 @@ def _accept_or_energy(name: str, s: dict) -> str:
     return "—"
 
 
+def _step_size(s: dict) -> str:
+    eps = s.get("step_size")
+    if eps is None:
+        return "—"
+    return f"{eps:.3g}" + (" auto" if s.get("step_size_auto") else "")
+
+
 def print_report(summary: dict, out_dir: Path | None, console: Console | None = None) -> None:
     console = console or Console(width=200)
     truth = summary.get("truth")
@@ -35,16 +42,16 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
              f"γ={summary['gamma']:.4g}, L_n(w*)={summary['loss_at_wstar']:.4g}"
              + (f", truth λ={truth:.4g}" if truth is not None else ", truth unknown") + ")")
     table = Table(title=title, title_justify="left")
-    for col in ("sampler", "λ̂ ± SE", "chains", "rel err", "ESS bulk/tail", "R̂", "acc / energy",
+    for col in ("sampler", "λ̂ ± SE", "chains", "rel err", "ESS bulk/tail", "R̂", "acc / energy", "ε",
                 "grad evals", "sample s", "compile s", "WNV·s", "WNV·grad", "status"):
         table.add_column(col, justify="left" if col in ("sampler", "status") else "right")
     for name, s in summary["samplers"].items():
         llc = "—" if s["llc_mean"] is None else f"{s['llc_mean']:.4g} ± {_num(s['llc_se'])}"
         rel = "—" if s["rel_error"] is None else f"{100 * s['rel_error']:+.1f}%"
-        style = {"ok": "green", "warnings": "yellow"}.get(s["status"], "red")
+        style = {"ok": "green", "warnings": "yellow", "not_converged": "magenta"}.get(s["status"], "red")
         table.add_row(name, llc, _spread(s["llc_per_chain"]), rel,
                       f"{_num(s['ess_bulk'], '.0f')}/{_num(s['ess_tail'], '.0f')}", _num(s["rhat"], ".3f"),
-                      _accept_or_energy(name, s), _num(s["grad_evals"], ".3g"), _num(s["wall_s"], ".2f"),
+                      _accept_or_energy(name, s), _step_size(s), _num(s["grad_evals"], ".3g"), _num(s["wall_s"], ".2f"),
                       _num(s["compile_s"], ".2f"), _num(s["wnv_time"]), _num(s["wnv_grad"]),
                       f"[{style}]{s['status']}[/{style}]")
     train = summary.get("train")
@@ -65,6 +72,21 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
             console.print(f"[red]{name}: every chain diverged; no estimate. Decrease the step size.[/red]")
         for w in s["warnings"]:
             console.print(f"[yellow]{name}: {w}[/yellow]")
+        if s.get("step_size_auto"):
+            burn = s.get("curvature_burnin")
+            console.print(f"{name}: step size auto: ε = {s['step_size_constant']:g} / ({s['curvature']:.4g} + "
+                          f"{s['gradient_noise']:.4g}) = {s['step_size_wstar']:.3g} at w* (curvature nβ·h_max + "
+                          f"γ·max G and gradient noise nβ²·s²_max/m; h_max = {s['h_max']:.4g})"
+                          + (f"; after burn-in the chains saw up to {burn:.4g}, so the draws used ε = "
+                             f"{s['step_size']:.3g}" if burn is not None else "")
+                          + f" ({s['num_hvp']} Hessian-vector and {s['num_cvp']} covariance products)",
+                          highlight=False)
+        target = s.get("target_rel_se")
+        if target:
+            trail = ", ".join(f"{a['num_draws']} draws: {_num(a['rel_se'], '.1%')} {a['status']}" for a in target["attempts"])
+            console.print(f"{name}: target relative SE {target['target']:.1%} "
+                          f"{'reached' if target['reached'] else 'NOT reached'} after {target['steps']} steps per "
+                          f"chain ({trail})", highlight=False)
         if s.get("mala_accept") is not None:
             console.print(f"{name}: MALA-style acceptance of a full-gradient proposal at this ε: "
                           f"{s['mala_accept']:.2f} (below 0.5 suggests a smaller ε)")

@@ -298,6 +298,11 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
     Minibatch samplers (algorithm.batch_size = m) get, per chain and step, m indices drawn
     uniformly with replacement from the n samples; full-batch samplers get batch=None.
 
+    Algorithm.end_burnin, when given, is applied to every chain's state between the last burn-in
+    step and the first drawing step (with no burn-in: before the first step); then
+    Algorithm.retune, when given, may replace the tuned params (host-side, not in wall_s).
+    ChainResult.tuned summarizes the params the draws used.
+
     Divergence: a chain whose new loss or position is non-finite records that step in
     diverged_at and is frozen at its last finite state; its losses, draws and projections are NaN
     from then on, so estimators exclude it (a warm-up ending non-finite counts as step 0).
@@ -366,6 +371,18 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
                 wall_s += seconds
                 burn_infos.append(jax.tree.map(np.asarray, info))
                 bar.advance(min(burn_len, num_burnin_steps - c * burn_len))
+
+        if algorithm.end_burnin is not None:
+            # e.g. RMSProp-SGLD freezes its preconditioner: the draws see a constant sampler
+            end_burnin, seconds = _compile(jax.vmap(algorithm.end_burnin), carry.state)
+            compile_s += seconds
+            carry = carry._replace(state=end_burnin(carry.state))
+        if algorithm.retune is not None:
+            # host-side, e.g. step_size = "auto" re-measured where the chains are (its own timing)
+            params = algorithm.retune(carry.state, params, np.asarray(carry.diverged_at) < 0)
+            if devices is not None:
+                params = jax.device_put(params, per_chain)
+            consts = consts._replace(params=params)
 
         draw, seconds = _compile(_draw_chunk_fn(algorithm, posterior, blocks, k, num_burnin_steps, total_steps, draw_fn),
                                  carry, jnp.int32(0), consts)

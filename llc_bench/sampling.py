@@ -270,9 +270,13 @@ def _sampler_settings(method: str, *, lr, batch_size: int, accumulation: int, no
             raise ValueError(f"set {reserved!r} through sample()'s {instead!r}, not sampling_method_kwargs")
     spec = get_spec(method)
     if method in SG_METHODS:
-        if lr is None or not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"{method} needs a positive lr (the SGLD step size ε), got {lr}")
-        kwargs.update(step_size=float(lr) * noise_level**2, batch_size=batch_size * accumulation)
+        if lr == "auto":  # resolved on the (tempered) posterior, once it is built
+            kwargs.update(step_size="auto", batch_size=batch_size * accumulation)
+        elif (not isinstance(lr, numbers.Real) or isinstance(lr, bool)
+              or not (math.isfinite(lr) and lr > 0)):
+            raise ValueError(f'{method} needs a positive lr (the SGLD step size ε) or lr="auto", got {lr!r}')
+        else:
+            kwargs.update(step_size=float(lr) * noise_level**2, batch_size=batch_size * accumulation)
     elif lr is not None:
         raise ValueError(f"{method} tunes its own step size; pass lr=None (tuning options go in sampling_method_kwargs)")
     allowed = [f.name for f in dataclasses.fields(spec.settings)]
@@ -324,7 +328,7 @@ def observable_indices(seed: int, n: int, size: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=None, lr: float | None = None,
+def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=None, lr: float | str | None = None,
            n_beta: float, localization: float, num_chains: int, num_draws: int, num_burnin_steps: int = 0,
            num_steps_bw_draws: int = 1, batch_size: int = 32, gradient_accumulation_steps: int = 1,
            sampling_method: str = "sgld", sampling_method_kwargs: dict | None = None,
@@ -345,14 +349,18 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
 
     nβ = n_beta exactly as given (devinterp convention, no β0 / log n), γ = localization,
     λ = weight_decay. SGLD step (ε = lr, σ = noise_level, L_m = batch mean of loss_fn):
+    lr="auto" (SG methods) sets ε = c / curvature of the (tempered) posterior at w*
+    (llc_bench.curvature); the ε used, h_max and the number of Hessian-vector products are in
+    the tree's attrs["run"].
 
         w ← w − ε/2 · ( γ (w − w*) + λ w + nβ ∇L_m(w) ) + σ √ε · η,   η ~ N(0, I)
 
     σ ≠ 1 is run as exact SGLD at step σ²ε on the posterior with nβ, γ, λ divided by σ² (the
     same update), i.e. it samples p^(1/σ²): it breaks the posterior guarantee, as in devinterp.
     "rmsprop_sgld" preconditions the same update (llc_bench.samplers.rmsprop_sgld; eps/alpha via
-    rmsprop_eps/rmsprop_alpha or sampling_method_kwargs, e.g. bias_correction=False for devinterp's
-    exact update). "hmc", "nuts", "mclmc", "adjusted_mclmc" (full batch, self-tuned: lr must be
+    rmsprop_eps/rmsprop_alpha or sampling_method_kwargs; its preconditioner adapts during burn-in
+    only, then stays fixed: adapt="always" with bias_correction=False is devinterp's exact,
+    biased, update). "hmc", "nuts", "mclmc", "adjusted_mclmc" (full batch, self-tuned: lr must be
     None; their settings via sampling_method_kwargs) target the same posterior; noise_level then
     tempers it the same way. "sgmcmc_sgld" is accepted as devinterp's name for "sgld".
 
@@ -507,7 +515,11 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
                                   float(localization) / temper, loss_at_wstar,
                                   weight_decay=float(weight_decay) / temper,
                                   accumulation_steps=gradient_accumulation_steps)
-    algorithm = _wrap_algorithm(spec.build(posterior, settings), w_star, init_noise, bounding_box_size)
+    from llc_bench.curvature import build_algorithm
+    from llc_bench.experiment import auto_step_grad_evals, step_size_summary
+
+    algorithm = _wrap_algorithm(build_algorithm(spec, posterior, settings, full_batch=full_batch), w_star,
+                                init_noise, bounding_box_size)
     if full_batch:
         algorithm = _full_batch(algorithm, x, y)
 
@@ -577,7 +589,10 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         "grad_evals": float(np.sum(result.grad_evals)),
         "wall_s": result.wall_s, "warmup_s": result.warmup_s, "compile_s": result.compile_s,
         "tuned": result.tuned,
+        # ε of the tempered run (σ² lr) and, for lr="auto", what chose it
+        **step_size_summary(settings, algorithm.notes),
     }
+    run_info["grad_evals"] += auto_step_grad_evals(algorithm.notes, n)
     ds.attrs = {"options": options, "run": _json_normalize(run_info)}
     tree = xr.DataTree(ds)
     if path is None:
@@ -618,11 +633,11 @@ def _refuse_v1_names(extra: dict) -> None:
 
 
 def _check_lr(lr) -> None:
-    """lr: None (samplers that tune their own step) or a finite number > 0; _sampler_settings says which is needed."""
-    if lr is None:
+    """lr: None (samplers that tune their own step), a finite number > 0 or "auto"; _sampler_settings says which is needed."""
+    if lr is None or (isinstance(lr, str) and lr == "auto"):
         return
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f"lr must be a finite number > 0 (or None for self-tuning samplers), got {lr!r}")
+        raise ValueError(f'lr must be a finite number > 0 or "auto" (or None for self-tuning samplers), got {lr!r}')
 
 
 def _check_output_path(output_path) -> Path | None:
@@ -693,7 +708,8 @@ def _burnin(num_burnin_draws: int, num_draws: int, need: int = 1) -> int:
 class LLCResult:
     """λ̂ from a sample() tree: pooled over usable chains, with the experiment pipeline's health checks.
 
-    status: "ok", "warnings" (health flags fired), "diverged" (chains excluded), "failed" (none usable).
+    status: "ok", "warnings" (health flags fired), "not_converged" (a trend flag: the draws are not
+    yet stationary), "diverged" (chains excluded), "failed" (none usable).
     """
 
     llc_mean: float
@@ -747,7 +763,7 @@ def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCRes
     same post-burn-in series (plus the per-step trace when it was saved).
     """
     from llc_bench.estimator import estimate_llc
-    from llc_bench.health import check_health
+    from llc_bench.health import check_health, run_status
     from llc_bench.runner import ChainResult
 
     ds = _dataset(tree)
@@ -778,11 +794,8 @@ def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCRes
         num_burnin_steps=burn_steps if metrics else 0,
         loss_at_wstar=loss_at_wstar, n_beta=n_beta, wall_s=0.0, warmup_s=0.0, compile_s=0.0, tuned={},
     )
-    flags = tuple(check_health(health_input))
-    if estimate.status in ("failed", "diverged"):
-        status = estimate.status
-    else:
-        status = "warnings" if flags else "ok"
+    flags = tuple(check_health(health_input, estimate_from="minibatch" if source == "minibatch" else "full"))
+    status = run_status(estimate.status, flags)
     return LLCResult(estimate.mean, estimate.se, estimate.per_chain, status, flags, estimate,
                      loss_at_wstar, n_beta, source, burn)
 

@@ -97,9 +97,11 @@ SPEC_SECTIONS = ("sweep", "base", "base_preset", "axes")
 
 METRICS = ("llc_mean", "llc_se", "truth", "rel_error", "ess_bulk", "ess_tail", "rhat", "accept_rate",
            "grad_evals", "wall_s", "compile_s", "wnv_time", "wnv_grad", "n_beta", "gamma", "d",
-           "loss_at_wstar")
+           "loss_at_wstar", "step_size", "h_max", "num_hvp")
 TAIL = ("status", "warnings", "error", "versions", "fingerprint")
-STATUSES = ("ok", "warnings", "diverged", "failed")
+STATUSES = ("ok", "warnings", "not_converged", "diverged", "failed")
+# Columns newer than some CSVs still being resumed: an older file gets them empty.
+ADDED_COLUMNS = ("fingerprint", "step_size", "h_max", "num_hvp")
 
 CellFn = Callable[[Config], dict]
 
@@ -479,8 +481,9 @@ class ResultsCSV:
         except (UnicodeDecodeError, csv.Error):
             raise ConfigError(f"--out {self.path}: not a sweep results CSV; use a new --out") from None
         if fieldnames != self.header:
-            if fieldnames + ["fingerprint"] == self.header:
-                rows = [{**r, "fingerprint": ""} for r in reader]
+            missing = [c for c in self.header if c not in fieldnames]
+            if set(fieldnames) <= set(self.header) and set(missing) <= set(ADDED_COLUMNS):
+                rows = [{**r, **dict.fromkeys(missing, "")} for r in reader]
                 if migrate:
                     self._rewrite(fh, rows)
                 return rows

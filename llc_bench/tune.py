@@ -65,7 +65,7 @@ class TuneGrid:
                         from the recommended cell's by at least this fraction AND this many SEs
     """
 
-    step_sizes: tuple[float, ...] = (1e-6, 1e-5, 1e-4)
+    step_sizes: tuple[float | str, ...] = (1e-6, 1e-5, 1e-4)  # "auto" allowed: resolved per cell
     n_betas: tuple[float, ...] = (1.0, 10.0, 100.0)
     n_beta_scale: str = "absolute"
     gammas: tuple[float, ...] = (10.0, 100.0, 1000.0)
@@ -84,7 +84,9 @@ class TuneGrid:
             values = getattr(self, name)
             if not values:
                 raise ValueError(f"tune.{name}: needs at least one value")
-            if any(not (math.isfinite(v) and v > 0) for v in values):
+            if name == "step_sizes":
+                values = [v for v in values if v != "auto"]
+            if any(isinstance(v, str) or not (math.isfinite(v) and v > 0) for v in values):
                 raise ValueError(f"tune.{name}: values must be finite and > 0 (got {list(values)})")
         if self.n_beta_scale not in N_BETA_SCALES:
             raise ValueError(f"tune.n_beta_scale: must be one of {', '.join(N_BETA_SCALES)} "
@@ -419,7 +421,10 @@ def run_cell(cfg: Config, name: str, posterior, step_size: float | None, n_beta:
     try:
         run = run_sampler(cfg, name, cell_post, settings=_settings_for(cfg, name, step_size))
     except Exception as exc:  # noqa: BLE001 - one bad cell must not end the search
-        return failed_cell(step_size, n_beta, gamma, f"{type(exc).__name__}: {exc}", posterior.loss_at_wstar)
+        return failed_cell(None if step_size == "auto" else step_size, n_beta, gamma,
+                           f"{type(exc).__name__}: {exc}", posterior.loss_at_wstar)
+    # "auto" resolves per cell (it depends on nβ and γ): the cell keeps the ε it ran with
+    step_size = run.summary.get("step_size", step_size)
     return assess(run.result, step_size, n_beta, gamma, flags=run.flags, source=cfg.run.estimate_from,
                   wall_s=time.perf_counter() - start)
 
@@ -479,7 +484,9 @@ def grid_csv(cells: Sequence[CellResult], rec: Recommendation, sampler: str, n: 
     return buf.getvalue()
 
 
-def _fmt_eps(eps: float | None) -> str:
+def _fmt_eps(eps: float | str | None) -> str:
+    if isinstance(eps, str):  # a grid value "auto", before it is resolved
+        return f"ε={eps}"
     return "ε auto" if eps is None else f"ε={eps:.0e}"
 
 

@@ -29,6 +29,11 @@ BAD_INPUTS = [
     (["--set", "posterior.beta0=-1"], "posterior.beta0: must be > 0"),
     (["--set", "posterior.gamma=-5"], "posterior.gamma: must be >= 0"),
     (["--set", "sampler.rmsprop_sgld.eps=2"], "sampler.rmsprop_sgld.eps: must be in (0, 1]"),
+    (["--set", "sampler.sgld.step_size=fast"], 'sampler.sgld.step_size: must be a number > 0 or "auto" (got \'fast\')'),
+    (["--set", "sampler.rmsprop_sgld.step_size=-1"], 'sampler.rmsprop_sgld.step_size: must be > 0 or "auto"'),
+    (["--set", "sampler.rmsprop_sgld.adapt=sometimes"],
+     "sampler.rmsprop_sgld.adapt: unknown value 'sometimes'; allowed: burnin, always"),
+    (["--set", "sampler.sgld.auto_constant=5"], "sampler.sgld.auto_constant: must be in (0, 4)"),
     (["--set", "data.nn=5"], "data.nn: unknown key (did you mean 'n'?)"),
     (["--set", "sampler.sgld.stepsize=1e-4"], "sampler.sgld.stepsize: unknown key (did you mean 'step_size'?)"),
     (["--set", "datta.n=5"], "datta: unknown section (did you mean 'data'?)"),
@@ -144,6 +149,19 @@ def test_per_sampler_schedule_overrides_run_steps(tmp_path):
     # re-fed through the CLI's layering (default preset underneath), the resolved file wins entirely
     assert to_dict(load_config("default", f)) == to_dict(cfg)
     assert cli.main(["--set", "sampler.hmc.num_draws=0"]) == 2
+
+
+def test_auto_step_size_through_toml_set_and_round_trip(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[sampler.sgld]\nstep_size = "auto"\nauto_constant = 0.2\n')
+    cfg = load_config("quick", f, ["sampler.rmsprop_sgld.step_size=auto", "sampler.rmsprop_sgld.adapt=always"])
+    assert cfg.sampler["sgld"].step_size == "auto" and cfg.sampler["sgld"].auto_constant == 0.2
+    assert cfg.sampler["rmsprop_sgld"].step_size == "auto" and cfg.sampler["rmsprop_sgld"].adapt == "always"
+    resolved = tmp_path / "resolved.toml"
+    resolved.write_text(to_toml(cfg))
+    assert to_dict(load_config(None, resolved)) == to_dict(cfg)
+    assert replace(cfg, **{"sampler.sgld.step_size": 1e-5}).sampler["sgld"].step_size == 1e-5
+    assert load_config("quick").sampler["rmsprop_sgld"].adapt == "burnin"
 
 
 def test_bad_paths_refused_before_any_work(tmp_path, capsys, monkeypatch):

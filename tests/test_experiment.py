@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SUMMARY_TOP = {"run_id", "seed", "n", "n_beta", "gamma", "d", "loss_at_wstar", "truth", "versions", "samplers"}
 SUMMARY_SAMPLER = {"llc_mean", "llc_se", "llc_per_chain", "rel_error", "ess_bulk", "ess_tail", "rhat",
                    "accept_rate", "grad_evals", "wall_s", "compile_s", "wnv_time", "wnv_grad", "status",
-                   "warnings"}
+                   "warnings", "step_size", "step_size_auto", "h_max", "num_hvp"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_quick_summary_json_contract(quick_run):
     assert set(summary["samplers"]) == {"sgld", "rmsprop_sgld", "hmc", "mclmc"}
     for name, s in summary["samplers"].items():
         assert SUMMARY_SAMPLER <= set(s), name
-        assert s["status"] in ("ok", "warnings", "diverged", "failed")
+        assert s["status"] in ("ok", "warnings", "not_converged", "diverged", "failed")
         if s["status"] != "failed":
             assert np.isfinite(s["llc_mean"]) and s["llc_se"] > 0
             assert s["llc_mean"] == pytest.approx(np.mean([v for v in s["llc_per_chain"] if v is not None]))
@@ -51,6 +51,7 @@ def test_quick_summary_json_contract(quick_run):
             assert s["wnv_grad"] == pytest.approx(s["llc_se"] ** 2 * s["grad_evals"], rel=1e-6)
     assert summary["samplers"]["hmc"]["accept_rate"] is not None
     assert summary["samplers"]["sgld"]["accept_rate"] is None
+    assert summary["samplers"]["sgld"]["step_size"] == 1e-5 and summary["samplers"]["hmc"]["step_size"] is None
     # run_id is the hash of the resolved config that was written beside it
     cfg = load_config(None, out / "config.toml")
     from llc_bench.config import to_dict

@@ -9,11 +9,14 @@ import pytest
 
 from llc_bench.health import (
     MALA_MIN_ACCEPT,
+    NOT_CONVERGED_CODES,
     REMEDIES,
     HealthFlag,
     check_health,
+    drift_test,
     mala_acceptance,
     mala_log_accept_ratio,
+    run_status,
     step_size_check_summary,
     unsplit_rank_rhat,
 )
@@ -84,6 +87,13 @@ CASES = {
     "below_wstar": (lambda s: synthetic_result(lambda c, t: -0.3 * (1 - np.exp(-t / 50.0)), seed=s),
                     {"below_wstar"}),
     "low_snr": (lambda s: synthetic_result(lambda c, t: 0.05 * (1 - np.exp(-t / 50.0)), seed=s), {"low_snr"}),
+    # the level drops by 4% of the rise halfway through the draws (chains sliding to a lower
+    # plateau): no rise, so neither not_leveling nor burnin_too_short, but the halves of the draws
+    # differ by ≈ 5 standard errors
+    "not_converged": (
+        lambda s: synthetic_result(lambda c, t: RISE * (1 - np.exp(-t / 50.0)) - 0.04 * RISE * (t >= 1200), seed=s),
+        {"not_converged"},
+    ),
     "chains_disagree": (
         lambda s: synthetic_result(lambda c, t: (RISE + 0.3 * (c >= 2)) * (1 - np.exp(-t / 50.0)), seed=s),
         {"chains_disagree"},
@@ -177,3 +187,114 @@ def test_step_size_check():
     broken = step_size_check_summary(10.0, float("nan"))
     assert broken["flag"] is True and broken["rel_change"] is None
     json.dumps(broken)  # goes into summary.json as is
+
+
+# --- not_converged: the drift test and the run status ------------------------------------------
+
+def ar1(rng, num_chains: int, num_draws: int, phi: float) -> np.ndarray:
+    """(C, N) stationary AR(1) with unit marginal variance."""
+    eps = rng.normal(size=(num_chains, num_draws)) * np.sqrt(1 - phi**2)
+    x = np.empty((num_chains, num_draws))
+    x[:, 0] = rng.normal(size=num_chains)
+    for t in range(1, num_draws):
+        x[:, t] = phi * x[:, t - 1] + eps[:, t]
+    return x
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.9])
+def test_drift_test_false_alarm_rate_and_power(phi):
+    """At the 5% level (z = 1.96, no materiality floor) the autocorrelation-aware test fires on ≤ 10%
+    of 200 stationary AR(1) series; a drift of ≈ 4 SE between the halves is found ≥ 90% of the time."""
+    rng = np.random.default_rng(0)
+    n = 400
+    level = 5.0
+    stationary = [drift_test(level + ar1(rng, 4, n, phi), 0.0, z=1.96, min_fraction=0.0) for _ in range(200)]
+    assert np.mean([t.significant for t in stationary]) <= 0.10
+    # standardized drifts are N(0, 1)-like: the SE is honest, not merely conservative
+    z = np.array([t.z for t in stationary])
+    assert 0.8 < np.std(z) < 1.25
+    # power: the mean moves linearly by `slope`, so the halves differ by slope/2 ≈ 4 SE
+    se = np.median([t.se for t in stationary])
+    slope = 8 * se
+    drifting = [drift_test(level + ar1(rng, 4, n, phi) + slope * np.linspace(0, 1, n), 0.0, z=1.96,
+                           min_fraction=0.0) for _ in range(200)]
+    assert np.mean([t.significant for t in drifting]) >= 0.9
+    # the default verdict (z = 3, 2% of the rise) stays quiet on stationary series
+    assert np.mean([drift_test(level + ar1(rng, 4, n, phi), 0.0).significant for _ in range(100)]) <= 0.02
+
+
+def test_drift_test_is_two_sided_and_reports_the_relative_drift():
+    rng = np.random.default_rng(3)
+    x = 2.0 + 0.01 * ar1(rng, 4, 400, 0.5) - 0.2 * np.r_[np.zeros(200), np.ones(200)]
+    shift = drift_test(x, 1.0)
+    assert shift.significant and shift.diff == pytest.approx(-0.2, abs=0.01)
+    assert shift.fraction == pytest.approx(-0.2 / 0.9, rel=0.05)  # rise = mean − L* = 0.9
+    assert drift_test(x[:, :15], 1.0) is None  # halves shorter than MIN_WINDOW: no verdict
+
+
+def test_run_status_order():
+    flag = {code: HealthFlag(code, "m", "r") for code in ("spikes", *NOT_CONVERGED_CODES)}
+    assert run_status("ok", []) == "ok"
+    assert run_status("ok", [flag["spikes"]]) == "warnings"
+    for code in NOT_CONVERGED_CODES:
+        assert run_status("ok", [flag["spikes"], flag[code]]) == "not_converged"
+    assert run_status("diverged", [flag["not_converged"]]) == "diverged"
+    assert run_status("failed", []) == "failed"
+    assert "More steps" in REMEDIES["not_converged"] and "larger ε" in REMEDIES["not_converged"]
+
+
+# --- calibration on correctly sampled regular models ---------------------------------------------
+
+def exact_quadratic_result(lam: float, n_beta: float, num_chains=4, num_draws=20000, seed=0,
+                           minibatch_sd: float = 0.0) -> ChainResult:
+    """iid draws of an exact sampler on a quadratic basin: nβ (L_n − L*) ~ Gamma(λ, 1) (½χ²_{2λ}).
+
+    The per-step trace is the same loss plus independent minibatch noise of sd `minibatch_sd`.
+    """
+    rng = np.random.default_rng(seed)
+    draws = L_STAR + rng.gamma(lam, 1.0, size=(num_chains, num_draws)) / n_beta
+    trace = draws + minibatch_sd * rng.normal(size=draws.shape)
+    nan = np.full(draws.shape, np.nan)
+    return ChainResult(
+        sampler="exact", loss_trace=trace, accept=nan, energy_change=nan,
+        diverging=np.zeros(draws.shape, bool), draw_loss=draws, draw_steps=np.arange(num_draws),
+        projections=np.zeros((num_chains, num_draws, 0)), diverged_at=-np.ones(num_chains, int),
+        grad_evals=np.ones(num_chains), warmup_grad_evals=np.zeros(num_chains), num_burnin_steps=0,
+        loss_at_wstar=L_STAR, n_beta=n_beta, wall_s=1.0, warmup_s=0.0, compile_s=0.0, tuned={},
+    )
+
+
+@pytest.mark.parametrize("lam", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_regular_model_traces_raise_no_flag(lam, seed):
+    """A ½χ²-shaped loss tail (one parameter: λ = ½) is no spike, and λ < 1 is no low signal."""
+    for estimate_from in ("full", "minibatch"):
+        flags = check_health(exact_quadratic_result(lam, 100.0, seed=seed), estimate_from=estimate_from)
+        assert flags == [], [f.message for f in flags]
+
+
+def test_spikes_and_low_snr_still_fire_on_real_failures():
+    res = exact_quadratic_result(0.5, 100.0)
+    trace = res.loss_trace.copy()
+    trace[1, 5000] += 1.0  # 200 × the mean rise: an instability, not a tail draw
+    spiky = res.__class__(**{**res.__dict__, "loss_trace": trace})
+    assert {f.code for f in check_health(spiky)} == {"spikes"}
+    # minibatch noise 5× the mean rise (λ/nβ = 0.005) on the trace λ̂ is estimated from
+    noisy = exact_quadratic_result(0.5, 100.0, minibatch_sd=0.025)
+    assert {f.code for f in check_health(noisy, estimate_from="minibatch")} == {"low_snr"}
+    assert check_health(noisy, estimate_from="full") == []  # λ̂ from the L_n draws is not affected
+
+
+def test_chains_wandering_apart_are_not_converged():
+    """Each chain drifts its own way (a slow random walk of its level): the pooled halves barely move,
+    but the chains' halves disagree (split R̂ > 1.1), which is as much a failure to equilibrate."""
+    rng = np.random.default_rng(7)
+    walk = np.cumsum(rng.normal(size=(4, 2000)), axis=1) * 0.004
+
+    def level(c, t):
+        return RISE * (1 - np.exp(-t / 50.0)) + walk[c[:, 0]][:, t[0]] - walk[c[:, 0]][:, 400:].mean(axis=1, keepdims=True)
+
+    res = synthetic_result(level, seed=0)
+    flags = {f.code: f for f in check_health(res)}
+    assert "not_converged" in flags and "within-chain split R̂" in flags["not_converged"].message
+    assert run_status("ok", list(flags.values())) == "not_converged"

@@ -1,9 +1,11 @@
 """End-to-end estimator checks against known LLCs: a regular model (λ = d/2) and a deep linear network."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
-from llc_bench.config import from_dict
+from llc_bench.config import from_dict, replace
 from llc_bench.experiment import build_posterior, run_sampler
 from llc_bench.target import build_target
 from llc_bench.truth import dln_learning_coefficient
@@ -38,12 +40,49 @@ def test_regular_model_llc_is_half_dimension(regular, name):
     # Even an exact sampler sees E[λ̂] = ½ Σ nβh/(nβh + γ) for a quadratic basin; with nβ ≈ 263,
     # h ≈ 1 and γ = 1 that is 0.4% below d/2, well inside the 10% the issue asks for.
     run = run_sampler(cfg, name, posterior, truth=target.truth)
-    assert run.summary["status"] in ("ok", "warnings"), run.summary["warnings"]
+    # a correct run of a regular model raises no flag (sgld at ε = 1e-4 mixes slowly: R̂ ≈ 1.05)
+    assert run.summary["status"] in (("ok", "warnings") if name == "sgld" else ("ok",)), run.summary["warnings"]
     assert run.estimate.mean == pytest.approx(d / 2, rel=0.10)
     # the reported SE is honest: the truth lies within 4 SE plus the 10% band
     assert abs(run.estimate.mean - d / 2) < 4 * run.estimate.se + 0.1 * d / 2
     if name == "sgld":  # ε nβ h ≈ 0.03: a Metropolis test would accept nearly every proposal
         assert run.summary["mala_accept"] > 0.9
+
+
+@pytest.mark.parametrize("name", ["sgld", "rmsprop_sgld"])
+def test_regular_model_auto_step_size(regular, name):
+    """step_size = "auto": ε from h_max = largest eigenvalue of xᵀx/n (the Hessian of L_n), λ̂ within
+    4% of d/2 (the first-order bias bound c/4 = 2.5%, plus Monte Carlo error), status ok."""
+    cfg, target, posterior = regular
+    settings = dataclasses.replace(cfg.sampler[name], step_size="auto")
+    run = run_sampler(cfg, name, posterior, truth=target.truth, settings=settings)
+    s = run.summary
+    # d = 8: the dense Hessian, at w* and at each of the 4 chains after burn-in
+    assert s["step_size_auto"] and s["num_hvp"] == 5 * posterior.dim
+    if name == "sgld":
+        x = np.asarray(target.x, np.float64)
+        h_max = np.linalg.eigvalsh(x.T @ x / posterior.n)[-1]  # σ = 1: ∇²L_n = xᵀx/n
+        assert s["h_max"] == pytest.approx(h_max, rel=1e-3)
+        assert s["step_size_wstar"] == pytest.approx(
+            s["step_size_constant"] / (posterior.n_beta * h_max + posterior.gamma + s["gradient_noise"]), rel=1e-3)
+        # a quadratic basin: the curvature where the chains are is the same (the noise varies a little)
+        assert s["h_max_burnin"] == pytest.approx(h_max, rel=1e-3)
+        assert s["step_size"] == pytest.approx(s["step_size_wstar"], rel=0.1) and s["step_size"] <= s["step_size_wstar"]
+    assert s["status"] == "ok", s["warnings"]
+    assert run.estimate.mean == pytest.approx(4.0, rel=0.04)
+    assert abs(run.estimate.mean - 4.0) < 4 * run.estimate.se + 0.025 * 4.0
+    assert s["grad_evals"] > float(np.sum(run.result.grad_evals))  # the HVPs are counted as work
+
+
+@pytest.mark.parametrize("name", ["sgld", "hmc"])
+def test_one_parameter_regression_reads_ok(name):
+    """λ = ½ (d = 1): a ½χ²₁-shaped loss and a mean rise below its own spread, yet nothing to flag."""
+    cfg = regular_config(samplers=[name])
+    cfg = replace(cfg, **{"data.in_dim": 1, "data.out_dim": 1, "sampler.sgld.step_size": "auto"})
+    target = build_target(cfg)
+    run = run_sampler(cfg, name, build_posterior(cfg, target), truth=target.truth)
+    assert run.summary["status"] == "ok", run.summary["warnings"]
+    assert abs(run.estimate.mean - 0.5) < 4 * run.estimate.se + 0.025
 
 
 def test_same_seed_same_estimate(regular):
@@ -86,3 +125,47 @@ def test_dln_llc_matches_aoyagi(name):
     assert target.truth == pytest.approx(dln_learning_coefficient([6, 5, 4, 4], 2))
     run = run_sampler(cfg, name, build_posterior(cfg, target), truth=target.truth)
     assert run.estimate.mean == pytest.approx(target.truth, rel=0.15)
+
+
+def test_target_rel_se_doubles_the_draws_until_reached(regular):
+    """run.target_rel_se: draws 25 → 50 → … until SE/λ̂ <= 3% (and no drift); each attempt extends the last."""
+    cfg, target, posterior = regular
+    cfg = replace(cfg, **{"run.target_rel_se": 0.03, "run.max_doublings": 4, "sampler.hmc.num_draws": 25,
+                          "run.samplers": ["hmc"], "sampler.hmc.num_warmup": 100})
+    run = run_sampler(cfg, "hmc", posterior, truth=target.truth)
+    record = run.summary["target_rel_se"]
+    draws = [a["num_draws"] for a in record["attempts"]]
+    assert draws == [25 * 2**i for i in range(len(draws))] and len(draws) >= 2
+    assert record["reached"] and record["num_draws"] == draws[-1] == run.result.draw_loss.shape[1]
+    assert record["attempts"][-1]["rel_se"] <= 0.03 < record["attempts"][-2]["rel_se"]
+    sched = cfg.schedule["hmc"]
+    assert record["steps"] == sched.num_burnin_steps + draws[-1] * sched.num_steps_bw_draws
+    assert record["grad_evals_all"] > run.summary["grad_evals"]
+    # the same keys: the shorter attempt's chains are the start of the final one's
+    short = run_sampler(replace(cfg, **{"run.target_rel_se": 0.0}), "hmc", posterior)
+    np.testing.assert_array_equal(short.result.draw_loss, run.result.draw_loss[:, :25])
+    assert short.summary["target_rel_se"] is None
+    assert run.estimate.mean == pytest.approx(4.0, rel=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sgld", "rmsprop_sgld"])
+def test_dln_llc_auto_step_size(name):
+    """The rank-deficient DLN above, noise-free at its teacher, with step_size = "auto" (no gradient
+    noise at w*, so ε = c/(nβ h_max + γ); rmsprop: G = 1/a there) and 30k steps: within 10% of Aoyagi."""
+    cfg = from_dict({
+        "data": {"n": 10000, "in_dim": 6, "out_dim": 4, "distribution": "uniform", "box_half_width": 1.0,
+                 "noise": "none"},
+        "teacher": {"kind": "dln", "widths": [5, 4], "rank": 2, "generator": "deepest"},
+        "model": {"widths": [5, 4], "target_params": "none", "activation": "identity", "bias": False},
+        "train": {"use_teacher": True},
+        "posterior": {"gamma": 1.0},
+        "run": {"samplers": [name], "num_chains": 4, "num_burnin_steps": 10000, "num_draws": 1000,
+                "num_steps_bw_draws": 20},
+        "sampler": {name: {"step_size": "auto", "batch_size": 256}},
+    })
+    target = build_target(cfg)
+    run = run_sampler(cfg, name, build_posterior(cfg, target), truth=target.truth)
+    assert run.summary["gradient_noise"] == 0.0 and run.summary["h_max"] > 0
+    assert run.summary["status"] != "failed"
+    assert run.estimate.mean == pytest.approx(target.truth, rel=0.10)

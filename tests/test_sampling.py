@@ -389,12 +389,13 @@ def test_sample_with_every_extra_option(problem):
     params, x, y = problem
     tree = sample(apply_linear, params, squared_error, (x, y), lr=1e-2, n_beta=100.0, localization=1.0,
                   num_chains=2, num_draws=5, num_burnin_steps=3, batch_size=16, gradient_accumulation_steps=2,
-                  sampling_method="rmsprop_sgld", rmsprop_alpha=0.9, sampling_method_kwargs={"bias_correction": False},
+                  sampling_method="rmsprop_sgld", rmsprop_alpha=0.9,
+                  sampling_method_kwargs={"bias_correction": False, "adapt": "always"},
                   noise_level=0.5, weight_decay=0.1, bounding_box_size=0.01, init_noise=0.005,
                   param_masks={"params/dense/bias": None}, batches_per_draw=2, seed=1, progress=False)
     options = tree.attrs["options"]
     assert options["sampler_settings"] == {"step_size": 1e-2 * 0.25, "batch_size": 32, "alpha": 0.9, "eps": 0.1,
-                                           "bias_correction": False}
+                                           "bias_correction": False, "adapt": "always", "auto_constant": 0.1}
     # one free parameter (the bias), boxed at ±0.01 around w*
     assert tree.attrs["run"]["num_params_free"] == 1
     distance = np.asarray(tree["distance"])
@@ -435,6 +436,7 @@ def test_full_batch_samplers_restricted_llc(problem, method, kwargs):
     ({"sampling_method": "hmc"}, "tunes its own step size"),
     ({"sampling_method": "hmc", "lr": None, "bounding_box_size": 1.0}, "bounding_box_size is only supported"),
     ({"lr": None}, "needs a positive lr"),
+    ({"lr": "fast"}, 'lr must be a finite number > 0 or "auto" \\(or None for self-tuning samplers\\), got \'fast\''),
     ({"noise_level": 0.0}, "noise_level must be > 0"),
     ({"n_beta": None}, "n_beta must be > 0"),
     ({"localization": -1.0}, "localization must be >= 0"),
@@ -445,7 +447,7 @@ def test_full_batch_samplers_restricted_llc(problem, method, kwargs):
     ({"seed": -1}, r"seed must be an integer in \[0, 2\^32\), got -1"),
     ({"seed": "abc"}, r"seed must be an integer in \[0, 2\^32\), got 'abc'"),
     ({"seed": 2**32}, r"seed must be an integer in \[0, 2\^32\)"),
-    ({"lr": "1e-4"}, r"lr must be a finite number > 0 \(or None for self-tuning samplers\), got '1e-4'"),
+    ({"lr": "1e-4"}, r"lr must be a finite number > 0 or \"auto\" \(or None for self-tuning samplers\), got '1e-4'"),
     ({"lr": float("nan")}, "lr must be a finite number > 0"),
     ({"batch_size": 2001}, r"batch_size × gradient_accumulation_steps = 2001 must be <= the dataset size n = 2000"),
     ({"batch_size": 1000, "gradient_accumulation_steps": 3}, "must be <= the dataset size n = 2000"),
@@ -465,6 +467,31 @@ def test_loss_fn_must_be_per_sample(problem):
 
     with pytest.raises(ValueError, match=r"per-sample losses of shape \(m,\)"):
         sample(apply_linear, params, mean_loss, (x, y), **COMMON)
+
+
+def test_lr_auto_on_the_tempered_posterior(problem):
+    """lr="auto": ε = c/(nβ h_max + γ + nβ² s²_max/m) on the posterior actually sampled (with
+    noise_level σ: nβ, γ divided by σ², and ε = σ² lr), recorded in attrs["run"]; λ̂ ≈ d/2."""
+    params, x, y = problem
+    kwargs = {**COMMON, "lr": "auto", "num_draws": 200}
+    tree = sample(apply_linear, params, squared_error, (x, y), **kwargs)
+    run = tree.attrs["run"]
+    assert run["step_size_auto"] and run["num_hvp"] == 4 * (1 + C) and run["h_max"] > 0  # at w* and per chain
+    design = np.concatenate([np.asarray(x), np.ones((x.shape[0], 1))], axis=1)
+    h_max = np.linalg.eigvalsh(design.T @ design / x.shape[0])[-1]
+    assert run["h_max"] == pytest.approx(h_max, rel=1e-3)
+    assert run["step_size_wstar"] == pytest.approx(0.1 / (N_BETA * h_max + 1.0 + run["gradient_noise"]), rel=1e-3)
+    assert run["step_size"] <= run["step_size_wstar"]
+    assert tree.attrs["options"]["lr"] == "auto"
+    result = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS)
+    assert result.llc_mean == pytest.approx(2.0, rel=0.1)  # 4 free parameters: λ = 2
+    # σ = 2: the sampled posterior is p^(1/4); "auto" is measured on it, not on p
+    tempered = sample(apply_linear, params, squared_error, (x, y), **{**kwargs, "num_draws": 2, "noise_level": 2.0})
+    assert tempered.attrs["run"]["curvature"] == pytest.approx((N_BETA * h_max) / 4 + 0.25, rel=1e-3)
+    # exact full-data gradients: no minibatch noise, so no noise term
+    exact = sample(apply_linear, params, squared_error, (x, y), **{**kwargs, "num_draws": 2, "full_batch": True})
+    assert exact.attrs["run"]["gradient_noise"] == 0.0 and exact.attrs["run"]["num_cvp"] == 0
+    assert exact.attrs["run"]["step_size_wstar"] == pytest.approx(0.1 / (N_BETA * h_max + 1.0), rel=1e-3)
 
 
 @pytest.mark.parametrize("name, instead", [("nbeta", "use n_beta"), ("optimizer_kwargs", "use sampling_method_kwargs"),

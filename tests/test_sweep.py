@@ -51,6 +51,10 @@ def fake_cell(cfg):
             "status": {"outliers": "diverged", "none": "failed"}.get(cfg.data.noise, "ok"),
             "warnings": ["SPIKES: a spike. Remedy: smaller step"] if name == "sgld" else [],
         }
+        eps = getattr(cfg.sampler.get(name), "step_size", None)
+        auto = eps == "auto"  # what run_sampler records for an automatic ε
+        samplers[name].update(step_size=2.5e-4 if auto else eps, h_max=3.0 if auto else None,
+                              num_hvp=17 if auto else None)
     return {"truth": None, "n_beta": 37.7, "gamma": 100.0, "d": 21, "loss_at_wstar": 0.004,
             "versions": {"jax": "x.y"}, "samplers": samplers}
 
@@ -439,3 +443,17 @@ def test_ray_backend_on_a_local_instance(tmp_path, monkeypatch):
     assert len(rows) == 4 * 2
     assert {(r["cell_id"], r["sampler"], r["llc_mean"], r["status"]) for r in rows} == {
         (r["cell_id"], r["sampler"], r["llc_mean"], r["status"]) for r in read_csv(ref)}
+
+
+def test_auto_step_size_axis_and_its_csv_columns(tmp_path):
+    """An axis value "auto": the config column says auto, the metric columns the ε used, h_max, HVPs."""
+    spec = make_spec({"sampler.sgld.step_size": ["auto", 1e-5]}, samplers=["sgld"])
+    out = tmp_path / "auto.csv"
+    run_quiet(spec, out)
+    rows = {r["sampler.sgld.step_size"]: r for r in read_csv(out)}
+    assert set(rows) == {"auto", "1e-05"}
+    assert float(rows["auto"]["step_size"]) == 2.5e-4 and rows["auto"]["h_max"] == "3.0"
+    assert rows["auto"]["num_hvp"] == "17" and rows["1e-05"]["num_hvp"] == ""
+    assert float(rows["1e-05"]["step_size"]) == 1e-5
+    with pytest.raises(ConfigError, match='sampler.sgld.step_size: must be a number > 0 or "auto"'):
+        sweep.expand(make_spec({"sampler.sgld.step_size": ["fast"]}, samplers=["sgld"]))

@@ -250,3 +250,24 @@ def test_unknown_sampler_is_a_config_error(tmp_path):
                            out=str(tmp_path))
     with pytest.raises(ConfigError, match="unknown sampler"):
         tune.main(args)
+
+
+def test_grid_accepts_auto_step_size_and_cells_keep_the_resolved_value():
+    grid = tune.load_grid([], ["tune.step_sizes=[auto,1e-4]"])
+    assert grid.step_sizes == ("auto", 1e-4)
+    with pytest.raises(ConfigError, match='tune.step_sizes: must be a number > 0 or "auto"'):
+        tune.load_grid([], ["tune.step_sizes=[fast]"])
+    from llc_bench.config import load_config
+    from llc_bench.experiment import build_posterior
+    from llc_bench.target import build_target
+
+    cfg = load_config(None, None, ["data.n=200", "data.in_dim=2", "teacher.widths=[3]", "model.widths=[3]",
+                                   "model.target_params=none", "train.steps=300", "run.samplers=sgld",
+                                   "run.num_chains=2", "run.num_burnin_steps=20", "run.num_draws=20",
+                                   "run.num_steps_bw_draws=2", "sampler.sgld.batch_size=50"])
+    posterior = build_posterior(cfg, build_target(cfg))
+    cells = {nb: tune.run_cell(cfg, "sgld", posterior, "auto", nb, 10.0) for nb in (5.0, 50.0)}
+    eps = {nb: c.step_size for nb, c in cells.items()}
+    assert all(isinstance(e, float) and e > 0 for e in eps.values())
+    assert eps[50.0] < eps[5.0]  # ε = c / (nβ h_max + γ + …) shrinks as nβ grows
+    assert "ε=auto" == tune._fmt_eps("auto")

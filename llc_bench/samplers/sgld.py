@@ -8,15 +8,29 @@ import blackjax
 import jax.numpy as jnp
 
 from llc_bench.posterior import Posterior
-from llc_bench.samplers.base import Algorithm, SamplerSpec, minibatch_step_info
+from llc_bench.samplers.base import (
+    AUTO_STEP_CONSTANT,
+    Algorithm,
+    SamplerSpec,
+    StepSizeParams,
+    check_step_size,
+    is_auto,
+    minibatch_step_info,
+)
 
 
 @dataclass(frozen=True)
 class SGLDSettings:
-    """step_size is ε of DESIGN.md / devinterp's `lr` (not BlackJAX's h = ε/2)."""
+    """step_size is ε, devinterp's `lr` (not BlackJAX's h = ε/2), or "auto": ε = c / (nβ h_max + γ
+    + nβ² s²_max/m) from the largest Hessian eigenvalue h_max of L_n at w* and the largest
+    per-sample gradient variance s²_max there (llc_bench.curvature.auto_step_size), c = auto_constant."""
 
-    step_size: float = 1e-4
+    step_size: float | str = 1e-4
     batch_size: int = 256
+    auto_constant: float = AUTO_STEP_CONSTANT  # c of step_size = "auto"
+
+    def __post_init__(self):
+        check_step_size(self.step_size, self.auto_constant)
 
 
 def blackjax_step_size(epsilon: float) -> float:
@@ -32,27 +46,33 @@ def build(posterior: Posterior, settings: SGLDSettings) -> Algorithm:
 
         w ← w − ε/2 · ( γ (w − w*) + nβ ∇L_m(w) ) + √ε · η,   η ~ N(0, I)
 
-    ε = settings.step_size (DESIGN.md / seed / devinterp convention); run through
-    `blackjax.sgld`'s kernel with h = blackjax_step_size(ε) = ε/2. State = the position (d,).
+    ε = settings.step_size (the sampling guide's / devinterp's convention), carried per chain in
+    params (StepSizeParams); run through `blackjax.sgld`'s kernel with h = blackjax_step_size(ε) =
+    ε/2. "auto": llc_bench.curvature.build_algorithm (ε at w*, re-measured after burn-in).
+    State = the position (d,).
     StepInfo.loss is L_m at the position *before* the step (the loss whose gradient drives the step,
     as devinterp's loss traces record it); grad_evals = m/n.
     """
+    if is_auto(settings.step_size):
+        from llc_bench.curvature import build_algorithm
+
+        return build_algorithm(SPEC, posterior, settings)
     kernel = blackjax.sgld.build_kernel()
-    h = blackjax_step_size(settings.step_size)
+    epsilon = settings.step_size
     n_beta = posterior.n_beta
     n = posterior.n
 
     def warmup(rng_key, position):
         del rng_key  # nothing to tune
-        return position, (), jnp.zeros((), position.dtype)
+        return position, StepSizeParams(jnp.asarray(epsilon, position.dtype)), jnp.zeros((), position.dtype)
 
-    def step(rng_key, state, params, batch):
-        del params
+    def step(rng_key, state, params: StepSizeParams, batch):
         x_b, y_b = batch
         loss, loss_grad, loc_grad = posterior.minibatch_loss_and_grads(state, x_b, y_b)
         logdensity_grad = -(n_beta * loss_grad + loc_grad)
         # The gradient is computed here (we need the loss too), so the estimator just returns it.
-        new_position = kernel(rng_key, state, lambda position, minibatch: logdensity_grad, batch, h)
+        new_position = kernel(rng_key, state, lambda position, minibatch: logdensity_grad, batch,
+                              blackjax_step_size(params.step_size))
         info = minibatch_step_info(loss, x_b.shape[0], n)
         return new_position, info
 

@@ -1,0 +1,204 @@
+"""Automatic SG step size: Lanczos top eigenvalues against dense ones, the gradient-noise term against its closed form, ε end to end."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llc_bench.curvature import (
+    auto_step_size,
+    gradient_cvp,
+    loss_hvp,
+    resolve_step_size,
+    top_eigenvalue,
+)
+from llc_bench.posterior import Posterior
+from llc_bench.samplers.base import AUTO_STEP_CONSTANT
+from llc_bench.samplers.rmsprop_sgld import RMSPropSGLDSettings, preconditioner_at_wstar
+from llc_bench.samplers.sgld import SGLDSettings
+
+
+def regression(n: int = 500, d: int = 40, noise: float = 0.5, seed: int = 0):
+    """L_n = mean ½ (y − x·w)² at its least-squares w*: ∇²L_n = xᵀx/n, per-sample gradient −x r."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)) * np.linspace(0.3, 2.0, d)  # a spread spectrum, as in real Hessians
+    y = x @ rng.normal(size=d) + noise * rng.normal(size=n)
+    w_star = np.linalg.lstsq(x, y, rcond=None)[0]
+
+    def per_sample_loss(w, xb, yb):
+        return 0.5 * (yb[:, 0] - xb @ w) ** 2
+
+    post = Posterior.build(per_sample_loss, jnp.asarray(x, jnp.float32), jnp.asarray(y[:, None], jnp.float32),
+                           jnp.asarray(w_star, jnp.float32), gamma=3.0)
+    r = y - x @ w_star
+    grads = -x * r[:, None]
+    return post, x.T @ x / n, np.cov(grads.T, bias=True)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return regression()
+
+
+def test_hvp_and_cvp_are_the_dense_matrices(problem):
+    post, hess, cov = problem
+    v = np.random.default_rng(1).normal(size=post.dim)
+    w = post.w_star
+    np.testing.assert_allclose(np.asarray(loss_hvp(post)(w, jnp.asarray(v, jnp.float32))), hess @ v, rtol=2e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gradient_cvp(post)(w, jnp.asarray(v, jnp.float32))), cov @ v,
+                               rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dim", [1, 5, 300])
+def test_top_eigenvalue_lanczos_and_dense(dim):
+    rng = np.random.default_rng(dim)
+    q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+    eig = np.sort(rng.uniform(0.1, 1.0, size=dim))
+    eig[-1] = 3.0 if dim > 1 else eig[-1]
+    if dim > 2:
+        eig[-2] = 2.9  # a small gap: Lanczos still resolves it, power iteration would take ~100s of steps
+    a = (q * eig) @ q.T
+    value, count = top_eigenvalue(lambda v: a @ v, dim, np.float64)
+    assert value == pytest.approx(eig[-1], rel=1e-3)
+    assert count == dim if dim <= 32 else count <= 100
+
+
+def test_auto_step_size_formula(problem):
+    """ε = c / (nβ h_max + γ + nβ² s²_max/m), every piece against numpy; m = None drops the noise term."""
+    post, hess, cov = problem
+    h_max, s2_max = np.linalg.eigvalsh(hess)[-1], np.linalg.eigvalsh(cov)[-1]
+    auto = auto_step_size(post, batch_size=50)
+    assert auto.h_max == pytest.approx(h_max, rel=2e-3)
+    assert auto.curvature == pytest.approx(post.n_beta * h_max + post.gamma, rel=2e-3)
+    assert auto.noise == pytest.approx(post.n_beta**2 * s2_max / 50, rel=5e-3)
+    assert auto.step_size == pytest.approx(AUTO_STEP_CONSTANT / (auto.curvature + auto.noise), rel=1e-12)
+    assert 5 <= auto.num_hvp <= 100 and 5 <= auto.num_cvp <= 100  # Lanczos, d = 40
+    quiet = auto_step_size(post, constant=0.2)
+    assert quiet.noise == 0.0 and quiet.num_cvp == 0
+    assert quiet.step_size == pytest.approx(0.2 / (post.n_beta * h_max + post.gamma), rel=2e-3)
+
+
+def test_rmsprop_auto_uses_the_preconditioned_problem(problem):
+    """h_max of G^{1/2} H G^{1/2}, localization bounded by γ max G, G = 1/(√E[g²] + a) from batches at w*."""
+    post, hess, cov = problem
+    settings = RMSPropSGLDSettings(step_size="auto", batch_size=50, eps=0.1)
+    g = np.asarray(preconditioner_at_wstar(post, settings), np.float64)
+    assert np.all((g > 0) & (g <= 10.0 + 1e-6))
+    # E[(∇L_m)²] at w* = diag(C)/m (the full gradient is 0): G within the Monte Carlo error of 32 batches
+    np.testing.assert_allclose(g, 1 / (np.sqrt(np.diag(cov) / 50) + 0.1), rtol=0.15)
+    resolved, auto = resolve_step_size(post, settings)
+    s = np.sqrt(g)
+    h_pre = np.linalg.eigvalsh(s[:, None] * hess * s[None, :])[-1]
+    c_pre = np.linalg.eigvalsh(s[:, None] * cov * s[None, :])[-1]
+    assert auto.h_max == pytest.approx(h_pre, rel=2e-3)
+    expected = 0.1 / (post.n_beta * h_pre + post.gamma * g.max() + post.n_beta**2 * c_pre / 50)
+    assert resolved.step_size == pytest.approx(expected, rel=5e-3)
+    assert resolved.adapt == settings.adapt and resolved.batch_size == 50
+
+
+def test_resolve_leaves_numeric_step_sizes_alone(problem):
+    post, _, _ = problem
+    settings = SGLDSettings(step_size=1e-5)
+    assert resolve_step_size(post, settings) == (settings, None)
+
+
+def test_settings_refuse_bad_step_sizes():
+    for bad in ("fast", -1e-4, 0.0, float("nan"), True):
+        with pytest.raises(ValueError, match='step_size must be a finite number > 0 or "auto"'):
+            SGLDSettings(step_size=bad)
+    with pytest.raises(ValueError, match="auto_constant"):
+        RMSPropSGLDSettings(step_size="auto", auto_constant=5.0)
+    assert SGLDSettings(step_size="auto").step_size == "auto"
+
+
+def test_build_resolves_auto_itself(problem):
+    """A caller that builds directly (no run_sampler) still gets the automatic ε, carried in params."""
+    from llc_bench.samplers import get_spec
+
+    post, _, _ = problem
+    settings = SGLDSettings(step_size="auto", batch_size=50)
+    eps = resolve_step_size(post, settings)[0].step_size
+    alg = get_spec("sgld").build(post, settings)
+    assert alg.retune is not None and alg.notes.step_size == eps
+    w0 = post.w_star + 0.1
+    state, params, _ = alg.warmup(jax.random.key(1), w0)
+    assert float(params.step_size) == pytest.approx(eps, rel=1e-6)
+    key = jax.random.key(0)
+    batch = (post.x[:50], post.y[:50])
+    new, _ = alg.step(key, state, params, batch)
+    ref_alg = get_spec("sgld").build(post, SGLDSettings(step_size=eps, batch_size=50))
+    ref_state, ref_params, _ = ref_alg.warmup(jax.random.key(1), w0)
+    assert ref_alg.retune is None
+    ref, _ = ref_alg.step(key, ref_state, ref_params, batch)
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(ref))
+
+
+def dln_posterior():
+    """A noise-free two-layer linear network at a rank-1 teacher (d = 24, n = 2000, γ = 1): its
+    curvature grows away from w* along the directions that leave the end-to-end map unchanged."""
+    rng = np.random.default_rng(4)
+    n, d_in, h, d_out = 2000, 4, 4, 2
+    a, b = rng.normal(size=(d_in, 1)), rng.normal(size=(1, d_out))
+    w1 = np.zeros((d_in, h))
+    w1[:, :1] = a
+    w2 = np.zeros((h, d_out))
+    w2[:1] = b
+    x = rng.uniform(-1, 1, size=(n, d_in))
+    y = x @ w1 @ w2
+    w_star = np.concatenate([w1.ravel(), w2.ravel()])
+
+    def per_sample_loss(w, xb, yb):
+        m1, m2 = w[: d_in * h].reshape(d_in, h), w[d_in * h:].reshape(h, d_out)
+        return 0.5 * jnp.sum((xb @ m1 @ m2 - yb) ** 2, axis=-1)
+
+    return Posterior.build(per_sample_loss, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
+                           jnp.asarray(w_star, jnp.float32), gamma=1.0)
+
+
+def test_auto_remeasures_where_the_chains_are():
+    """After burn-in the draws use min(ε at w*, ε at each live chain): here smaller, as measured."""
+    from llc_bench.runner import run_chains
+    from llc_bench.samplers import get_spec
+
+    post = dln_posterior()
+    alg = get_spec("sgld").build(post, SGLDSettings(step_size="auto", batch_size=200))
+    auto = alg.notes
+    eps0 = auto.step_size
+    result = run_chains("sgld", alg, post, jax.random.key(0), num_chains=3, num_burnin_steps=3000,
+                        num_draws=10, num_steps_bw_draws=10, progress=False)
+    assert len(auto.at_burnin) == 3 and auto.step_size < eps0
+    assert auto.step_size == pytest.approx(min(a.step_size for a in auto.at_burnin), rel=1e-12)
+    assert result.tuned["step_size"] == pytest.approx(auto.step_size, rel=1e-6)  # the draws' ε
+    summary = auto.summary()
+    assert summary["curvature_burnin"] > summary["curvature"] + summary["gradient_noise"]
+    assert summary["step_size_wstar"] == eps0 and summary["step_size"] == auto.step_size
+    # the ε at a chain's position is the same measurement as at w*, moved there
+    c0 = auto.at_burnin[0]
+    assert c0.step_size == pytest.approx(c0.constant / (c0.curvature + c0.noise), rel=1e-12)
+
+
+@pytest.mark.parametrize("dim", [3, 200])
+def test_zero_and_rank_one_operators(dim):
+    """The gradient covariance of a noise-free target at w* is 0; Lanczos must not choke on it."""
+    assert top_eigenvalue(lambda v: 0.0 * v, dim, np.float64)[0] == 0.0
+    u = np.arange(1.0, dim + 1) / np.linalg.norm(np.arange(1.0, dim + 1))
+    value, _ = top_eigenvalue(lambda v: 2.5 * u * (u @ v), dim, np.float64)
+    assert value == pytest.approx(2.5, rel=1e-3)
+
+
+def test_noise_free_target_has_no_noise_term():
+    """Interpolated data (y = x w_true exactly): every per-sample gradient is 0 at w*, so ε = c/(nβ h_max + γ)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 50))
+    y = x @ rng.normal(size=50)
+
+    def per_sample_loss(w, xb, yb):
+        return 0.5 * (yb[:, 0] - xb @ w) ** 2
+
+    w_star = np.linalg.lstsq(x, y, rcond=None)[0]
+    post = Posterior.build(per_sample_loss, jnp.asarray(x), jnp.asarray(y[:, None]), jnp.asarray(w_star), gamma=1.0)
+    for settings in (SGLDSettings(step_size="auto", batch_size=20), RMSPropSGLDSettings(step_size="auto", batch_size=20)):
+        _, auto = resolve_step_size(post, settings)
+        assert auto.noise < 1e-6 * auto.curvature and auto.h_max > 0
