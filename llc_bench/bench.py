@@ -890,7 +890,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             abs_err = np.abs([r["rel_error"] for r in good])
             out.append({
                 "sampler": s, "class": c, "instances": len(sub), "failed": len(sub) - len(good),
-                "flagged": sum(r["status"] in ("warnings", "diverged") for r in sub),
+                "flagged": sum(r["status"] in ("warnings", "not_converged", "diverged") for r in sub),
                 "median_abs_rel": float(np.median(abs_err)) if good else math.nan,
                 "p90_abs_rel": float(np.quantile(abs_err, 0.9)) if good else math.nan,
                 "spearman": spearman([r["llc_mean"] for r in good], [r["truth"] for r in good]),
@@ -957,7 +957,7 @@ def summary_markdown(rows: list[dict[str, Any]], recipe: Recipe | None = None, w
     (fm, fp, fr), (sm, sp, sr) = TARGETS["full_batch"], TARGETS["sg"]
     lines.append(f"Targets (well-posed rows only): full-batch samplers median |rel err| <= {fm:.0%}, p90 <= "
                  f"{fp:.0%}, Spearman >= {fr}; SG samplers {sm:.0%}, {sp:.0%}, {sr}. `flagged` = rows whose "
-                 "health checks raised warnings or lost chains; seconds exclude compilation.")
+                 "health checks raised warnings, found them not converged or lost chains; seconds exclude compilation.")
     for c in dict.fromkeys(e["class"] for e in table):
         best = [e for e in table if e["class"] == c and meets_targets(e)]
         lines.append(f"- {c}: " + (f"met by {', '.join(e['sampler'] for e in best)}." if best else
