@@ -973,9 +973,43 @@ def summary_markdown(rows: list[dict[str, Any]], recipe: Recipe | None = None, w
                 lines.append(f"- {e['sampler']} {r['instance']} (widths {r['widths']}, rank {int(r['rank'])}, "
                              f"{r['generator']}): λ̂ = {r['llc_mean']:.4g} vs λ = {r['truth']:.4g} ({rel}), "
                              f"status {r['status']}" + (f", {r['warnings']}" if r["warnings"] else ""))
+    lines += _flag_validity(scored)
     lines += _unscored_table(others)
     lines += _audit_lines(audit_rows or [], recipe)
     return "\n".join(lines) + "\n"
+
+
+BAD_ERROR = 0.10  # a scored row is "bad" when |rel err| exceeds this
+
+
+def flag_validity(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """How well each health flag, and "any flag" (status not ok), finds the scored rows with
+    |rel err| > BAD_ERROR: recall = bad rows flagged / bad rows, precision = bad rows flagged / rows flagged."""
+    rows = [r for r in rows if math.isfinite(r["rel_error"])]
+    bad = [abs(r["rel_error"]) > BAD_ERROR for r in rows]
+    codes = sorted({c for r in rows for c in r["warnings"].split(";") if c and not c.startswith("error")})
+    tests = [("any flag", [r["status"] != "ok" for r in rows])]
+    tests += [(c, [c in r["warnings"].split(";") for r in rows]) for c in codes]
+    out = []
+    for name, hits in tests:
+        caught = sum(h and b for h, b in zip(hits, bad, strict=True))
+        out.append({"flag": name, "flagged": sum(hits), "bad": sum(bad), "caught": caught,
+                    "recall": caught / sum(bad) if any(bad) else math.nan,
+                    "precision": caught / sum(hits) if any(hits) else math.nan})
+    return out
+
+
+def _flag_validity(rows: list[dict[str, Any]]) -> list[str]:
+    table = flag_validity(rows)
+    if not table or not table[0]["bad"] and not table[0]["flagged"]:
+        return []
+    lines = ["", f"Do the health checks find the bad rows? Over the {len(rows)} scored rows, {table[0]['bad']} are off "
+             f"by more than {BAD_ERROR:.0%}. Recall = bad rows a flag caught / bad rows; precision = bad rows "
+             "among the rows it flagged.", "",
+             "| flag | rows flagged | bad rows caught | recall | precision |", "|---|---|---|---|---|"]
+    for e in table:
+        lines.append(f"| {e['flag']} | {e['flagged']} | {e['caught']} | {_pct(e['recall'])} | {_pct(e['precision'])} |")
+    return lines
 
 
 def _unscored_table(rows: list[dict[str, Any]]) -> list[str]:

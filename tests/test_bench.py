@@ -174,11 +174,11 @@ def test_shipped_recipe_and_profiles_validate():
     assert three.classes == {"1K": 9, "10K": 9}
 
 
-def _row(sampler, inst, truth, factor, well_posed=True, **extra):
+def _row(sampler, inst, truth, factor, well_posed=True, status="ok", warnings="", **extra):
     return {"sampler": sampler, "class": "1K", "truth": truth if well_posed else float("nan"),
             "aoyagi": truth, "llc_mean": truth * factor, "rel_error": factor - 1 if well_posed else float("nan"),
-            "grad_evals": 10.0, "wall_s": 1.0, "status": "ok", "instance": inst, "widths": "2-2", "rank": 1.0,
-            "generator": "chained", "warnings": "", "well_posed": "yes" if well_posed else "no",
+            "grad_evals": 10.0, "wall_s": 1.0, "status": status, "instance": inst, "widths": "2-2", "rank": 1.0,
+            "generator": "chained", "warnings": warnings, "well_posed": "yes" if well_posed else "no",
             "lambda_r_eff": truth / 2, "local_lower": truth / 4, "r_eff": 0.0, "sv_min": 1e-4, "sv_max": 1.0,
             "posedness": "" if well_posed else "invisible directions (r_eff 0 < r 1)", **extra}
 
@@ -272,3 +272,18 @@ def test_finite_n_audit_reruns_at_k_times_n_and_flags_moves(tiny_recipe, tmp_pat
     # Resumable: a second audit finds the row done.
     bench.run_audit(recipe, tmp_path, log=logged.append)
     assert len(bench.read_audit(tmp_path / bench.AUDIT_CSV_NAME)) == 1
+
+
+def test_flag_validity_counts_recall_and_precision():
+    rows = [_row("sgld", "1K-000", 10.0, 0.5, status="ok"),  # bad, missed
+            _row("sgld", "1K-001", 10.0, 0.5, status="warnings", warnings="spikes"),  # bad, caught
+            _row("sgld", "1K-002", 10.0, 1.01, status="warnings", warnings="spikes;low_snr"),  # false alarm
+            _row("sgld", "1K-003", 10.0, 1.2, status="not_converged", warnings="not_converged"),  # bad, caught
+            _row("sgld", "1K-004", 10.0, 1.05, status="ok")]
+    table = {e["flag"]: e for e in bench.flag_validity(rows)}
+    assert (table["any flag"]["bad"], table["any flag"]["flagged"], table["any flag"]["caught"]) == (3, 3, 2)
+    assert table["any flag"]["recall"] == pytest.approx(2 / 3) and table["any flag"]["precision"] == pytest.approx(2 / 3)
+    assert (table["spikes"]["recall"], table["spikes"]["precision"]) == (pytest.approx(1 / 3), 0.5)
+    assert table["low_snr"]["caught"] == 0 and table["not_converged"]["precision"] == 1.0
+    text = bench.summary_markdown(rows)
+    assert "| any flag | 3 | 2 | 66.7% | 66.7% |" in text
