@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -54,7 +55,6 @@ import os
 import sys
 import time
 import zlib
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

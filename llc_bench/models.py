@@ -195,7 +195,6 @@ def dln_teacher_layers(key: jax.Array, widths_full: tuple[int, ...], rank: int |
     statistically invisible; `llc_bench.wellposed` measures this.
     """
     widths_full = tuple(int(h) for h in widths_full)
-    num_layers = len(widths_full) - 1
     if generator not in DLN_GENERATORS:
         raise ValueError(f"unknown DLN generator {generator!r}; known: {', '.join(DLN_GENERATORS)}")
     if rank is not None and not 0 <= rank <= min(widths_full):
