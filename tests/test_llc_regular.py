@@ -104,23 +104,29 @@ def test_huge_step_size_is_flagged_not_averaged(regular):
     assert all(s >= 0 for s in run.summary["diverged_at"])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["sgld", "rmsprop_sgld", "hmc", "mclmc"])
-def test_dln_llc_matches_aoyagi(name):
-    """A rank-deficient deep linear network at its teacher (Lau et al. protocol) against Aoyagi's λ."""
-    cfg = from_dict({
+def _dln_config(name: str, run: dict, sampler: dict):
+    """A rank-2 `deepest` DLN 6-5-4-4 at its teacher, noise-free, n = 10,000, 4 chains of `name`."""
+    return from_dict({
         "data": {"n": 10000, "in_dim": 6, "out_dim": 4, "distribution": "uniform", "box_half_width": 1.0,
                  "noise": "none"},
         "teacher": {"kind": "dln", "widths": [5, 4], "rank": 2, "generator": "deepest"},
         "model": {"widths": [5, 4], "target_params": "none", "activation": "identity", "bias": False},
         "train": {"use_teacher": True},
         "posterior": {"gamma": 1.0},
-        "run": {"samplers": [name], "num_chains": 4, "num_burnin_steps": 2000, "num_draws": 400,
-                "num_steps_bw_draws": 10},
+        "run": {"samplers": [name], "num_chains": 4, **run},
+        "sampler": sampler,
+    })
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sgld", "rmsprop_sgld", "hmc", "mclmc"])
+def test_dln_llc_matches_aoyagi(name):
+    """A rank-deficient deep linear network at its teacher (Lau et al. protocol) against Aoyagi's λ."""
+    cfg = _dln_config(
+        name, {"num_burnin_steps": 2000, "num_draws": 400, "num_steps_bw_draws": 10},
         # RMSProp's largest per-parameter step is ε/a = 10ε near a noise-free w* (tiny gradients):
         # measured λ̂ = 24 at ε = 2e-4 (too coarse) and 8.2 at ε = 2e-6 (burn-in too short).
-        "sampler": {"sgld": {"step_size": 2e-5}, "rmsprop_sgld": {"step_size": 5e-6}},
-    })
+        {"sgld": {"step_size": 2e-5}, "rmsprop_sgld": {"step_size": 5e-6}})
     target = build_target(cfg)
     assert target.truth == pytest.approx(dln_learning_coefficient([6, 5, 4, 4], 2))
     run = run_sampler(cfg, name, build_posterior(cfg, target), truth=target.truth)
@@ -153,17 +159,8 @@ def test_target_rel_se_doubles_the_draws_until_reached(regular):
 def test_dln_llc_auto_step_size(name):
     """The rank-deficient DLN above, noise-free at its teacher, with step_size = "auto" (no gradient
     noise at w*, so ε = c/(nβ h_max + γ); rmsprop: G = 1/a there) and 30k steps: within 10% of Aoyagi."""
-    cfg = from_dict({
-        "data": {"n": 10000, "in_dim": 6, "out_dim": 4, "distribution": "uniform", "box_half_width": 1.0,
-                 "noise": "none"},
-        "teacher": {"kind": "dln", "widths": [5, 4], "rank": 2, "generator": "deepest"},
-        "model": {"widths": [5, 4], "target_params": "none", "activation": "identity", "bias": False},
-        "train": {"use_teacher": True},
-        "posterior": {"gamma": 1.0},
-        "run": {"samplers": [name], "num_chains": 4, "num_burnin_steps": 10000, "num_draws": 1000,
-                "num_steps_bw_draws": 20},
-        "sampler": {name: {"step_size": "auto", "batch_size": 256}},
-    })
+    cfg = _dln_config(name, {"num_burnin_steps": 10000, "num_draws": 1000, "num_steps_bw_draws": 20},
+                      {name: {"step_size": "auto", "batch_size": 256}})
     target = build_target(cfg)
     run = run_sampler(cfg, name, build_posterior(cfg, target), truth=target.truth)
     assert run.summary["gradient_noise"] == 0.0 and run.summary["h_max"] > 0
