@@ -68,7 +68,7 @@ MALA_MIN_ACCEPT = 0.5
 STEP_SIZE_MAX_REL_CHANGE = 0.10
 STEP_SIZE_Z = 2.0
 
-# Remedies, verbatim in spirit from the guide's table (seed 000) where it has one.
+# Remedies, in the spirit of the Timaeus sampling guide's table where it has one.
 REMEDIES = {
     "nan": "First decrease ε; also consider if nβ and/or γ are too large.",
     "not_leveling": "Increase ε and/or take more total steps; if that fails, increase γ.",
@@ -402,7 +402,7 @@ def check_health(result: ChainResult, thresholds: HealthThresholds = HealthThres
 
 
 # ---------------------------------------------------------------------------------------------
-# MALA-style acceptance diagnostic for SGLD (seed 002): no accept step is taken, the
+# MALA-style acceptance diagnostic for SGLD: no accept step is taken, the
 # Metropolis–Hastings ratio of the SGLD proposal only measures how coarse ε is.
 # ---------------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ Spec layout (see configs/sweep_default.toml)::
 
 Modes: ``product`` is the Cartesian product of the axes; ``zip`` walks equal-length axes in
 parallel; ``one_at_a_time`` runs the base and then each axis value alone with every other key at
-its base value (the seed's ``sweep_space()``). Cells whose resolved configs coincide (an axis value
+its base value. Cells whose resolved configs coincide (an axis value
 equal to the base value) run once. Every cell is validated before any runs.
 
 Results: one CSV row per (cell, sampler, seed), appended with fsync under an exclusive

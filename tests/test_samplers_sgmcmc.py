@@ -57,14 +57,14 @@ def _eta(key, d):
 
 
 def hand_sgld(post, w, batch, key, eps):
-    """DESIGN.md: w − ε/2 (γ(w − w*) + nβ ∇L_m) + √ε η."""
+    """The documented SGLD update: w − ε/2 (γ(w − w*) + nβ ∇L_m) + √ε η."""
     xb, yb = map(_np, batch)
     _, g = _hand_loss_grad(w, xb, yb)
     return w - eps / 2 * (post.gamma * (w - _np(post.w_star)) + post.n_beta * g) + math.sqrt(eps) * _eta(key, len(w))
 
 
 def hand_rmsprop(post, w, batches, keys, eps, alpha, a, bias_correction):
-    """DESIGN.md's RMSProp-SGLD over several steps; returns (w, v, t)."""
+    """The documented RMSProp-SGLD update over several steps; returns (w, v, t)."""
     v = np.zeros_like(w)
     for t, (batch, key) in enumerate(zip(batches, keys, strict=True)):
         xb, yb = map(_np, batch)
@@ -88,7 +88,7 @@ def regression():
 
 
 # ---------------------------------------------------------------------------------------------
-# (2) One step (and a few) equals the hand-written DESIGN.md update.
+# (2) One step (and a few) equals the hand-written update of the samplers' docstrings.
 
 
 def test_blackjax_step_size_is_half_epsilon():

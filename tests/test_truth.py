@@ -69,7 +69,7 @@ def test_one_hidden_layer_matches_reduced_rank_regression():
 @pytest.mark.parametrize(
     "M,H,N,r,expected",
     [
-        (2, 2, 2, 0, Fraction(3, 2)),  # DESIGN.md: the global value for [2, 2, 2], r = 0
+        (2, 2, 2, 0, Fraction(3, 2)),  # Aoyagi's global value for [2, 2, 2], r = 0
         (5, 3, 5, 0, Fraction(2 * 3 * 10 - 0 - 9 + 1, 8)),  # odd case
         (3, 2, 3, 0, Fraction(2 * 2 * 6 - 0 - 4, 8)),  # even case
         (4, 3, 8, 0, Fraction(12, 2)),  # M + H < N + r: HM / 2
