@@ -964,14 +964,16 @@ def summary_markdown(rows: list[dict[str, Any]], recipe: Recipe | None = None, w
                                    "no sampler meets all three targets."))
     missed = [e for e in table if not meets_targets(e)]
     if missed:
-        lines += ["", "Worst well-posed rows of each sampler/class that missed (health-check verdicts):", ""]
+        lines += ["", "Worst well-posed rows of each sampler/class that missed, with the health-check verdicts. A λ̂ near "
+                  "rank(H)/2 below λ is the quadratic plateau: only the regular directions have equilibrated.", ""]
         for e in missed:
             sub = [r for r in scored if r["sampler"] == e["sampler"] and r["class"] == e["class"]]
             sub.sort(key=lambda r: -abs(r["rel_error"]) if math.isfinite(r["rel_error"]) else -math.inf)
             for r in sub[:worst]:
                 rel = _pct(r["rel_error"]) if math.isfinite(r["rel_error"]) else "n/a"
                 lines.append(f"- {e['sampler']} {r['instance']} (widths {r['widths']}, rank {int(r['rank'])}, "
-                             f"{r['generator']}): λ̂ = {r['llc_mean']:.4g} vs λ = {r['truth']:.4g} ({rel}), "
+                             f"{r['generator']}): λ̂ = {r['llc_mean']:.4g} vs λ = {r['truth']:.4g} ({rel}; "
+                             f"rank(H)/2 = {_num(r['local_lower'], 'g')}), "
                              f"status {r['status']}" + (f", {r['warnings']}" if r["warnings"] else ""))
     lines += _flag_validity(scored)
     lines += _unscored_table(others)
