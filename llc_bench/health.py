@@ -39,6 +39,17 @@ DRIFT_MIN_FRACTION = 0.02
 # but not here. 1.1 is the classic "not converged" cut (Gelman et al.); a stationary series with a
 # few hundred effective draws sits ≲ 1.02.
 SPLIT_RHAT_MAX = 1.1
+# still_spreading: how ‖w − w*‖² grows over the draws. Chains start at w*; free diffusion (no
+# curvature felt) makes the spread grow ∝ steps, equilibrium keeps it flat. The exponent
+# g = log(spread₂ / spread₁) / log(t₂ / t₁) between the halves of the draws (t = mean step of a
+# half, counted from the first sampling step) is ≈ 1 for free diffusion and ≈ 0 at equilibrium.
+# SG chains on singular models first equilibrate the curved (quadratic) directions and then sit on
+# a long plateau near rank(H)/2 while the flat directions still diffuse freely (measured on deep
+# linear networks: λ̂ flat at 28 for 85,000 steps, truth 86, spread ∝ steps, g ≈ 0.95, every other
+# check quiet). HMC on the same posterior, exploring its flat valleys after its warm-up, has
+# g ≈ 0.1–0.3 with a correct λ̂. g must also exceed SPREAD_Z standard errors (across chains).
+SPREAD_EXPONENT_MAX = 0.5
+SPREAD_Z = 3.0
 # spikes: a point above median + SPIKE_K · log10(N) robust standard deviations (1.4826 · MAD), N
 # the chain's series length (at least 10). The log grows like the largest of N draws from an
 # exponential tail: a correctly sampled quadratic basin with one dominant direction has a
@@ -74,6 +85,10 @@ REMEDIES = {
     "not_leveling": "Increase ε and/or take more total steps; if that fails, increase γ.",
     "not_converged": "More steps; a larger ε if it is stable (the chains have not equilibrated: "
                      "λ̂ still drifts).",
+    "still_spreading": (
+        "Many more steps (the spread grows only ∝ ε·steps), or a larger step size along the flat "
+        "directions; λ̂ is typically too low (near the quadratic value rank(H)/2) until they equilibrate."
+    ),
     "burnin_too_short": "Increase num_burnin_steps until the trace is flat before the first draw.",
     "spikes": "First decrease ε; also consider if nβ and/or γ are too large.",
     "below_wstar": "Increase γ and/or decrease nβ.",
@@ -91,7 +106,7 @@ REMEDIES = {
 
 
 # Flags that say the draws are not yet from the stationary law: a run with one is `not_converged`.
-NOT_CONVERGED_CODES = ("not_leveling", "burnin_too_short", "not_converged")
+NOT_CONVERGED_CODES = ("not_leveling", "burnin_too_short", "not_converged", "still_spreading")
 
 
 def run_status(estimate_status: str, flags) -> str:
@@ -133,6 +148,8 @@ class HealthThresholds:
     below_wstar_z: float = BELOW_WSTAR_Z
     low_snr_min: float = LOW_SNR_MIN
     rhat_disagree: float = RHAT_DISAGREE
+    spread_exponent_max: float = SPREAD_EXPONENT_MAX
+    spread_z: float = SPREAD_Z
     max_divergent_fraction: float = MAX_DIVERGENT_FRACTION
 
 
@@ -200,6 +217,40 @@ def drift_test(x: np.ndarray, loss_at_wstar: float, z: float = DRIFT_Z,
         return None
     rise = float(np.mean(x) - loss_at_wstar)
     return window_shift(x[:, :half], x[:, x.shape[1] - half:], rise, z, min_fraction, two_sided=True)
+
+
+def spread_exponent(spread: np.ndarray, steps: np.ndarray) -> tuple[float, float] | None:
+    """(g, its standard error) for (C, D) draws of ‖w − w*‖² taken at 0-based `steps`.
+
+    Per chain, g_c = log(mean spread of the second half / of the first) / log(t₂ / t₁), t the
+    halves' mean step + 1: 1 for free diffusion from w*, 0 at equilibrium. g is the mean over chains,
+    its SE their standard deviation / √C (a trending series has no honest autocorrelation-based
+    MCSE; independent chains do). None with fewer than 2 chains, halves shorter than MIN_WINDOW
+    draws, or a zero spread.
+    """
+    half = spread.shape[1] // 2
+    if half < MIN_WINDOW or spread.shape[0] < 2:
+        return None
+    t1, t2 = np.mean(steps[:half]) + 1.0, np.mean(steps[len(steps) - half:]) + 1.0
+    m1, m2 = np.mean(spread[:, :half], axis=1), np.mean(spread[:, spread.shape[1] - half:], axis=1)
+    if not (np.all(m1 > 0) and np.all(m2 > 0) and t2 > t1):
+        return None
+    g = np.log(m2 / m1) / np.log(t2 / t1)
+    return float(np.mean(g)), float(np.std(g, ddof=1) / np.sqrt(g.size))
+
+
+def _spread_flag(spread: np.ndarray, steps: np.ndarray, th: HealthThresholds) -> list[HealthFlag]:
+    out = spread_exponent(spread, steps)
+    if out is None:
+        return []
+    g, se = out
+    if g > th.spread_exponent_max and g > th.spread_z * se:
+        return [_flag(
+            "still_spreading",
+            f"‖w − w*‖² still grows like free diffusion (∝ steps^{g:.2f} ± {se:.2f} between the halves of "
+            "the draws): directions with little curvature at w* have not equilibrated.",
+        )]
+    return []
 
 
 def unsplit_rank_rhat(x: np.ndarray) -> float:
@@ -388,6 +439,9 @@ def check_health(result: ChainResult, thresholds: HealthThresholds = HealthThres
             if f.code not in seen and not (f.code == "not_converged" and seen & set(NOT_CONVERGED_CODES)):
                 seen.add(f.code)
                 flags.append(f)
+
+    if result.draw_spread is not None and not seen & set(NOT_CONVERGED_CODES):
+        flags += _spread_flag(np.asarray(result.draw_spread, float)[good], np.asarray(result.draw_steps), th)
 
     diverging = np.asarray(result.diverging, dtype=bool)[good, result.num_burnin_steps :]
     if diverging.size and diverging.mean() > th.max_divergent_fraction:

@@ -44,6 +44,7 @@ class ChainResult:
     compile_s: float  # compile seconds (warm-up + sampling functions)
     tuned: dict  # per-sampler tuned parameters summarized for reports (e.g. step_size mean), floats only
     draw_outputs: Any = None  # pytree of (C, D, ...) arrays from run_chains' draw_fn; None without one
+    draw_spread: np.ndarray | None = None  # (C, D) ‖w − w*‖² at each draw (NaN after a chain diverged)
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,20 +185,23 @@ def _step_chains(algorithm: Algorithm, consts: _Consts, carry: _Carry, t: jax.Ar
 
 def _draw(algorithm: Algorithm, posterior: Posterior, consts: _Consts, carry: _Carry,
           draw_fn: DrawFn | None = None, draw_index: jax.Array | None = None):
-    """Full-data L_n, projections (w − w*) @ P and draw_fn's outputs of every chain.
+    """Full-data L_n, projections (w − w*) @ P, ‖w − w*‖² and draw_fn's outputs of every chain.
 
     Floating outputs are NaN for diverged chains (integer outputs are left as computed).
     """
     positions = jax.vmap(algorithm.position)(carry.state)
     loss = jax.vmap(posterior.batch_loss, in_axes=(0, None, None))(positions, consts.x, consts.y)
-    proj = (positions - consts.w_star) @ consts.directions
+    offset = positions - consts.w_star
+    proj = offset @ consts.directions
+    spread = jnp.sum(offset**2, axis=1)
     dead = carry.diverged_at >= 0
     extra = None
     if draw_fn is not None:
         extra = jax.vmap(draw_fn, in_axes=(0, 0, None, None))(
             positions, consts.chain_index, draw_index, consts.draw_data)
         extra = jax.tree.map(lambda a: _nan_where(dead, a), extra)
-    return jnp.where(dead, jnp.nan, loss), jnp.where(dead[:, None], jnp.nan, proj), extra
+    return (jnp.where(dead, jnp.nan, loss), jnp.where(dead[:, None], jnp.nan, proj),
+            jnp.where(dead, jnp.nan, spread), extra)
 
 
 def _nan_where(dead: jax.Array, a: jax.Array) -> jax.Array:
@@ -221,7 +225,7 @@ def _burnin_chunk_fn(algorithm: Algorithm, length: int, num_burnin_steps: int):
 def _draw_chunk_fn(algorithm: Algorithm, posterior: Posterior, blocks: int, k: int, num_burnin_steps: int, total_steps: int,
                    draw_fn: DrawFn | None = None):
     """carry, first block -> carry, (StepInfo (blocks, k, C), draw loss (blocks, C), projections (blocks, C, P),
-    draw_fn outputs (blocks, C, ...) or None).
+    ‖w − w*‖² (blocks, C), draw_fn outputs (blocks, C, ...) or None).
 
     A block is k steps followed by one draw; blocks past the last draw are padding (masked steps).
     """
@@ -291,7 +295,7 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
 
     T = num_burnin_steps + num_draws * k steps (k = num_steps_bw_draws); draw d is taken after
     0-based step num_burnin_steps + (d + 1) k − 1, where the full-data L_n and the projections are
-    evaluated. Those num_draws forward passes over the full data per chain are NOT counted in
+    evaluated, with ‖w − w*‖² (ChainResult.draw_spread). Those num_draws forward passes over the full data per chain are NOT counted in
     grad_evals (which is warm-up work plus the sum of StepInfo.grad_evals over all T steps,
     including the steps a frozen diverged chain still computes in lockstep with the others).
 
@@ -387,13 +391,14 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
         draw, seconds = _compile(_draw_chunk_fn(algorithm, posterior, blocks, k, num_burnin_steps, total_steps, draw_fn),
                                  carry, jnp.int32(0), consts)
         compile_s += seconds
-        draw_loss, projections, extras = [], [], []
+        draw_loss, projections, spreads, extras = [], [], [], []
         for c in range(draw_count):
-            (carry, (info, loss, proj, extra)), seconds = _timed(draw, carry, jnp.int32(c * blocks), consts)
+            (carry, (info, loss, proj, spread, extra)), seconds = _timed(draw, carry, jnp.int32(c * blocks), consts)
             wall_s += seconds
             draw_infos.append(jax.tree.map(lambda a: np.asarray(a).reshape(blocks * k, num_chains), info))
             draw_loss.append(np.asarray(loss))
             projections.append(np.asarray(proj))
+            spreads.append(np.asarray(spread))
             extras.append(jax.tree.map(np.asarray, extra))
             bar.advance(min(blocks, num_draws - c * blocks) * k)
 
@@ -422,5 +427,6 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
         tuned=summarize_tuned(params),
         draw_outputs=None if draw_fn is None else jax.tree.map(
             lambda *a: np.swapaxes(np.concatenate(a)[:num_draws], 0, 1), *extras),
+        draw_spread=np.concatenate(spreads)[:num_draws].T,
     )
     return result, carry.state

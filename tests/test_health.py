@@ -17,6 +17,7 @@ from llc_bench.health import (
     mala_acceptance,
     mala_log_accept_ratio,
     run_status,
+    spread_exponent,
     step_size_check_summary,
     unsplit_rank_rhat,
 )
@@ -298,3 +299,83 @@ def test_chains_wandering_apart_are_not_converged():
     flags = {f.code: f for f in check_health(res)}
     assert "not_converged" in flags and "within-chain split R̂" in flags["not_converged"].message
     assert run_status("ok", list(flags.values())) == "not_converged"
+
+
+# --- still_spreading: ‖w − w*‖² growing like free diffusion ----------------------------------------
+
+def spread_series(rng, kind: str, num_chains=4, dim=400, burnin=1000, num_draws=200, thin=10, phi=0.99):
+    """(spread (C, D), steps (D,)): ‖w − w*‖² of `dim` coordinates that are either a stationary AR(1)
+    of unit variance started in equilibrium ("stationary") or a random walk from w* ("diffusing")."""
+    steps = np.arange(burnin, burnin + num_draws * thin, thin)
+    total = steps[-1] + 1
+    noise = rng.normal(size=(num_chains, total, dim))
+    if kind == "diffusing":
+        w = np.cumsum(noise, axis=1) * 0.01
+    else:
+        w = np.empty_like(noise)
+        w[:, 0] = noise[:, 0]
+        for t in range(1, total):
+            w[:, t] = phi * w[:, t - 1] + np.sqrt(1 - phi**2) * noise[:, t]
+    return np.sum(w[:, steps] ** 2, axis=2), steps
+
+
+def test_spread_exponent_reads_diffusion_and_equilibrium():
+    """g ≈ 1 for a random walk from w* (spread ∝ steps), ≈ 0 for a stationary chain; the default
+    verdict (g > 0.5 and 3 SE) fires on every diffusing series and on no stationary one."""
+    rng = np.random.default_rng(0)
+    g_walk, g_eq = [], []
+    for _ in range(20):
+        g, se = spread_exponent(*spread_series(rng, "diffusing"))
+        g_walk.append(g)
+        assert g > 0.5 and g > 3 * se
+        g, se = spread_exponent(*spread_series(rng, "stationary"))
+        g_eq.append(g)
+        assert not (g > 0.5 and g > 3 * se)
+    assert np.mean(g_walk) == pytest.approx(1.0, abs=0.15)
+    assert abs(np.mean(g_eq)) < 0.1
+    spread, steps = spread_series(rng, "stationary", num_draws=15)
+    assert spread_exponent(spread, steps) is None  # halves shorter than MIN_WINDOW: no verdict
+
+
+def test_still_spreading_makes_a_quiet_run_not_converged():
+    """Loss draws of an exact sampler (no loss flag) with a spread that still grows ∝ steps."""
+    res = exact_quadratic_result(4.0, 100.0, num_draws=2000)
+    steps = 1000 + 10 * np.arange(2000)
+    rng = np.random.default_rng(1)
+    growing = (steps + 1)[None, :] * (1 + 0.05 * rng.normal(size=(4, 2000)))
+    spreading = res.__class__(**{**res.__dict__, "draw_steps": steps, "draw_spread": growing})
+    flags = check_health(spreading)
+    assert [f.code for f in flags] == ["still_spreading"]
+    assert run_status("ok", flags) == "not_converged"
+    steady = res.__class__(**{**res.__dict__, "draw_steps": steps,
+                              "draw_spread": 5.0 * (1 + 0.05 * rng.normal(size=(4, 2000)))})
+    assert check_health(steady) == []
+
+
+def flat_direction_posterior(gamma: float, num_flat: int = 100):
+    """L = ½ h ‖w₁..₄‖² for every sample; the other `num_flat` coordinates are absent from the loss
+    and held only by the localizer γ."""
+    from llc_bench.posterior import Posterior
+
+    def per_sample_loss(w, x, y):
+        return jnp.full((x.shape[0],), 0.5 * 4.0 * jnp.sum(w[:4] ** 2))
+
+    zeros = jnp.zeros((200, 1))
+    return Posterior.build(per_sample_loss, zeros, zeros, jnp.zeros(4 + num_flat), gamma=gamma)
+
+
+@pytest.mark.parametrize("gamma, spreading", [(1e-3, True), (30.0, False)])
+def test_sgld_with_an_unconfined_direction_is_still_spreading(gamma, spreading):
+    """SGLD at ε = 0.1/(nβ h): the curved directions equilibrate within ~100 steps. With γ = 1e-3
+    the flat ones need ~1/(εγ) ≈ 4·10⁴ steps, so after 4,000 they still diffuse (λ̂ already reads
+    2, every loss check is quiet): still_spreading. With γ = 30 they equilibrate in ~1 step: ok."""
+    from llc_bench.runner import run_chains
+    from llc_bench.samplers.sgld import SGLDSettings, build
+
+    post = flat_direction_posterior(gamma)
+    eps = 0.1 / (post.n_beta * 4.0)
+    algorithm = build(post, SGLDSettings(step_size=eps, batch_size=10))
+    res = run_chains("sgld", algorithm, post, jax.random.PRNGKey(0), num_chains=8, num_burnin_steps=500,
+                     num_draws=350, num_steps_bw_draws=10, progress=False)
+    codes = {f.code for f in check_health(res)}
+    assert codes == ({"still_spreading"} if spreading else set()), codes
