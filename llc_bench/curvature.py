@@ -15,8 +15,9 @@ from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator
 from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import AUTO, AUTO_STEP_CONSTANT, is_auto
 
-__all__ = ["AUTO", "AUTO_STEP_CONSTANT", "AutoStep", "AutoStepSize", "auto_step_size", "build_algorithm",
-           "gradient_cvp", "is_auto", "loss_hvp", "resolve_step_size", "top_eigenvalue"]
+__all__ = ["AUTO", "AUTO_STEP_CONSTANT", "AutoStep", "AutoStepSize", "PreconditionedAutoStep", "auto_step_size",
+           "build_algorithm", "gradient_cvp", "is_auto", "loss_hvp", "resolve_step_size", "top_eigenpairs",
+           "top_eigenvalue"]
 
 # Below this dimension the Hessian is built densely from d products (exact, and ARPACK needs d > 2).
 DENSE_MAX_DIM = 32
@@ -123,6 +124,39 @@ def top_eigenvalue(matvec, dim: int, dtype=np.float32, seed: int = 0) -> tuple[f
     return float(value), count
 
 
+def top_eigenpairs(posterior: Posterior, k: int, num_rows: int | None = None, power_iters: int = 4,
+                   oversample: int = 10, seed: int = 0, chunk: int = 16) -> tuple[np.ndarray, np.ndarray, int]:
+    """(values (k,), vectors (d, k), Hessian-vector products) of the k largest eigenpairs of ∇²L at w*.
+
+    Randomized subspace iteration (Halko, Martinsson & Tropp 2011): Y = H Ω for a Gaussian Ω of
+    k + oversample columns, `power_iters` rounds of orthonormalize-and-multiply, then Rayleigh–Ritz
+    in the subspace. Exact when the rank of H is at most k + oversample (the subspace then holds
+    its whole range). The loss is taken over the first `num_rows` samples (None: all n): the
+    Hessian of a random subset is an unbiased estimate of the full one, and a preconditioner only
+    needs its stiff directions roughly. Products run `chunk` vectors at a time (vmapped).
+    """
+    n = posterior.n if num_rows is None else min(num_rows, posterior.n)
+    x, y = jnp.asarray(posterior.x[:n]), jnp.asarray(posterior.y[:n])
+    w = jnp.asarray(posterior.w_star)
+    grad = jax.grad(lambda v: posterior.batch_loss(v, x, y))
+    width = min(k + oversample, posterior.dim)
+
+    @jax.jit
+    def products(basis):  # (d, width) -> H @ basis
+        hv = jax.lax.map(lambda v: jax.jvp(grad, (w,), (v,))[1], basis.T, batch_size=chunk)
+        return hv.T
+
+    omega = jax.random.normal(jax.random.PRNGKey(seed), (posterior.dim, width), w.dtype)
+    basis = products(omega)
+    for _ in range(power_iters):
+        basis = products(jnp.linalg.qr(basis)[0])
+    q = np.asarray(jnp.linalg.qr(basis)[0], np.float64)
+    t = q.T @ np.asarray(products(jnp.asarray(q, w.dtype)), np.float64)
+    values, small = np.linalg.eigh(0.5 * (t + t.T))
+    order = np.argsort(values)[::-1][: min(k, width)]
+    return values[order], q @ small[:, order], (power_iters + 2) * width
+
+
 def _power_iteration(apply, v: np.ndarray, value: float, num_iters: int = 30) -> float:
     """Rayleigh quotient after a few power steps from a unit v (a fallback; it converges from below)."""
     for _ in range(num_iters):
@@ -160,7 +194,8 @@ def auto_step_size(posterior: Posterior, preconditioner=None, batch_size: int | 
     of the per-sample gradient covariance (`gradient_cvp`); both by Lanczos (`top_eigenvalue`).
     With a diagonal preconditioner G (RMSProp-SGLD: w ← w − ε/2 G ∇U + √(εG) η, i.e. SGLD in
     u = G^{-1/2} w) both operators are taken as G^{1/2} · G^{1/2}, and the localization's part is
-    bounded by c_loc · max G, reached along the flat directions where G is largest. batch_size
+    bounded by c_loc · max G, reached along the flat directions where G is largest. A callable
+    preconditioner applies P^{1/2} of a symmetric P with eigenvalues <= 1 (c_loc · 1). batch_size
     None: no gradient-noise term. constant: c (None = AUTO_STEP_CONSTANT). products: the
     (loss_hvp, gradient_cvp) pair of this posterior, to reuse their compilations.
     """
@@ -168,13 +203,16 @@ def auto_step_size(posterior: Posterior, preconditioner=None, batch_size: int | 
     w = jnp.asarray(posterior.w_star if at is None else at)
     dtype = np.dtype(w.dtype)
     hvp, cvp = products if products is not None else (loss_hvp(posterior), gradient_cvp(posterior))
-    scale = None if preconditioner is None else jnp.sqrt(jnp.asarray(preconditioner, w.dtype))
-    g_max = 1.0 if preconditioner is None else float(jnp.max(preconditioner))
+    if preconditioner is None or callable(preconditioner):
+        root, g_max = preconditioner, 1.0  # a callable applies P^{1/2}; its P must be <= I
+    else:
+        scale = jnp.sqrt(jnp.asarray(preconditioner, w.dtype))
+        root, g_max = (lambda v: scale * v), float(jnp.max(preconditioner))
 
     def sandwich(product):
-        if scale is None:
+        if root is None:
             return lambda v: product(w, jnp.asarray(v, w.dtype))
-        return lambda v: scale * product(w, scale * jnp.asarray(v, w.dtype))
+        return lambda v: root(product(w, root(jnp.asarray(v, w.dtype))))
 
     h_max, num_hvp = top_eigenvalue(sandwich(hvp), posterior.dim, dtype)
     h_max = max(h_max, 0.0)  # w* a minimum: a negative top eigenvalue is round-off
@@ -270,7 +308,7 @@ def build_algorithm(spec, posterior: Posterior, settings, full_batch: bool = Fal
     The AutoStep is the algorithm's `notes`. full_batch: the steps will see exact full-data
     gradients (no gradient-noise term).
     """
-    if not is_auto(getattr(settings, "step_size", None)):
+    if not is_auto(getattr(settings, "step_size", None)) or getattr(settings, "AUTO_IN_BUILD", False):
         return spec.build(posterior, settings)
     auto = AutoStep(posterior, settings, full_batch)
     algorithm = spec.build(posterior, dataclasses.replace(settings, step_size=auto.step_size))
@@ -287,3 +325,39 @@ def build_algorithm(spec, posterior: Posterior, settings, full_batch: bool = Fal
         return jax.tree.map(lambda p: jnp.full_like(p, eps), params)
 
     return algorithm._replace(retune=retune, notes=auto)
+
+
+class PreconditionedAutoStep(AutoStep):
+    """step_size = "auto" for a sampler with one constant preconditioner P (eigenvalues <= 1), given
+    by its P^{1/2} map `root`: ε from the curvature and gradient noise of P^{1/2} · P^{1/2} at w*,
+    re-measured where the chains are after burn-in (as `AutoStep`). `setup_products`: the work of
+    building P, in full-data Hessian-vector products, added to the reported cost."""
+
+    def __init__(self, posterior: Posterior, settings, root, setup_products: float = 0.0,
+                 setup_seconds: float = 0.0):
+        start = time.perf_counter()
+        self.posterior, self.settings, self.root = posterior, settings, root
+        self.batch_size = settings.batch_size
+        self.rmsprop = False
+        self.precond_batches = 0
+        self.setup_products = setup_products
+        self.products = (loss_hvp(posterior), gradient_cvp(posterior))
+        self.at_wstar = auto_step_size(posterior, root, self.batch_size, settings.auto_constant,
+                                       products=self.products)
+        self.at_burnin = ()
+        self.step_size = self.at_wstar.step_size
+        self.seconds = setup_seconds + time.perf_counter() - start
+
+    def retune(self, positions: np.ndarray, preconditioners=None) -> float:
+        start = time.perf_counter()
+        self.at_burnin = tuple(
+            auto_step_size(self.posterior, self.root, self.batch_size, self.settings.auto_constant,
+                           at=positions[c], products=self.products)
+            for c in range(positions.shape[0]))
+        self.step_size = min([self.at_wstar.step_size] + [a.step_size for a in self.at_burnin])
+        self.seconds += time.perf_counter() - start
+        return self.step_size
+
+    @property
+    def num_products(self) -> float:
+        return super().num_products + self.setup_products

@@ -13,6 +13,7 @@ _MODULES = {
     "nuts": "llc_bench.samplers.nuts",
     "mclmc": "llc_bench.samplers.mclmc",
     "adjusted_mclmc": "llc_bench.samplers.adjusted_mclmc",
+    "curvature_sgld": "llc_bench.samplers.curvature_sgld",
 }
 
 SAMPLER_NAMES = tuple(_MODULES)

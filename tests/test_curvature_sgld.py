@@ -1,0 +1,120 @@
+"""Curvature-preconditioned SGLD: top eigenpairs against a dense eigendecomposition, the exact
+discretized stationary covariance of the preconditioned update, and the step size it gains."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sampler_utils import gaussian_posterior, run_algorithm
+
+from llc_bench.curvature import build_algorithm, top_eigenpairs
+from llc_bench.posterior import Posterior
+from llc_bench.samplers import get_spec
+from llc_bench.samplers.curvature_sgld import CurvatureSGLDSettings, apply_preconditioner
+from llc_bench.samplers.sgld import SGLDSettings
+
+Z = 3.5
+
+
+def low_rank_regression(n: int = 400, d: int = 30, rank: int = 6, seed: int = 0) -> Posterior:
+    """Linear regression whose inputs span `rank` of the d feature directions: ∇²L_n has rank `rank`."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, rank)) * np.geomspace(1.0, 30.0, rank) @ rng.normal(size=(rank, d))
+    y = x @ rng.normal(size=d)
+
+    def per_sample_loss(w, xb, yb):
+        return 0.5 * (yb[:, 0] - xb @ w) ** 2
+
+    return Posterior.build(per_sample_loss, jnp.asarray(x, jnp.float32), jnp.asarray(y[:, None], jnp.float32),
+                           jnp.zeros(d, jnp.float32), gamma=1.0)
+
+
+def test_top_eigenpairs_match_dense_hessian():
+    post = low_rank_regression()
+    dense = np.asarray(jax.hessian(post.full_loss)(post.w_star), np.float64)
+    values, vectors = np.linalg.eigh(dense)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    top, basis, count = top_eigenpairs(post, 4, oversample=4)
+    assert count == 6 * 8  # (power_iters + 2) rounds of k + oversample products
+    np.testing.assert_allclose(top, values[:4], rtol=1e-3)
+    # the same directions: |cos| between matching eigenvectors ≈ 1 (the spectrum has no ties)
+    np.testing.assert_allclose(np.abs(np.sum(basis * vectors[:, :4], axis=0)), 1.0, atol=1e-3)
+    # rank 6 <= k + oversample: the subspace holds the whole range and the 7th value is 0
+    seven, _, _ = top_eigenpairs(post, 7, oversample=3)
+    assert abs(seven[6]) < 1e-4 * values[0]
+
+
+@pytest.fixture(scope="module")
+def stiff_gaussian():
+    """Gaussian with curvatures spread over two decades: the preconditioner has work to do."""
+    return gaussian_posterior(dim=5, n=64, gamma=1.0, corr=0.0, seed=3)
+
+
+def test_preconditioned_update_lands_on_its_exact_discretized_covariance(stiff_gaussian):
+    """In u = P^{-1/2} w the update is SGLD on precision Λ_u = P^{1/2} Λ P^{1/2}, whose stationary
+    covariance at step ε is (Λ_u − εΛ_u²/4)⁻¹: so Cov(w) = P^{1/2} (Λ_u − εΛ_u²/4)⁻¹ P^{1/2}. A wrong
+    noise scale (P instead of P^{1/2}) or a missing P in the drift moves it by many SEs."""
+    post, true_mean, true_cov = stiff_gaussian
+    lam = np.linalg.inv(true_cov)
+    h = np.linalg.eigvalsh(lam)
+    eps = 0.4 / h.max() * 3.0  # 0.4 / (curvature after preconditioning ≈ h_max / 3): a large, resolved bias
+    settings = CurvatureSGLDSettings(step_size=float(eps), batch_size=4, kappa=3.0, max_rank=5)
+    alg = get_spec("curvature_sgld").build(post, settings)
+    _, params, _ = alg.warmup(jax.random.key(0), post.w_star)
+    vectors, scales = np.asarray(params.vectors, np.float64), np.asarray(params.scales, np.float64)
+    assert 1 <= vectors.shape[1] <= 5 and np.all(scales <= 1.0) and scales.min() < 0.5
+    root = np.eye(post.dim) + vectors @ np.diag(np.sqrt(scales) - 1) @ vectors.T
+    lam_u = root @ lam @ root
+    expected = root @ np.linalg.inv(lam_u - eps * lam_u @ lam_u / 4) @ root
+    positions, _ = run_algorithm(alg, post, jax.random.key(7), 128, 3000)
+    burn = 500
+    x = positions[:, burn:, :]
+    mean = x.mean(axis=(0, 1))
+    chain_means = x.mean(axis=1)
+    mean_se = chain_means.std(axis=0, ddof=1) / np.sqrt(x.shape[0])
+    centered = x - mean
+    per_chain_cov = np.einsum("ctd,cte->cde", centered, centered) / x.shape[1]
+    cov = per_chain_cov.mean(axis=0)
+    cov_se = per_chain_cov.std(axis=0, ddof=1) / np.sqrt(x.shape[0])
+    assert (np.abs(mean - true_mean) / mean_se).max() < Z
+    assert (np.abs(cov - expected) / cov_se).max() < Z
+    # the preconditioner matters: plain SGLD's discretized covariance at this ε is far off
+    plain = np.linalg.inv(lam - eps * lam @ lam / 4) if np.all(eps * h < 4) else None
+    assert plain is None or (np.abs(cov - plain) / cov_se).max() > 2 * Z
+
+
+def test_auto_step_size_is_kappa_times_plain_sgld(stiff_gaussian):
+    """Every direction above h_max/κ is slowed to exactly h_max/κ (max_rank covers them all), and the
+    target has no gradient noise, so ε_auto grows by (nβ h_max + γ) / (nβ h_max/κ + γ)."""
+    post, _, _ = stiff_gaussian
+    kappa = 4.0
+    plain = build_algorithm(get_spec("sgld"), post, SGLDSettings(step_size="auto", batch_size=4))
+    curv = build_algorithm(get_spec("curvature_sgld"), post,
+                           CurvatureSGLDSettings(step_size="auto", batch_size=4, kappa=kappa, max_rank=5))
+    h_max = plain.notes.at_wstar.h_max
+    ratio = curv.notes.at_wstar.step_size / plain.notes.at_wstar.step_size
+    expected = (post.n_beta * h_max + post.gamma) / (post.n_beta * h_max / kappa + post.gamma)
+    assert ratio == pytest.approx(expected, rel=0.02)
+    assert curv.notes.at_wstar.h_max == pytest.approx(h_max / kappa, rel=0.02)
+    # building P is counted in the work of the automatic step
+    assert curv.notes.num_products > curv.notes.at_wstar.num_hvp
+
+
+def test_apply_preconditioner_powers_compose():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 3)))
+    vectors, scales = jnp.asarray(q, jnp.float32), jnp.asarray([0.1, 0.5, 0.9], jnp.float32)
+    v = jnp.asarray(rng.normal(size=8), jnp.float32)
+    half = apply_preconditioner(vectors, scales, apply_preconditioner(vectors, scales, v, 0.5), 0.5)
+    np.testing.assert_allclose(half, apply_preconditioner(vectors, scales, v), rtol=1e-5, atol=1e-6)
+    dense = np.eye(8) + q @ np.diag(np.asarray(scales) - 1) @ q.T
+    np.testing.assert_allclose(apply_preconditioner(vectors, scales, v), dense @ np.asarray(v), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [("kappa", 0.5), ("max_rank", 0), ("hessian_rows", -1),
+                                          ("step_size", "fast")])
+def test_bad_settings_say_what_is_allowed(field, value):
+    with pytest.raises(ValueError, match=field if field != "step_size" else "step_size"):
+        CurvatureSGLDSettings(**{field: value})
