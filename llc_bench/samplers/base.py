@@ -133,8 +133,8 @@ class SamplerSpec(NamedTuple):
 class SettingError(ValueError):
     """A settings value outside what its field allows; str() is "field: message"."""
 
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
+    def __init__(self, field_name: str, message: str, text: str | None = None):
+        super().__init__(text or f"{field_name}: {message}")
         self.field = field_name
         self.message = message
 
@@ -207,7 +207,10 @@ def validate_settings(settings) -> None:
         if allowed is not None and value is not None:
             problem = allowed.problem(value)
             if problem is not None:
-                raise SettingError(f.name, problem)
+                text = None
+                if isinstance(allowed, Range) and allowed.or_auto:
+                    text = f"{f.name} must be a finite number {allowed.text()}, got {value!r}"
+                raise SettingError(f.name, problem, text)
 
 
 # ε of the Langevin convention: a finite number > 0 or "auto"; c of "auto" in (0, 4).
