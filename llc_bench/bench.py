@@ -20,7 +20,7 @@ Two exact evaluation shortcuts keep the CPU run inside its budget; both compute 
 
 - The DLN loss multiplies the layer kernels into the end-to-end matrix M(w) first and then
   computes ½‖x M(w) − y‖² (cheaper than pushing n rows through every layer when n > H_in).
-- Full-batch samplers (hmc, nuts, mclmc, adjusted_mclmc) see the data through its sufficient
+- Full-batch samplers (those whose SamplerSpec.minibatch is False) see the data through its sufficient
   statistics: with Σ = XᵀX/n = L Lᵀ and C = XᵀY/n, the H_in rows X_c = √H_in Lᵀ and
   Y_c = √H_in L⁻¹ C give (1/H_in) Σ_i ½‖y_ci − x_ci M‖² = L_n(M) + const for every M, so their
   log-density equals the n-sample one while a gradient costs O(H_in · d) instead of O(n · H_in · H_out).
@@ -76,7 +76,21 @@ from llc_bench.wellposed import DEFAULT_MARGIN, WellPosedness
 DEFAULT_SPEC = PRESET_DIR / "bench_dln.toml"
 DEFAULT_OUT = Path("results/benchmarks")
 CSV_NAME = "dln_scoreboard.csv"
-FULL_BATCH = ("hmc", "nuts", "mclmc", "adjusted_mclmc")
+
+
+def full_batch(sampler: str) -> bool:
+    """The sampler takes exact full-data gradients (its spec says so): it gets the reduced posterior.
+    A name outside the registry (a row label of another table) counts as an SG sampler."""
+    from llc_bench.samplers import SAMPLER_NAMES, get_spec
+
+    return sampler in SAMPLER_NAMES and not get_spec(sampler).minibatch
+
+
+def full_batch_samplers() -> tuple[str, ...]:
+    from llc_bench.samplers import SAMPLER_NAMES
+
+    return tuple(name for name in SAMPLER_NAMES if full_batch(name))
+
 
 AUDIT_CSV_NAME = "finite_n_audit.csv"
 DLN_GENERATORS = ("chained", "rand_rank", "deepest")
@@ -98,7 +112,7 @@ TARGET_MEDIAN = TARGETS["sg"][0]
 
 
 def targets_for(sampler: str) -> tuple[float, float, float]:
-    return TARGETS["full_batch" if sampler in FULL_BATCH else "sg"]
+    return TARGETS["full_batch" if full_batch(sampler) else "sg"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +298,7 @@ class Recipe:
             material.update(run=self.run, sampler=self.sampler, full_batch_data=self.full_batch_data)
         else:
             material.update(name=sampler, run=self.run.get(sampler, {}), sampler=self.sampler.get(sampler, {}))
-            if sampler in FULL_BATCH:
+            if full_batch(sampler):
                 material["full_batch_data"] = self.full_batch_data
         return _hash(material)
 
@@ -427,7 +441,7 @@ def parse_recipe(raw: dict, path: str = "<recipe>", profile: str | None = None,
     samplers = _names(path, "bench.samplers", bench.get("samplers", ["sgld", "rmsprop_sgld"]), SAMPLER_NAMES,
                       "samplers")
     audit_sampler = bench.get("audit_sampler", "hmc")
-    _names(path, "bench.audit_sampler", [audit_sampler], FULL_BATCH, "full-batch samplers")
+    _names(path, "bench.audit_sampler", [audit_sampler], full_batch_samplers(), "full-batch samplers")
     margin = _want(path, "bench.visibility_margin", bench.get("visibility_margin", DEFAULT_MARGIN),
                    (int, float), "a number > 0")
     factor = _want(path, "bench.audit_factor", bench.get("audit_factor", 10), int, "an integer >= 2")
@@ -718,7 +732,7 @@ def run_instance(recipe: Recipe, inst: Instance, samplers: list[str], board: Sco
         f"rank(H)/2 = {record.local_lower:g}, λ = {record.aoyagi:g}: "
         + ("well-posed" if record.well_posed else record.reason))
     for name in samplers:
-        post = reduced_post if name in FULL_BATCH else data_post
+        post = reduced_post if full_batch(name) else data_post
         start = time.perf_counter()
         try:
             run = run_sampler(cfgs[name], name, post, truth=record.truth, progress=progress)

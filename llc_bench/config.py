@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from llc_bench.samplers.base import SettingError
+
 DISTRIBUTIONS = ("gaussian", "anisotropic", "mixture", "manifold", "student_t", "uniform")
 NOISES = ("none", "gaussian", "heteroscedastic", "student_t", "outliers")
 ACTIVATIONS = ("relu", "tanh", "gelu", "identity")
@@ -302,39 +304,13 @@ def build_section(section: str, cls, raw: dict) -> Any:
         if name not in names:
             raise _fail(key, f"unknown key{_suggest(name, names)}; allowed: {', '.join(names)}")
         kwargs[name] = _coerce(key, value, hints[name])
-        if section.startswith("sampler."):
-            _sampler_bound(section.split(".", 1)[1], name, kwargs[name])
     try:
         return cls(**kwargs)
+    except SettingError as exc:  # a settings class checking its own fields (llc_bench.samplers.base)
+        raise _fail(f"{section}.{exc.field}", exc.message) from None
     except ValueError as exc:  # a settings class's own __post_init__ check
         message = str(exc)
         raise (ConfigError(message) if message.startswith(f"{section}.") else _fail(section, message)) from None
-
-
-def _sampler_bound(name: str, field_name: str, value: Any) -> None:
-    """Generic bounds for sampler settings, by field-name convention."""
-    key = f"sampler.{name}.{field_name}"
-    if isinstance(value, bool) or value is None:
-        return
-    if field_name == "adapt":
-        from llc_bench.samplers.rmsprop_sgld import ADAPT_MODES
-
-        if value not in ADAPT_MODES:
-            raise _fail(key, f"unknown value {value!r}{_suggest(str(value), ADAPT_MODES)}; "
-                             f"allowed: {', '.join(ADAPT_MODES)}")
-    elif field_name in ("alpha", "target_accept"):
-        _check_bound(key, value, "open_unit")
-    elif field_name.startswith("frac_"):
-        _check_bound(key, value, "unit")
-    elif field_name == "step_size" and isinstance(value, int | float) and not value > 0:
-        raise _fail(key, f'must be > 0 or "auto" (got {value!r})')
-    elif field_name == "auto_constant" and not 0 < value < 4:
-        raise _fail(key, f"must be in (0, 4): ε·curvature < 4 is the stability limit (got {value!r})")
-    elif field_name == "eps":
-        if not 0 < value <= 1:
-            raise _fail(key, f"must be in (0, 1]: the guide says never set a > 1 (got {value!r})")
-    elif isinstance(value, int | float):
-        _check_bound(key, value, "pos")
 
 
 def _validate(cfg: Config) -> None:
@@ -379,16 +355,15 @@ def _validate(cfg: Config) -> None:
                                        "(set the other to \"none\")")
     if not r.samplers:
         raise _fail("run.samplers", "needs at least one sampler")
-    from llc_bench.samplers import SAMPLER_NAMES
+    from llc_bench.samplers import SAMPLER_NAMES, get_spec
 
     for name in r.samplers:
         if name not in SAMPLER_NAMES:
             raise _fail("run.samplers", f"unknown sampler {name!r}{_suggest(name, SAMPLER_NAMES)}; "
                                         f"allowed: {', '.join(SAMPLER_NAMES)}")
     for name, settings in cfg.sampler.items():
-        for f in dataclasses.fields(settings):
-            _sampler_bound(name, f.name, getattr(settings, f.name))
-        batch = getattr(settings, "batch_size", None)
+        # each settings object validated its own fields when it was built; the data size it cannot know
+        batch = getattr(settings, "batch_size", None) if get_spec(name).minibatch else None
         if batch is not None and batch > d.n:
             raise _fail(f"sampler.{name}.batch_size", f"must be <= data.n = {d.n} (got {batch})")
 

@@ -19,9 +19,8 @@ from llc_bench.posterior import Posterior
 from llc_bench.progress import progress_enabled
 from llc_bench.rng import stream_key
 from llc_bench.runner import ChainResult, run_chains_with_state
-from llc_bench.samplers import get_spec
-
-ACCEPT_SAMPLERS = ("hmc", "nuts", "adjusted_mclmc")
+from llc_bench.samplers import SAMPLER_NAMES, get_spec
+from llc_bench.samplers.base import STEP_EPSILON
 
 
 @dataclass(frozen=True)
@@ -106,15 +105,12 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     if estimate.status != "failed":
         flags.extend(_diagnostics_missing(conv, num_draws))
     step = step_size_summary(settings, algorithm.notes)
-    mala = None
-    if name == "sgld":
-        mala = _mala_check(posterior, algorithm, states, step["step_size"], result.diverged_at, run.seed)
-        if mala is not None and mala.flag is not None:
-            flags.append(mala.flag)
+    checked = final_checks(spec, posterior, algorithm, states, step["step_size"], result.diverged_at, run.seed)
+    flags.extend(flag for _, flag in checked.values() if flag is not None)
     flags = tuple(flags)
-    summary = _summarize(name, result, estimate, conv, flags, truth, posterior,
+    summary = _summarize(spec, result, estimate, conv, flags, truth, posterior,
                          extra_grad_evals=auto_step_grad_evals(algorithm.notes, posterior.n))
-    summary["mala_accept"] = None if mala is None else mala.mean_accept
+    summary.update({key: value for key, (value, _) in checked.items()})
     summary.update(step)
     summary["target_rel_se"] = None if not attempts else {
         "target": run.target_rel_se, "reached": reached, "num_draws": num_draws, "steps": attempts[-1]["steps"],
@@ -159,19 +155,25 @@ def step_size_summary(settings, auto: AutoStep | None) -> dict:
     return {"step_size": getattr(settings, "step_size", None), "step_size_auto": False, **dict.fromkeys(keys)}
 
 
-def _mala_check(posterior: Posterior, algorithm, states, step_size: float, diverged_at, seed: int):
-    """Seed 002's MALA-style diagnostic at the chains' final positions: would a Metropolis test accept
-    a full-gradient SGLD proposal of this ε? (No accept step is taken; low values mean ε is coarse.)"""
-    from llc_bench.health import mala_acceptance
+def check_keys() -> dict:
+    """Every registered sampler's FinalCheck summary keys, as None: all summaries share one schema."""
+    return {check.summary_key: None for name in SAMPLER_NAMES for check in get_spec(name).checks}
 
+
+def final_checks(spec, posterior: Posterior, algorithm, states, step_size, diverged_at, seed: int) -> dict:
+    """summary key -> (value, HealthFlag or None) of each FinalCheck the sampler declares (spec.checks),
+    run at the live chains' final positions; a key is (None, None) when no chain is live."""
+    out = {key: (None, None) for key in check_keys()}
+    if not spec.checks:
+        return out
     positions = np.asarray(jax.vmap(algorithm.position)(states))[np.asarray(diverged_at) < 0]
-    if positions.shape[0] == 0:
-        return None
-    value_and_grad = jax.jit(jax.value_and_grad(posterior.logdensity))
-    return mala_acceptance(value_and_grad, positions, step_size, stream_key(seed, "projection"))
+    for check in spec.checks:
+        if positions.shape[0]:
+            out[check.summary_key] = check.run(posterior, positions, step_size, stream_key(seed, "projection"))
+    return out
 
 
-def _summarize(name, result: ChainResult, est: LLCEstimate, conv: dict, flags, truth, posterior,
+def _summarize(spec, result: ChainResult, est: LLCEstimate, conv: dict, flags, truth, posterior,
                extra_grad_evals: float = 0.0) -> dict:
     grad_evals = float(np.sum(result.grad_evals)) + extra_grad_evals
     wall = result.wall_s + result.warmup_s
@@ -180,7 +182,7 @@ def _summarize(name, result: ChainResult, est: LLCEstimate, conv: dict, flags, t
 
     status = run_status(est.status, flags)
     ok = result.diverged_at < 0
-    accept = _finite(np.nanmean(result.accept[ok])) if name in ACCEPT_SAMPLERS and ok.any() else None
+    accept = _finite(np.nanmean(result.accept[ok])) if spec.metropolis and ok.any() else None
     energy = result.energy_change[ok][:, result.num_burnin_steps:] if ok.any() else np.empty((0, 0))
     energy_stats = None
     if energy.size and np.isfinite(energy).any():
@@ -225,7 +227,7 @@ def step_size_check(cfg: Config, name: str, posterior: Posterior, first: Sampler
     from llc_bench.health import step_size_check_summary
 
     settings = cfg.sampler[name]
-    if not hasattr(settings, "step_size"):
+    if get_spec(name).step_size != STEP_EPSILON:
         return None  # step size is tuned by the sampler itself
     settings = dataclasses.replace(settings, step_size=first.summary["step_size"])  # "auto" as resolved
     half = dataclasses.replace(settings, step_size=settings.step_size / 2)
@@ -306,7 +308,7 @@ def failed_summary(error: str) -> dict:
         "ess_bulk": None, "ess_tail": None, "rhat": None, "mcse_loss": None, "accept_rate": None,
         "energy_change": None, "grad_evals": 0.0, "wall_s": 0.0, "compile_s": 0.0, "wnv_time": None,
         "wnv_grad": None, "status": "failed", "warnings": [], "error": error, "chains_used": 0,
-        "chains_excluded": [], "diverged_at": [], "tuned": {}, "mala_accept": None,
+        "chains_excluded": [], "diverged_at": [], "tuned": {}, **check_keys(),
     }
 
 

@@ -20,14 +20,19 @@ from jax.flatten_util import ravel_pytree
 from llc_bench.config import SEED_LIMIT
 from llc_bench.posterior import Posterior
 from llc_bench.runner import key_name
+from llc_bench.samplers.base import STEP_EPSILON
 
 # Format of the stored tree; bump when variables change meaning so old stores are not reused.
 FORMAT_VERSION = 1
 
-SG_METHODS = ("sgld", "rmsprop_sgld")
-FULL_BATCH_METHODS = ("hmc", "nuts", "mclmc", "adjusted_mclmc")
 # devinterp's names for the same samplers
 METHOD_ALIASES = {"sgmcmc_sgld": "sgld"}
+
+
+def _minibatch_methods() -> tuple[str, ...]:
+    from llc_bench.samplers import SAMPLER_NAMES, get_spec
+
+    return tuple(name for name in SAMPLER_NAMES if get_spec(name).minibatch)
 
 # loss_fn(apply_fn, params, x (m, ...), y (m, ...)) -> (m,) per-sample negative log-likelihoods
 LossFn = Callable[[Callable, Any, jax.Array, jax.Array], jax.Array]
@@ -252,24 +257,30 @@ def _observable_specs(observables, batches_per_draw: int, batch_size: int):
 
 
 def _sampler_settings(method: str, *, lr, batch_size: int, accumulation: int, noise_level: float,
-                      kwargs: dict, rmsprop_eps, rmsprop_alpha):
-    """The registry settings dataclass for `method`, with lr in the ε convention (scaled by σ², see sample())."""
-    from llc_bench.samplers import get_spec
+                      kwargs: dict, aliased: dict):
+    """The registry settings dataclass for `method`, with lr in the ε convention (scaled by σ², see sample()).
+
+    aliased: sample() keywords that spell a sampler's setting (spec.aliases, e.g. rmsprop_eps) -> value or None.
+    """
+    from llc_bench.samplers import SAMPLER_NAMES, get_spec
 
     kwargs = dict(kwargs or {})
-    if method != "rmsprop_sgld" and (rmsprop_eps is not None or rmsprop_alpha is not None):
-        raise ValueError(f"rmsprop_eps / rmsprop_alpha are only valid with sampling_method='rmsprop_sgld', "
-                         f"not {method!r}")
-    for key, value in (("eps", rmsprop_eps), ("alpha", rmsprop_alpha)):
-        if value is not None:
-            if key in kwargs and kwargs[key] != value:
-                raise ValueError(f"rmsprop_{key}={value} conflicts with sampling_method_kwargs[{key!r}]={kwargs[key]}")
-            kwargs[key] = value
+    spec = get_spec(method)
+    own = spec.aliases or {}
+    for alias, value in aliased.items():
+        if value is None:
+            continue
+        if alias not in own:
+            owners = [n for n in SAMPLER_NAMES if alias in (get_spec(n).aliases or {})]
+            raise ValueError(f"{alias} is only valid with sampling_method={owners[0]!r}, not {method!r}")
+        key = own[alias]
+        if key in kwargs and kwargs[key] != value:
+            raise ValueError(f"{alias}={value} conflicts with sampling_method_kwargs[{key!r}]={kwargs[key]}")
+        kwargs[key] = value
     for reserved, instead in (("step_size", "lr"), ("batch_size", "batch_size")):
         if reserved in kwargs:
             raise ValueError(f"set {reserved!r} through sample()'s {instead!r}, not sampling_method_kwargs")
-    spec = get_spec(method)
-    if method in SG_METHODS:
+    if spec.step_size == STEP_EPSILON:
         if lr == "auto":  # resolved on the (tempered) posterior, once it is built
             kwargs.update(step_size="auto", batch_size=batch_size * accumulation)
         elif (not isinstance(lr, numbers.Real) or isinstance(lr, bool)
@@ -427,9 +438,12 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     # ---- validate and resolve ---------------------------------------------------------------
     _refuse_v1_names(devinterp_v1)
     method = METHOD_ALIASES.get(sampling_method, sampling_method)
-    if method not in SG_METHODS + FULL_BATCH_METHODS:
+    from llc_bench.samplers import SAMPLER_NAMES, get_spec
+
+    if method not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampling_method {sampling_method!r}; allowed: "
-                         f"{list(SG_METHODS + FULL_BATCH_METHODS + tuple(METHOD_ALIASES))}")
+                         f"{list(SAMPLER_NAMES + tuple(METHOD_ALIASES))}")
+    minibatch = get_spec(method).minibatch
     for name, value, low in (("num_chains", num_chains, 1), ("num_draws", num_draws, 1),
                              ("num_burnin_steps", num_burnin_steps, 0), ("num_steps_bw_draws", num_steps_bw_draws, 1),
                              ("batch_size", batch_size, 1), ("gradient_accumulation_steps", gradient_accumulation_steps, 1),
@@ -449,20 +463,20 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
     _check_lr(lr)
-    if full_batch and method not in SG_METHODS:
-        raise ValueError(f"full_batch applies to {SG_METHODS}; {method!r} always uses the full batch")
-    if bounding_box_size is not None and method not in SG_METHODS:
-        raise ValueError(f"bounding_box_size is only supported for {SG_METHODS}, not {method!r}")
+    if full_batch and not minibatch:
+        raise ValueError(f"full_batch applies to {_minibatch_methods()}; {method!r} always uses the full batch")
+    if bounding_box_size is not None and not minibatch:
+        raise ValueError(f"bounding_box_size is only supported for {_minibatch_methods()}, not {method!r}")
     spec, settings = _sampler_settings(
         method, lr=lr, batch_size=batch_size, accumulation=gradient_accumulation_steps,
-        noise_level=float(noise_level), kwargs=sampling_method_kwargs, rmsprop_eps=rmsprop_eps,
-        rmsprop_alpha=rmsprop_alpha)
+        noise_level=float(noise_level), kwargs=sampling_method_kwargs,
+        aliased={"rmsprop_eps": rmsprop_eps, "rmsprop_alpha": rmsprop_alpha})
     x, y = _as_dataset(dataset, "dataset")
     n = int(x.shape[0])
     if full_batch and n % gradient_accumulation_steps:
         raise ValueError(f"full_batch: gradient_accumulation_steps = {gradient_accumulation_steps} must divide "
                          f"the dataset size n = {n}")
-    if method in SG_METHODS and not full_batch and batch_size * gradient_accumulation_steps > n:
+    if minibatch and not full_batch and batch_size * gradient_accumulation_steps > n:
         raise ValueError(f"batch_size × gradient_accumulation_steps = {batch_size * gradient_accumulation_steps} "
                          f"must be <= the dataset size n = {n}")
     path = _check_output_path(output_path)

@@ -626,7 +626,8 @@ def main(args) -> int:
     from llc_bench.cli import check_writable
     from llc_bench.experiment import build_posterior
     from llc_bench.progress import Bar, progress_enabled
-    from llc_bench.samplers import SAMPLER_NAMES
+    from llc_bench.samplers import SAMPLER_NAMES, get_spec
+    from llc_bench.samplers.base import STEP_EPSILON
     from llc_bench.target import build_target
 
     samplers = list(getattr(args, "samplers", []) or [])
@@ -643,7 +644,7 @@ def main(args) -> int:
     if len(samplers) > 1:
         print(f"tune: one sampler at a time; using {name} (ignoring {', '.join(samplers[1:])})")
 
-    tunes_step = hasattr(cfg.sampler[name], "step_size")
+    tunes_step = get_spec(name).step_size == STEP_EPSILON
     r = cfg.run
     num_steps = r.num_burnin_steps + r.num_draws * r.num_steps_bw_draws
     target = build_target(cfg, progress=progress)  # w* trained once, shared by every cell

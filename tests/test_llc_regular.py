@@ -7,6 +7,7 @@ import pytest
 
 from llc_bench.config import from_dict, replace
 from llc_bench.experiment import build_posterior, run_sampler
+from llc_bench.samplers.sghmc import SGHMCSettings
 from llc_bench.target import build_target
 from llc_bench.truth import dln_learning_coefficient
 
@@ -166,3 +167,34 @@ def test_dln_llc_auto_step_size(name):
     assert run.summary["gradient_noise"] == 0.0 and run.summary["h_max"] > 0
     assert run.summary["status"] != "failed"
     assert run.estimate.mean == pytest.approx(target.truth, rel=0.10)
+
+
+@pytest.mark.slow
+def test_sghmc_regular_model_llc_carries_the_predicted_noise_bias(regular):
+    """SGHMC at friction a = 0.1 with step_size = "auto": minibatch noise inflates each direction's
+    variance by ε nβ² s_u²/(4 a m) to first order (sghmc.build), 1/a times SGLD's. For this
+    regression s_u² ≈ h_u (the per-sample gradient covariance at w* is σ² xᵀx/n, σ = 1), so
+    E[λ̂] ≈ ½ Σ_u r_u (1 + ε κ_u/(4(2 − a)) + ε nβ² h_u/(4 a m)), r_u = nβh_u/(nβh_u + γ): +11% here."""
+    cfg, target, posterior = regular
+    settings = dataclasses.replace(SGHMCSettings(), step_size="auto")
+    run = run_sampler(replace(cfg, **{"run.samplers": ["sghmc"]}), "sghmc", posterior, settings=settings)
+    eps, nb, m, a = run.summary["step_size"], posterior.n_beta, settings.batch_size, settings.alpha
+    x = np.asarray(target.x, np.float64)
+    h = np.linalg.eigvalsh(x.T @ x / posterior.n)
+    h = np.repeat(h, posterior.dim // h.size)  # one linear layer: the Hessian is xᵀx/n ⊗ I_out
+    kappa = nb * h + posterior.gamma
+    predicted = 0.5 * np.sum(nb * h / kappa * (1 + eps * kappa / (4 * (2 - a)) + eps * nb**2 * h / (4 * a * m)))
+    assert predicted > 1.08 * posterior.dim / 2  # the bias is large enough to be seen
+    assert abs(run.estimate.mean - predicted) < 4 * run.estimate.se + 0.02 * predicted, (run.estimate.mean, predicted)
+
+
+@pytest.mark.slow
+def test_sgnht_regular_model_llc_is_half_dimension(regular):
+    """SGNHT's thermostat absorbs the minibatch noise that biases SGHMC: λ̂ = d/2 within the c/4
+    discretization bound, given the burn-in (≈ A/η steps) its friction needs to settle."""
+    cfg, target, posterior = regular
+    cfg = replace(cfg, **{"run.samplers": ["sgnht"], "sampler.sgnht.step_size": "auto",
+                          "sampler.sgnht.num_burnin_steps": 4000, "sampler.sgnht.num_draws": 400})
+    run = run_sampler(cfg, "sgnht", posterior)
+    assert run.summary["status"] in ("ok", "warnings"), run.summary["warnings"]
+    assert abs(run.estimate.mean - 4.0) < 4 * run.estimate.se + 0.03 * 4.0, (run.estimate.mean, run.estimate.se)

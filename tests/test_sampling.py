@@ -333,7 +333,7 @@ def test_noise_level_scales_only_the_injected_noise(method):
 
     def one_step(sigma):
         spec, settings = _sampler_settings(method, lr=eps, batch_size=64, accumulation=1, noise_level=sigma,
-                                           kwargs={}, rmsprop_eps=None, rmsprop_alpha=None)
+                                           kwargs={}, aliased={})
         t = sigma**2  # what sample() does: ε σ², and nβ, γ, λ divided by σ²
         post = _regression_posterior(nb / t, gamma / t, wd / t)
         algorithm = spec.build(post, settings)
@@ -370,7 +370,7 @@ def test_init_noise_and_bounding_box():
 
     post = _regression_posterior(10.0, 1.0, 0.0)
     spec, settings = _sampler_settings("rmsprop_sgld", lr=10.0, batch_size=64, accumulation=1, noise_level=1.0,
-                                       kwargs={}, rmsprop_eps=None, rmsprop_alpha=None)
+                                       kwargs={}, aliased={})
     algorithm = _wrap_algorithm(spec.build(post, settings), post.w_star, init_noise=0.02, box=0.03)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(4000))
     state, params, _ = jax.vmap(algorithm.warmup, in_axes=(0, None))(keys, post.w_star)

@@ -9,6 +9,8 @@ from llc_bench.samplers.base import Algorithm, Batch, SamplerSpec, StepInfo
 _MODULES = {
     "sgld": "llc_bench.samplers.sgld",
     "rmsprop_sgld": "llc_bench.samplers.rmsprop_sgld",
+    "sghmc": "llc_bench.samplers.sghmc",
+    "sgnht": "llc_bench.samplers.sgnht",
     "hmc": "llc_bench.samplers.hmc",
     "nuts": "llc_bench.samplers.nuts",
     "mclmc": "llc_bench.samplers.mclmc",

@@ -12,7 +12,16 @@ from blackjax.adaptation.mclmc_adaptation import MCLMCAdaptationState
 from blackjax.mcmc.adjusted_mclmc_dynamic import make_random_trajectory_length_fn
 
 from llc_bench.posterior import Posterior
-from llc_bench.samplers.base import Algorithm, SamplerSpec, StepInfo
+from llc_bench.samplers.base import (
+    AT_LEAST_ONE,
+    OPEN_UNIT,
+    STEP_TUNED,
+    Algorithm,
+    SamplerSpec,
+    StepInfo,
+    setting,
+    validate_settings,
+)
 from llc_bench.samplers.mclmc import (
     GRADS_PER_INTEGRATOR_STEP,
     INTEGRATOR,
@@ -37,17 +46,14 @@ class AdjustedMCLMCSettings:
     unit-scale ε₀ = 0.2√d.
     """
 
-    num_tuning_steps: int = 2000
-    target_accept: float = 0.9  # dual-averaging target for the Metropolis acceptance
+    num_tuning_steps: int = setting(2000, AT_LEAST_ONE)
+    target_accept: float = setting(0.9, OPEN_UNIT)  # dual-averaging target for the Metropolis acceptance
     diagonal_preconditioning: bool = True
     scale_probe: bool = True
-    scale_probe_iters: int = 10
+    scale_probe_iters: int = setting(10, AT_LEAST_ONE)
 
     def __post_init__(self):
-        if self.num_tuning_steps < 1 or self.scale_probe_iters < 1:
-            raise ValueError("num_tuning_steps and scale_probe_iters must be >= 1")
-        if not 0.0 < self.target_accept < 1.0:
-            raise ValueError("target_accept must lie in (0, 1)")
+        validate_settings(self)
 
 
 class AdjustedMCLMCParams(NamedTuple):
@@ -137,4 +143,7 @@ SPEC = SamplerSpec(
     settings=AdjustedMCLMCSettings,
     build=build,
     description="Full-batch Metropolis-adjusted MCLMC (random trajectory lengths), tuned step size, L and diagonal mass",
+    minibatch=False,
+    metropolis=True,
+    step_size=STEP_TUNED,
 )

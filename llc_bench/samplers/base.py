@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -27,21 +29,6 @@ AUTO_STEP_CONSTANT = 0.1
 
 def is_auto(step_size) -> bool:
     return isinstance(step_size, str) and step_size == AUTO
-
-
-def check_step_size(step_size, auto_constant: float = AUTO_STEP_CONSTANT) -> None:
-    """A step size is a finite number > 0 or "auto"; anything else is a ValueError saying so.
-
-    auto_constant (c of "auto") must lie in (0, 4): ε κ < 4 is the stability limit.
-    """
-    if not (isinstance(auto_constant, int | float) and 0 < auto_constant < 4):
-        raise ValueError(f"auto_constant must lie in (0, 4) (ε·curvature < 4 is the stability limit), "
-                         f"got {auto_constant!r}")
-    if is_auto(step_size):
-        return
-    ok = isinstance(step_size, int | float) and not isinstance(step_size, bool)
-    if not (ok and math.isfinite(step_size) and step_size > 0):
-        raise ValueError(f'step_size must be a finite number > 0 or "auto", got {step_size!r}')
 
 
 class StepSizeParams(NamedTuple):
@@ -96,10 +83,136 @@ class Algorithm(NamedTuple):
     notes: Any = None
 
 
+# Step-size conventions a sampler can declare (SamplerSpec.step_size).
+# EPSILON: settings.step_size is ε of the Langevin update w ← w − ε/2 ∇U + √ε η (devinterp's `lr`;
+# BlackJAX's h = ε/2), a number > 0 or "auto" (llc_bench.curvature); settings also hold batch_size
+# and auto_constant. TUNED: the sampler tunes its own step size during warm-up; no setting.
+STEP_EPSILON = "epsilon"
+STEP_TUNED = "tuned"
+
+
+class FinalCheck(NamedTuple):
+    """A diagnostic run once after the draws, at the live chains' final positions.
+
+    run(posterior, positions (K, d), step_size, rng_key) -> (value, HealthFlag or None); `value`
+    (a float or None) goes into the run summary under `summary_key`.
+    """
+
+    summary_key: str
+    run: Callable[[Posterior, Any, float, jax.Array], tuple[Any, Any]]
+
+
 class SamplerSpec(NamedTuple):
-    """Registry entry: a settings dataclass (frozen, with defaults) and a builder."""
+    """Registry entry: a settings dataclass (frozen, with defaults, validating itself), a builder,
+    and what the sampler is, so that drivers ask the spec instead of checking names.
+
+    minibatch   True: each step takes a minibatch of settings.batch_size rows (Algorithm.batch_size);
+                False: full batch, exact gradients (batch None)
+    metropolis  True: each step has an accept/reject test and StepInfo.accept is its acceptance
+                probability (summarized as accept_rate); False: accept is NaN
+    step_size   STEP_EPSILON or STEP_TUNED (see there)
+    checks      FinalChecks run after the draws (e.g. SGLD's MALA acceptance)
+    aliases     sample() keyword -> settings field, for devinterp's spellings (rmsprop_eps -> eps)
+    """
 
     name: str
     settings: type
     build: Callable[[Posterior, Any], Algorithm]
     description: str
+    minibatch: bool
+    metropolis: bool
+    step_size: str
+    checks: tuple[FinalCheck, ...] = ()
+    aliases: dict[str, str] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings that validate themselves: each field's allowed values ride in its metadata.
+
+
+class SettingError(ValueError):
+    """A settings value outside what its field allows; str() is "field: message"."""
+
+    def __init__(self, field_name: str, message: str, text: str | None = None):
+        super().__init__(text or f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Numbers between low and high (None: unbounded), each end open or closed; or_auto also allows "auto"."""
+
+    low: float | None = None
+    high: float | None = None
+    low_closed: bool = False
+    high_closed: bool = False
+    or_auto: bool = False
+    why: str = ""  # appended to the message after a colon
+
+    def allows(self, value) -> bool:
+        if self.or_auto and is_auto(value):
+            return True
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return False
+        low_ok = self.low is None or (value >= self.low if self.low_closed else value > self.low)
+        high_ok = self.high is None or (value <= self.high if self.high_closed else value < self.high)
+        return low_ok and high_ok
+
+    def text(self) -> str:
+        if self.high is None:
+            text = f"{'>=' if self.low_closed else '>'} {self.low:g}"
+        elif self.low is None:
+            text = f"{'<=' if self.high_closed else '<'} {self.high:g}"
+        else:
+            text = f"in {'[' if self.low_closed else '('}{self.low:g}, {self.high:g}{']' if self.high_closed else ')'}"
+        return text + (' or "auto"' if self.or_auto else "")
+
+    def problem(self, value) -> str | None:
+        if self.allows(value):
+            return None
+        return f"must be {self.text()}{': ' + self.why if self.why else ''} (got {value!r})"
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """One of a fixed set of strings."""
+
+    choices: tuple[str, ...]
+
+    def problem(self, value) -> str | None:
+        if value in self.choices:
+            return None
+        close = difflib.get_close_matches(str(value), list(self.choices), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown value {value!r}{hint}; allowed: {', '.join(self.choices)}"
+
+
+POSITIVE = Range(0)
+AT_LEAST_ONE = Range(1, low_closed=True)
+OPEN_UNIT = Range(0, 1)
+FRACTION = Range(0, 1, low_closed=True, high_closed=True)
+
+
+def setting(default, allowed: Range | OneOf | None = None):
+    """A settings field whose allowed values are checked by validate_settings."""
+    return dataclasses.field(default=default, metadata={} if allowed is None else {"allowed": allowed})
+
+
+def validate_settings(settings) -> None:
+    """Check every field against its declared allowed values; the first violation is a SettingError."""
+    for f in dataclasses.fields(settings):
+        allowed = f.metadata.get("allowed")
+        value = getattr(settings, f.name)
+        if allowed is not None and value is not None:
+            problem = allowed.problem(value)
+            if problem is not None:
+                text = None
+                if isinstance(allowed, Range) and allowed.or_auto:
+                    text = f"{f.name} must be a finite number {allowed.text()}, got {value!r}"
+                raise SettingError(f.name, problem, text)
+
+
+# ε of the Langevin convention: a finite number > 0 or "auto"; c of "auto" in (0, 4).
+STEP_SIZE = Range(0, or_auto=True)
+AUTO_CONSTANT = Range(0, 4, why="ε·curvature < 4 is the stability limit")

@@ -12,7 +12,17 @@ from blackjax.adaptation.base import get_filter_adapt_info_fn
 from blackjax.mcmc import metrics
 
 from llc_bench.posterior import Posterior
-from llc_bench.samplers.base import Algorithm, SamplerSpec, StepInfo
+from llc_bench.samplers.base import (
+    AT_LEAST_ONE,
+    OPEN_UNIT,
+    STEP_TUNED,
+    Algorithm,
+    Range,
+    SamplerSpec,
+    StepInfo,
+    setting,
+    validate_settings,
+)
 
 # Velocity Verlet (window_adaptation's and hmc/nuts' default integrator) evaluates the
 # gradient once per leapfrog step: the end-of-step gradient is reused at the next start.
@@ -23,21 +33,16 @@ GRADS_PER_LEAPFROG = 1
 class HMCSettings:
     """HMC settings. Step size and diagonal inverse mass matrix are tuned, not set."""
 
-    num_warmup: int = 500  # window-adaptation steps (each costs num_integration_steps grads)
-    num_integration_steps: int = 16  # leapfrog steps per draw, fixed
-    target_accept: float = 0.8  # dual-averaging target for the Metropolis acceptance
+    num_warmup: int = setting(500, AT_LEAST_ONE)  # window-adaptation steps (each costs num_integration_steps grads)
+    num_integration_steps: int = setting(16, AT_LEAST_ONE)  # leapfrog steps per draw, fixed
+    target_accept: float = setting(0.8, OPEN_UNIT)  # dual-averaging target for the Metropolis acceptance
     # Each draw uses ε·(1 + frac_jitter·U(−1, 1)). A fixed ε·L can sit near a half-period of
     # some direction of a near-Gaussian posterior, which then maps w − μ to −(w − μ) and never
     # changes |w − μ|: second moments (hence λ̂) freeze per chain. 0 = plain BlackJAX HMC.
-    frac_jitter: float = 0.2
+    frac_jitter: float = setting(0.2, Range(0, 1, low_closed=True))
 
     def __post_init__(self):
-        if self.num_warmup < 1 or self.num_integration_steps < 1:
-            raise ValueError("num_warmup and num_integration_steps must be >= 1")
-        if not 0.0 < self.target_accept < 1.0:
-            raise ValueError("target_accept must lie in (0, 1)")
-        if not 0.0 <= self.frac_jitter < 1.0:
-            raise ValueError("frac_jitter must lie in [0, 1)")
+        validate_settings(self)
 
 
 class HMCParams(NamedTuple):
@@ -127,4 +132,7 @@ SPEC = SamplerSpec(
     settings=HMCSettings,
     build=build,
     description="Full-batch HMC (velocity Verlet, fixed steps, jittered ε), window-adapted step size and diagonal mass",
+    minibatch=False,
+    metropolis=True,
+    step_size=STEP_TUNED,
 )

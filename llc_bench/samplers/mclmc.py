@@ -13,7 +13,17 @@ from blackjax.adaptation.mclmc_adaptation import handle_nans as _bj_handle_nans
 from blackjax.mcmc import integrators
 
 from llc_bench.posterior import Posterior
-from llc_bench.samplers.base import Algorithm, SamplerSpec, StepInfo
+from llc_bench.samplers.base import (
+    AT_LEAST_ONE,
+    FRACTION,
+    POSITIVE,
+    STEP_TUNED,
+    Algorithm,
+    SamplerSpec,
+    StepInfo,
+    setting,
+    validate_settings,
+)
 
 # The isokinetic McLachlan integrator (BlackJAX's MCLMC default) alternates momentum and
 # position updates with coefficients (b1, a1, b2, a1, b1); each position update costs one
@@ -35,24 +45,18 @@ class MCLMCSettings:
     scales; ~10⁴ times too large on a sharp local posterior, nβ ≈ 10³, γ = 100) and no cap.
     """
 
-    num_tuning_steps: int = 2000
+    num_tuning_steps: int = setting(2000, AT_LEAST_ONE)
     diagonal_preconditioning: bool = True
-    desired_energy_var: float = 5e-4  # target Var[energy change] per dimension (sets the step size)
-    frac_tune1: float = 0.1  # step size only
-    frac_tune2: float = 0.1  # step size + posterior variances (→ L, preconditioner)
-    frac_tune3: float = 0.1  # L from the autocorrelation time (skipped if it gives < 2 steps)
+    desired_energy_var: float = setting(5e-4, POSITIVE)  # target Var[energy change] per dimension (sets the step size)
+    frac_tune1: float = setting(0.1, FRACTION)  # step size only
+    frac_tune2: float = setting(0.1, FRACTION)  # step size + posterior variances (→ L, preconditioner)
+    frac_tune3: float = setting(0.1, FRACTION)  # L from the autocorrelation time (skipped if it gives < 2 steps)
     scale_probe: bool = True
-    scale_probe_iters: int = 20  # power iterations (one gradient each) per curvature probe
-    stability_factor: float = 1.0  # ε ≤ stability_factor·√(d/λ_max) (instability sets in near 2)
+    scale_probe_iters: int = setting(20, AT_LEAST_ONE)  # power iterations (one gradient each) per curvature probe
+    stability_factor: float = setting(1.0, POSITIVE)  # ε ≤ stability_factor·√(d/λ_max) (instability sets in near 2)
 
     def __post_init__(self):
-        if self.num_tuning_steps < 1 or self.desired_energy_var <= 0:
-            raise ValueError("num_tuning_steps and desired_energy_var must be positive")
-        if self.scale_probe_iters < 1 or self.stability_factor <= 0:
-            raise ValueError("scale_probe_iters must be >= 1 and stability_factor > 0")
-        for f in (self.frac_tune1, self.frac_tune2, self.frac_tune3):
-            if not 0.0 <= f <= 1.0:
-                raise ValueError("frac_tune* must lie in [0, 1]")
+        validate_settings(self)
 
 
 class MCLMCParams(NamedTuple):
@@ -325,4 +329,7 @@ SPEC = SamplerSpec(
     settings=MCLMCSettings,
     build=build,
     description="Full-batch unadjusted MCLMC (isokinetic McLachlan), tuned L, step size and diagonal preconditioner",
+    minibatch=False,
+    metropolis=False,
+    step_size=STEP_TUNED,
 )

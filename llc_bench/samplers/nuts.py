@@ -7,7 +7,15 @@ from dataclasses import dataclass
 import blackjax
 
 from llc_bench.posterior import Posterior
-from llc_bench.samplers.base import Algorithm, SamplerSpec
+from llc_bench.samplers.base import (
+    AT_LEAST_ONE,
+    OPEN_UNIT,
+    STEP_TUNED,
+    Algorithm,
+    SamplerSpec,
+    setting,
+    validate_settings,
+)
 from llc_bench.samplers.hmc import (
     HMCParams,
     hmc_step_info,
@@ -19,15 +27,12 @@ from llc_bench.samplers.hmc import (
 class NUTSSettings:
     """NUTS settings. Step size and diagonal inverse mass matrix are tuned, not set."""
 
-    num_warmup: int = 500  # window-adaptation steps (each costs that step's trajectory length)
-    target_accept: float = 0.8  # dual-averaging target for the trajectory-averaged acceptance
-    max_num_doublings: int = 8  # caps a trajectory at 2^8 − 1 = 255 leapfrog steps
+    num_warmup: int = setting(500, AT_LEAST_ONE)  # window-adaptation steps (each costs that step's trajectory length)
+    target_accept: float = setting(0.8, OPEN_UNIT)  # dual-averaging target for the trajectory-averaged acceptance
+    max_num_doublings: int = setting(8, AT_LEAST_ONE)  # caps a trajectory at 2^8 − 1 = 255 leapfrog steps
 
     def __post_init__(self):
-        if self.num_warmup < 1 or self.max_num_doublings < 1:
-            raise ValueError("num_warmup and max_num_doublings must be >= 1")
-        if not 0.0 < self.target_accept < 1.0:
-            raise ValueError("target_accept must lie in (0, 1)")
+        validate_settings(self)
 
 
 def build(posterior: Posterior, settings: NUTSSettings) -> Algorithm:
@@ -59,4 +64,7 @@ SPEC = SamplerSpec(
     settings=NUTSSettings,
     build=build,
     description="Full-batch NUTS (multinomial, velocity Verlet), window-adapted step size and diagonal mass",
+    minibatch=False,
+    metropolis=True,
+    step_size=STEP_TUNED,
 )

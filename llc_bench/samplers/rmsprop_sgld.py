@@ -11,13 +11,20 @@ import numpy as np
 
 from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import (
+    AUTO_CONSTANT,
     AUTO_STEP_CONSTANT,
+    POSITIVE,
+    STEP_EPSILON,
+    STEP_SIZE,
     Algorithm,
+    OneOf,
+    Range,
     SamplerSpec,
     StepSizeParams,
-    check_step_size,
     is_auto,
     minibatch_step_info,
+    setting,
+    validate_settings,
 )
 
 ADAPT_MODES = ("burnin", "always")
@@ -37,24 +44,18 @@ class RMSPropSGLDSettings:
     at w* (`preconditioner_at_wstar`).
     """
 
-    step_size: float | str = 1e-4
-    batch_size: int = 256
-    alpha: float = 0.99
-    eps: float = 0.1
+    step_size: float | str = setting(1e-4, STEP_SIZE)
+    batch_size: int = setting(256, POSITIVE)
+    alpha: float = setting(0.99, Range(0, 1, low_closed=True))
+    # a bounds the per-parameter step at ε/a; the guide says never a > 1, and a <= 0 makes the
+    # first step (v = 0) infinite.
+    eps: float = setting(0.1, Range(0, 1, high_closed=True, why="the guide says never set a > 1"))
     bias_correction: bool = True
-    adapt: str = "burnin"
-    auto_constant: float = AUTO_STEP_CONSTANT  # c of step_size = "auto"
+    adapt: str = setting("burnin", OneOf(ADAPT_MODES))
+    auto_constant: float = setting(AUTO_STEP_CONSTANT, AUTO_CONSTANT)  # c of step_size = "auto"
 
     def __post_init__(self):
-        check_step_size(self.step_size, self.auto_constant)
-        # a bounds the per-parameter step at ε/a; the guide says never a > 1, and a <= 0 makes the
-        # first step (v = 0) infinite.
-        if not 0.0 < self.eps <= 1.0:
-            raise ValueError(f"rmsprop_sgld eps (the constant a) must be in (0, 1], got {self.eps}")
-        if not 0.0 <= self.alpha < 1.0:
-            raise ValueError(f"rmsprop_sgld alpha must be in [0, 1), got {self.alpha}")
-        if self.adapt not in ADAPT_MODES:
-            raise ValueError(f"rmsprop_sgld adapt must be one of {', '.join(ADAPT_MODES)}, got {self.adapt!r}")
+        validate_settings(self)
 
 
 class PreconditionerState(NamedTuple):
@@ -207,4 +208,8 @@ SPEC = SamplerSpec(
     build=build,
     description="RMSProp-preconditioned SGLD: G = 1/(√v̂ + a), w ← w − ε/2 G(γ(w − w*) + nβ∇L_m) + √(εG) η; "
     "v adapted during burn-in, then frozen (adapt=\"always\": devinterp's biased variant)",
+    minibatch=True,
+    metropolis=False,
+    step_size=STEP_EPSILON,
+    aliases={"rmsprop_eps": "eps", "rmsprop_alpha": "alpha"},
 )

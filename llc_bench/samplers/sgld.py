@@ -9,13 +9,19 @@ import jax.numpy as jnp
 
 from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import (
+    AUTO_CONSTANT,
     AUTO_STEP_CONSTANT,
+    POSITIVE,
+    STEP_EPSILON,
+    STEP_SIZE,
     Algorithm,
+    FinalCheck,
     SamplerSpec,
     StepSizeParams,
-    check_step_size,
     is_auto,
     minibatch_step_info,
+    setting,
+    validate_settings,
 )
 
 
@@ -25,12 +31,12 @@ class SGLDSettings:
     + nβ² s²_max/m) from the largest Hessian eigenvalue h_max of L_n at w* and the largest
     per-sample gradient variance s²_max there (llc_bench.curvature.auto_step_size), c = auto_constant."""
 
-    step_size: float | str = 1e-4
-    batch_size: int = 256
-    auto_constant: float = AUTO_STEP_CONSTANT  # c of step_size = "auto"
+    step_size: float | str = setting(1e-4, STEP_SIZE)
+    batch_size: int = setting(256, POSITIVE)
+    auto_constant: float = setting(AUTO_STEP_CONSTANT, AUTO_CONSTANT)  # c of step_size = "auto"
 
     def __post_init__(self):
-        check_step_size(self.step_size, self.auto_constant)
+        validate_settings(self)
 
 
 def blackjax_step_size(epsilon: float) -> float:
@@ -82,9 +88,25 @@ def build(posterior: Posterior, settings: SGLDSettings) -> Algorithm:
     return Algorithm(warmup=warmup, step=step, position=position, batch_size=settings.batch_size)
 
 
+def mala_check(posterior: Posterior, positions, step_size: float, rng_key):
+    """MALA-style diagnostic at the chains' final positions: would a Metropolis test accept a
+    full-gradient SGLD proposal of this ε? (No accept step is taken; low values mean ε is coarse.)"""
+    import jax
+
+    from llc_bench.health import mala_acceptance
+
+    value_and_grad = jax.jit(jax.value_and_grad(posterior.logdensity))
+    check = mala_acceptance(value_and_grad, positions, step_size, rng_key)
+    return check.mean_accept, check.flag
+
+
 SPEC = SamplerSpec(
     name="sgld",
     settings=SGLDSettings,
     build=build,
     description="SGLD (BlackJAX kernel): w ← w − ε/2 (γ(w − w*) + nβ∇L_m) + √ε η, minibatch gradients, unadjusted",
+    minibatch=True,
+    metropolis=False,
+    step_size=STEP_EPSILON,
+    checks=(FinalCheck("mala_accept", mala_check),),
 )
