@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
@@ -13,13 +12,19 @@ import numpy as np
 
 from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import (
+    AT_LEAST_ONE,
     AUTO,
+    AUTO_CONSTANT,
     AUTO_STEP_CONSTANT,
+    STEP_EPSILON,
+    STEP_SIZE,
     Algorithm,
+    Range,
     SamplerSpec,
-    check_step_size,
     is_auto,
     minibatch_step_info,
+    setting,
+    validate_settings,
 )
 
 
@@ -36,21 +41,15 @@ class CurvatureSGLDSettings:
 
     AUTO_IN_BUILD: ClassVar[bool] = True  # build() resolves step_size = "auto" itself
 
-    step_size: float | str = AUTO
-    batch_size: int = 256
-    auto_constant: float = AUTO_STEP_CONSTANT
-    kappa: float = 10.0
-    max_rank: int = 64
-    hessian_rows: int = 8192
+    step_size: float | str = setting(AUTO, STEP_SIZE)
+    batch_size: int = setting(256, AT_LEAST_ONE)
+    auto_constant: float = setting(AUTO_STEP_CONSTANT, AUTO_CONSTANT)
+    kappa: float = setting(10.0, Range(1, low_closed=True))
+    max_rank: int = setting(64, AT_LEAST_ONE)
+    hessian_rows: int = setting(8192, AT_LEAST_ONE)
 
     def __post_init__(self):
-        check_step_size(self.step_size, self.auto_constant)
-        if not (isinstance(self.kappa, int | float) and math.isfinite(self.kappa) and self.kappa >= 1):
-            raise ValueError(f"kappa must be a finite number >= 1, got {self.kappa!r}")
-        for key in ("max_rank", "batch_size", "hessian_rows"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        validate_settings(self)
 
 
 class CurvatureParams(NamedTuple):
@@ -145,4 +144,7 @@ SPEC = SamplerSpec(
     settings=CurvatureSGLDSettings,
     build=build,
     description="SGLD preconditioned by the top Hessian eigen-directions at w*: w ← w − ε/2 P∇U + √ε P^½ η",
+    minibatch=True,
+    metropolis=False,
+    step_size=STEP_EPSILON,
 )
