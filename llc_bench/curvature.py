@@ -125,8 +125,11 @@ def top_eigenvalue(matvec, dim: int, dtype=np.float32, seed: int = 0) -> tuple[f
 
 
 def top_eigenpairs(posterior: Posterior, k: int, num_rows: int | None = None, power_iters: int = 4,
-                   oversample: int = 10, seed: int = 0, chunk: int = 16) -> tuple[np.ndarray, np.ndarray, int]:
-    """(values (k,), vectors (d, k), Hessian-vector products) of the k largest eigenpairs of ∇²L at w*.
+                   oversample: int = 10, seed: int = 0, chunk: int = 16, at=None,
+                   start=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(values (k,), vectors (d, k), Hessian-vector products) of the k largest eigenpairs of ∇²L at w*
+    (or at the point `at`). `start`: (d, j) vectors to begin the subspace with (e.g. the eigenvectors
+    of a nearby point), filled up with random ones; fewer power iterations then suffice.
 
     Randomized subspace iteration (Halko, Martinsson & Tropp 2011): Y = H Ω for a Gaussian Ω of
     k + oversample columns, `power_iters` rounds of orthonormalize-and-multiply, then Rayleigh–Ritz
@@ -137,7 +140,7 @@ def top_eigenpairs(posterior: Posterior, k: int, num_rows: int | None = None, po
     """
     n = posterior.n if num_rows is None else min(num_rows, posterior.n)
     x, y = jnp.asarray(posterior.x[:n]), jnp.asarray(posterior.y[:n])
-    w = jnp.asarray(posterior.w_star)
+    w = jnp.asarray(posterior.w_star if at is None else at)
     grad = jax.grad(lambda v: posterior.batch_loss(v, x, y))
     width = min(k + oversample, posterior.dim)
 
@@ -147,6 +150,9 @@ def top_eigenpairs(posterior: Posterior, k: int, num_rows: int | None = None, po
         return hv.T
 
     omega = jax.random.normal(jax.random.PRNGKey(seed), (posterior.dim, width), w.dtype)
+    if start is not None:
+        start = jnp.asarray(start, w.dtype)[:, :width]
+        omega = omega.at[:, : start.shape[1]].set(start)
     basis = products(omega)
     for _ in range(power_iters):
         basis = products(jnp.linalg.qr(basis)[0])
@@ -348,13 +354,17 @@ class PreconditionedAutoStep(AutoStep):
         self.step_size = self.at_wstar.step_size
         self.seconds = setup_seconds + time.perf_counter() - start
 
-    def retune(self, positions: np.ndarray, preconditioners=None) -> float:
+    def retune(self, positions: np.ndarray, roots=None) -> float:
+        """ε for the draws from the (C, d) live chain positions; `roots`: each chain's own P^{1/2}
+        map when the preconditioner was rebuilt there (then ε at w*, under the old P, no longer
+        bounds it), None: the P of w*."""
         start = time.perf_counter()
         self.at_burnin = tuple(
-            auto_step_size(self.posterior, self.root, self.batch_size, self.settings.auto_constant,
-                           at=positions[c], products=self.products)
+            auto_step_size(self.posterior, self.root if roots is None else roots[c], self.batch_size,
+                           self.settings.auto_constant, at=positions[c], products=self.products)
             for c in range(positions.shape[0]))
-        self.step_size = min([self.at_wstar.step_size] + [a.step_size for a in self.at_burnin])
+        floor = [self.at_wstar.step_size] if roots is None else []
+        self.step_size = min(floor + [a.step_size for a in self.at_burnin])
         self.seconds += time.perf_counter() - start
         return self.step_size
 

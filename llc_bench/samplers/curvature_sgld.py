@@ -35,8 +35,12 @@ class CurvatureSGLDSettings:
 
     kappa: eigen-directions of ∇²L_n(w*) with h > h_max/kappa are slowed to h_max/kappa, so ε may
     be up to kappa times plain SGLD's. max_rank: at most this many directions are preconditioned
-    (more stiff directions than that only limit ε). hessian_rows: the eigen-directions are taken
+    (more stiff directions than that only limit ε); how many are used is found at w* (from 64,
+    doubling while the last is still stiff). hessian_rows: the eigen-directions are taken
     from the Hessian on the first hessian_rows samples (all of them when n is smaller).
+    rebuild_at_burnin (with "auto"): after burn-in each chain's P is rebuilt from the Hessian where
+    that chain is, and ε measured under it; the stiff directions of a singular model turn as the
+    chains leave w*, and a P from w* alone then limits ε (measured: tenfold on a deep linear network).
     """
 
     AUTO_IN_BUILD: ClassVar[bool] = True  # build() resolves step_size = "auto" itself
@@ -44,12 +48,18 @@ class CurvatureSGLDSettings:
     step_size: float | str = setting(AUTO, STEP_SIZE)
     batch_size: int = setting(256, AT_LEAST_ONE)
     auto_constant: float = setting(AUTO_STEP_CONSTANT, AUTO_CONSTANT)
-    kappa: float = setting(10.0, Range(1, low_closed=True))
-    max_rank: int = setting(64, AT_LEAST_ONE)
+    kappa: float = setting(30.0, Range(1, low_closed=True))
+    max_rank: int = setting(1024, AT_LEAST_ONE)
     hessian_rows: int = setting(8192, AT_LEAST_ONE)
+    rebuild_at_burnin: bool = True  # "auto": rebuild P where each chain is after burn-in
 
     def __post_init__(self):
         validate_settings(self)
+
+
+MIN_RANK = 64  # first guess of how many directions are stiff; doubled while too few
+RANK_MARGIN = 16  # directions kept beyond the stiff ones found at w* (they may stiffen elsewhere)
+REBUILD_POWER_ITERS = 2  # subspace iterations when rebuilding from the vectors of w*
 
 
 class CurvatureParams(NamedTuple):
@@ -65,19 +75,39 @@ def apply_preconditioner(vectors: jax.Array, scales: jax.Array, v: jax.Array, po
     return v + vectors @ ((scales**power - 1.0) * (vectors.T @ v))
 
 
-def curvature_preconditioner(posterior: Posterior, settings: CurvatureSGLDSettings, seed: int = 0):
-    """(V (d, k), s (k,), Hessian-vector products in full-data equivalents): the top eigenpairs
-    h_1 >= … of ∇²L_n(w*) and s_i = (h_1/kappa) / h_i for every h_i above h_1/kappa (k <= max_rank)."""
+def curvature_preconditioner(posterior: Posterior, settings: CurvatureSGLDSettings, seed: int = 0, at=None,
+                             start=None):
+    """(V (d, k), s (k,), Hessian-vector products in full-data equivalents) at w* (or at `at`): the
+    k top eigenpairs h_1 >= … of ∇²L_n, s_i = (h_1/kappa) / h_i where h_i is above h_1/kappa and 1
+    elsewhere. start None: k starts at MIN_RANK and doubles (up to max_rank and d) while the k-th
+    value is still above h_1/kappa, then k is cut to the stiff directions plus RANK_MARGIN. start
+    (d, k): k is kept (one shape for every chain), the subspace iteration starts from these vectors
+    and needs only REBUILD_POWER_ITERS rounds."""
     from llc_bench.curvature import top_eigenpairs
 
     rows = settings.hessian_rows
-    values, vectors, count = top_eigenpairs(posterior, settings.max_rank, rows, seed=seed)
+    limit = min(settings.max_rank, posterior.dim)
+    if start is not None:
+        values, vectors, count = top_eigenpairs(posterior, start.shape[1], rows, seed=seed, at=at,
+                                                start=start, power_iters=REBUILD_POWER_ITERS)
+    else:
+        k, count, vectors = min(MIN_RANK, limit), 0, None
+        while True:
+            values, vectors, products = top_eigenpairs(posterior, k, rows, seed=seed, at=at, start=vectors)
+            count += products
+            if not (values.size and values[-1] > values[0] / settings.kappa) or k >= limit:
+                break
+            k = min(2 * k, limit)
+        keep = min(k, int(np.sum(values > values[0] / settings.kappa)) + RANK_MARGIN) if values.size else k
+        values, vectors = values[:keep], vectors[:, :keep]
     dtype = np.dtype(jnp.asarray(posterior.w_star).dtype)
     floor = values[0] / settings.kappa if values.size and values[0] > 0 else 0.0
-    keep = values > floor if floor > 0 else np.zeros(values.shape, bool)
+    scales = np.ones_like(values)
+    if floor > 0:
+        stiff = values > floor
+        scales[stiff] = floor / values[stiff]
     used_rows = min(rows, posterior.n)
-    return (jnp.asarray(vectors[:, keep], dtype), jnp.asarray(floor / values[keep], dtype),
-            count * used_rows / posterior.n)
+    return jnp.asarray(vectors, dtype), jnp.asarray(scales, dtype), count * used_rows / posterior.n
 
 
 def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
@@ -116,8 +146,10 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
     def step(rng_key, state, params: CurvatureParams, batch):
         x_b, y_b = batch
         loss, loss_grad, loc_grad = posterior.minibatch_loss_and_grads(state, x_b, y_b)
-        drift = apply_preconditioner(params.vectors, params.scales, n_beta * loss_grad + loc_grad)
-        noise = apply_preconditioner(params.vectors, params.scales, jax.random.normal(rng_key, state.shape, state.dtype), 0.5)
+        # P ∇U and P^{1/2} η with one pass over V each way: [∇U, η] + V ([s − 1, √s − 1] ⊙ Vᵀ[∇U, η])
+        both = jnp.stack([n_beta * loss_grad + loc_grad, jax.random.normal(rng_key, state.shape, state.dtype)], axis=1)
+        factors = jnp.stack([params.scales - 1.0, jnp.sqrt(params.scales) - 1.0], axis=1)
+        drift, noise = (both + params.vectors @ (factors * (params.vectors.T @ both))).T
         new_position = state - 0.5 * params.step_size * drift + jnp.sqrt(params.step_size) * noise
         return new_position, minibatch_step_info(loss, x_b.shape[0], n)
 
@@ -129,12 +161,26 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
         return algorithm
 
     def retune(states, params, alive):
-        alive = np.asarray(alive, bool)
-        positions = np.asarray(states)[alive]
-        if positions.shape[0] == 0:
+        live = np.flatnonzero(np.asarray(alive, bool))
+        positions = np.asarray(states)
+        if live.size == 0:
             return params
-        eps = auto.retune(positions)
-        return params._replace(step_size=jnp.full_like(params.step_size, eps))
+        if not settings.rebuild_at_burnin:
+            eps = auto.retune(positions[live])
+            return params._replace(step_size=jnp.full_like(params.step_size, eps))
+        start = time.perf_counter()
+        chain_vectors, chain_scales = np.array(params.vectors), np.array(params.scales)
+        roots = []
+        for c in live:
+            v, s, products = curvature_preconditioner(posterior, settings, seed=int(c) + 1, at=positions[c],
+                                                      start=vectors)
+            chain_vectors[c], chain_scales[c] = v, s
+            auto.setup_products += products
+            roots.append(lambda u, v=v, s=s: apply_preconditioner(v, s, u, 0.5))
+        auto.seconds += time.perf_counter() - start
+        eps = auto.retune(positions[live], roots)
+        return CurvatureParams(jnp.full_like(params.step_size, eps), jnp.asarray(chain_vectors),
+                               jnp.asarray(chain_scales))
 
     return algorithm._replace(retune=retune, notes=auto)
 
