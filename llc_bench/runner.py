@@ -43,7 +43,8 @@ class ChainResult:
     warmup_s: float  # tuning/warm-up seconds, compile excluded
     compile_s: float  # compile seconds (warm-up + sampling functions)
     tuned: dict  # per-sampler tuned parameters summarized for reports (e.g. step_size mean), floats only
-    draw_outputs: Any = None  # pytree of (C, D, ...) arrays from run_chains' draw_fn; None without one
+    draw_outputs: Any = None  # pytree of (C, D_all, ...) arrays from run_chains' draw_fn (every draw); None without one
+    full_draw_outputs: Any = None  # pytree of (C, D, ...) arrays from run_chains' full_draw_fn; None without one
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,21 +184,37 @@ def _step_chains(algorithm: Algorithm, consts: _Consts, carry: _Carry, t: jax.Ar
 
 
 def _draw(algorithm: Algorithm, posterior: Posterior, consts: _Consts, carry: _Carry,
-          draw_fn: DrawFn | None = None, draw_index: jax.Array | None = None):
-    """Full-data L_n, projections (w − w*) @ P and draw_fn's outputs of every chain.
+          draw_fn: DrawFn | None = None, draw_index: jax.Array | None = None, full: jax.Array | bool = True,
+          full_draw_fn: DrawFn | None = None):
+    """Full-data L_n, projections (w − w*) @ P and full_draw_fn's outputs, and draw_fn's outputs, of every chain.
 
-    Floating outputs are NaN for diverged chains (integer outputs are left as computed).
+    Floating outputs are NaN for diverged chains (integer outputs are left as computed). `full`
+    (a traced bool, the same for every chain) skips the full-data part where it is False: it comes
+    back NaN (zeros for integers) and costs nothing (lax.cond, not a select).
     """
     positions = jax.vmap(algorithm.position)(carry.state)
-    loss = jax.vmap(posterior.batch_loss, in_axes=(0, None, None))(positions, consts.x, consts.y)
-    proj = (positions - consts.w_star) @ consts.directions
     dead = carry.diverged_at >= 0
-    extra = None
-    if draw_fn is not None:
-        extra = jax.vmap(draw_fn, in_axes=(0, 0, None, None))(
-            positions, consts.chain_index, draw_index, consts.draw_data)
-        extra = jax.tree.map(lambda a: _nan_where(dead, a), extra)
-    return jnp.where(dead, jnp.nan, loss), jnp.where(dead[:, None], jnp.nan, proj), extra
+
+    def per_chain(fn, positions):
+        out = jax.vmap(fn, in_axes=(0, 0, None, None))(positions, consts.chain_index, draw_index, consts.draw_data)
+        return jax.tree.map(lambda a: _nan_where(dead, a), out)
+
+    def full_data(positions):
+        loss = jax.vmap(posterior.batch_loss, in_axes=(0, None, None))(positions, consts.x, consts.y)
+        proj = (positions - consts.w_star) @ consts.directions
+        extra = None if full_draw_fn is None else per_chain(full_draw_fn, positions)
+        return jnp.where(dead, jnp.nan, loss), jnp.where(dead[:, None], jnp.nan, proj), extra
+
+    if full is True:
+        loss, proj, full_extra = full_data(positions)
+    else:
+        def skipped(positions):
+            return jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.inexact) else 0,
+                                                   s.dtype), jax.eval_shape(full_data, positions))
+
+        loss, proj, full_extra = jax.lax.cond(full, full_data, skipped, positions)
+    extra = None if draw_fn is None else per_chain(draw_fn, positions)
+    return loss, proj, extra, full_extra
 
 
 def _nan_where(dead: jax.Array, a: jax.Array) -> jax.Array:
@@ -219,11 +236,12 @@ def _burnin_chunk_fn(algorithm: Algorithm, length: int, num_burnin_steps: int):
 
 
 def _draw_chunk_fn(algorithm: Algorithm, posterior: Posterior, blocks: int, k: int, num_burnin_steps: int, total_steps: int,
-                   draw_fn: DrawFn | None = None):
+                   draw_fn: DrawFn | None = None, full_loss_every: int = 1, full_draw_fn: DrawFn | None = None):
     """carry, first block -> carry, (StepInfo (blocks, k, C), draw loss (blocks, C), projections (blocks, C, P),
-    draw_fn outputs (blocks, C, ...) or None).
+    draw_fn outputs (blocks, C, ...) or None, full_draw_fn outputs (blocks, C, ...) or None).
 
     A block is k steps followed by one draw; blocks past the last draw are padding (masked steps).
+    The full-data part of draw d is evaluated only when (d + 1) % full_loss_every == 0 (NaN elsewhere).
     """
 
     def chunk(carry: _Carry, block0: jax.Array, consts: _Consts):
@@ -234,7 +252,9 @@ def _draw_chunk_fn(algorithm: Algorithm, posterior: Posterior, blocks: int, k: i
                 return _step_chains(algorithm, consts, carry, t_start + i, total_steps)
 
             carry, infos = jax.lax.scan(body, carry, jnp.arange(k, dtype=jnp.int32))
-            return carry, (infos, *_draw(algorithm, posterior, consts, carry, draw_fn, block0 + j))
+            d = block0 + j
+            full = True if full_loss_every == 1 else (d + 1) % full_loss_every == 0
+            return carry, (infos, *_draw(algorithm, posterior, consts, carry, draw_fn, d, full, full_draw_fn))
 
         return jax.lax.scan(block, carry, jnp.arange(blocks, dtype=jnp.int32))
 
@@ -274,19 +294,20 @@ def run_chains(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: j
                num_chains: int, num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int,
                num_projections: int = 4, chunk_size: int = 0, progress: bool = True,
                devices: Sequence[jax.Device] | None = None, draw_fn: DrawFn | None = None,
-               draw_data: Any = None) -> ChainResult:
+               draw_data: Any = None, full_loss_every: int = 1, full_draw_fn: DrawFn | None = None) -> ChainResult:
     """Warm up and run `num_chains` vmapped chains from w*; see `run_chains_with_state`."""
     return run_chains_with_state(
         name, algorithm, posterior, rng_key, num_chains=num_chains, num_burnin_steps=num_burnin_steps,
         num_draws=num_draws, num_steps_bw_draws=num_steps_bw_draws, num_projections=num_projections,
-        chunk_size=chunk_size, progress=progress, devices=devices, draw_fn=draw_fn, draw_data=draw_data)[0]
+        chunk_size=chunk_size, progress=progress, devices=devices, draw_fn=draw_fn, draw_data=draw_data,
+        full_loss_every=full_loss_every, full_draw_fn=full_draw_fn)[0]
 
 
 def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: jax.Array, *,
                           num_chains: int, num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int,
                           num_projections: int = 4, chunk_size: int = 0, progress: bool = True,
                           devices: Sequence[jax.Device] | None = None, draw_fn: DrawFn | None = None,
-                          draw_data: Any = None):
+                          draw_data: Any = None, full_loss_every: int = 1, full_draw_fn: DrawFn | None = None):
     """(ChainResult, final sampler states (C, ...)): warm up, burn in, then draw every k steps.
 
     T = num_burnin_steps + num_draws * k steps (k = num_steps_bw_draws); draw d is taken after
@@ -327,9 +348,19 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
     as an argument (replicated across devices), not baked into it as a constant. Its outputs come
     back stacked as ChainResult.draw_outputs with leading axes (C, D); floating leaves are NaN for
     a chain from the draw after it diverged.
+
+    full_loss_every: the full-data L_n and the projections are evaluated only at every
+    full_loss_every-th draw (draws d with (d + 1) % full_loss_every == 0; draw_fn still runs at
+    every draw), so draw_loss, draw_steps and projections hold ⌊num_draws / full_loss_every⌋
+    draws. Nothing else changes: the chains, the per-step loss trace and draw_fn's outputs are
+    the same for every value. full_draw_fn (the signature of draw_fn) is evaluated with them, its
+    outputs stacked as ChainResult.full_draw_outputs (C, ⌊num_draws / full_loss_every⌋, ...).
+    Without draw_fn, a draw that is not a full-data draw adds no work.
     """
     if num_chains < 1 or num_draws < 1 or num_steps_bw_draws < 1 or num_burnin_steps < 0:
         raise ValueError("need num_chains, num_draws, num_steps_bw_draws >= 1 and num_burnin_steps >= 0")
+    if not 1 <= full_loss_every <= num_draws:
+        raise ValueError(f"full_loss_every must be in [1, num_draws = {num_draws}], got {full_loss_every}")
     k = num_steps_bw_draws
     total_steps = num_burnin_steps + num_draws * k
     target = chunk_size if chunk_size > 0 else max(1, math.ceil(total_steps / _AUTO_CHUNKS))
@@ -384,32 +415,34 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
                 params = jax.device_put(params, per_chain)
             consts = consts._replace(params=params)
 
-        draw, seconds = _compile(_draw_chunk_fn(algorithm, posterior, blocks, k, num_burnin_steps, total_steps, draw_fn),
-                                 carry, jnp.int32(0), consts)
+        draw, seconds = _compile(_draw_chunk_fn(algorithm, posterior, blocks, k, num_burnin_steps, total_steps, draw_fn,
+                                                full_loss_every, full_draw_fn), carry, jnp.int32(0), consts)
         compile_s += seconds
-        draw_loss, projections, extras = [], [], []
+        draw_loss, projections, extras, full_extras = [], [], [], []
         for c in range(draw_count):
-            (carry, (info, loss, proj, extra)), seconds = _timed(draw, carry, jnp.int32(c * blocks), consts)
+            (carry, (info, loss, proj, extra, full_extra)), seconds = _timed(draw, carry, jnp.int32(c * blocks), consts)
             wall_s += seconds
             draw_infos.append(jax.tree.map(lambda a: np.asarray(a).reshape(blocks * k, num_chains), info))
             draw_loss.append(np.asarray(loss))
             projections.append(np.asarray(proj))
             extras.append(jax.tree.map(np.asarray, extra))
+            full_extras.append(jax.tree.map(np.asarray, full_extra))
             bar.advance(min(blocks, num_draws - c * blocks) * k)
 
     # Host side: drop each phase's padding, concatenate the phases, put chains first.
     phases = ([_stack(burn_infos, num_burnin_steps)] if burn_infos else []) + [_stack(draw_infos, num_draws * k)]
     trace = StepInfo(*(np.concatenate(arrays).T for arrays in zip(*phases, strict=True)))
     warmup_work = np.asarray(warmup_work, np.float64).reshape(num_chains)
+    full_draws = np.arange(full_loss_every - 1, num_draws, full_loss_every)  # the draws with a full-data part
     result = ChainResult(
         sampler=name,
         loss_trace=trace.loss,
         accept=trace.accept,
         energy_change=trace.energy_change,
         diverging=trace.diverging.astype(bool),
-        draw_loss=np.concatenate(draw_loss)[:num_draws].T,
-        draw_steps=num_burnin_steps + (np.arange(num_draws) + 1) * k - 1,
-        projections=np.concatenate(projections)[:num_draws].transpose(1, 0, 2),
+        draw_loss=np.concatenate(draw_loss)[full_draws].T,
+        draw_steps=num_burnin_steps + (full_draws + 1) * k - 1,
+        projections=np.concatenate(projections)[full_draws].transpose(1, 0, 2),
         diverged_at=np.asarray(carry.diverged_at, np.int64),
         grad_evals=warmup_work + trace.grad_evals.astype(np.float64).sum(axis=1),
         warmup_grad_evals=warmup_work,
@@ -422,5 +455,7 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
         tuned=summarize_tuned(params),
         draw_outputs=None if draw_fn is None else jax.tree.map(
             lambda *a: np.swapaxes(np.concatenate(a)[:num_draws], 0, 1), *extras),
+        full_draw_outputs=None if full_draw_fn is None else jax.tree.map(
+            lambda *a: np.swapaxes(np.concatenate(a)[full_draws], 0, 1), *full_extras),
     )
     return result, carry.state
