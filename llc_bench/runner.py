@@ -361,11 +361,21 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
         raise ValueError("need num_chains, num_draws, num_steps_bw_draws >= 1 and num_burnin_steps >= 0")
     if not 1 <= full_loss_every <= num_draws:
         raise ValueError(f"full_loss_every must be in [1, num_draws = {num_draws}], got {full_loss_every}")
-    k = num_steps_bw_draws
-    total_steps = num_burnin_steps + num_draws * k
+    total_steps = num_burnin_steps + num_draws * num_steps_bw_draws
+    # The draw loop runs blocks of k steps, each followed by a draw; `every` = full_loss_every of
+    # those blocks. Without draw_fn nothing happens between full-data draws, so a block becomes
+    # the k · full_loss_every steps up to one (no branch in the loop; a last, partial block is
+    # padded with masked steps and its draw dropped). kept: the blocks whose draw is returned.
+    if draw_fn is None and full_loss_every > 1:
+        k, every = num_steps_bw_draws * full_loss_every, 1
+        num_blocks = -(-num_draws // full_loss_every)
+        kept = np.arange(num_draws // full_loss_every)
+    else:
+        k, every, num_blocks = num_steps_bw_draws, full_loss_every, num_draws
+        kept = np.arange(full_loss_every - 1, num_draws, full_loss_every)
     target = chunk_size if chunk_size > 0 else max(1, math.ceil(total_steps / _AUTO_CHUNKS))
     burn_len, burn_count = chunk_plan(num_burnin_steps, target)
-    blocks, draw_count = chunk_plan(num_draws, max(1, target // k))
+    blocks, draw_count = chunk_plan(num_blocks, max(1, target // k))
 
     keys = chain_keys(rng_key, num_chains)
     w_star = jnp.asarray(posterior.w_star)
@@ -416,7 +426,7 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
             consts = consts._replace(params=params)
 
         draw, seconds = _compile(_draw_chunk_fn(algorithm, posterior, blocks, k, num_burnin_steps, total_steps, draw_fn,
-                                                full_loss_every, full_draw_fn), carry, jnp.int32(0), consts)
+                                                every, full_draw_fn), carry, jnp.int32(0), consts)
         compile_s += seconds
         draw_loss, projections, extras, full_extras = [], [], [], []
         for c in range(draw_count):
@@ -427,22 +437,22 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
             projections.append(np.asarray(proj))
             extras.append(jax.tree.map(np.asarray, extra))
             full_extras.append(jax.tree.map(np.asarray, full_extra))
-            bar.advance(min(blocks, num_draws - c * blocks) * k)
+            bar.advance(min(blocks * k, total_steps - num_burnin_steps - c * blocks * k))
 
     # Host side: drop each phase's padding, concatenate the phases, put chains first.
-    phases = ([_stack(burn_infos, num_burnin_steps)] if burn_infos else []) + [_stack(draw_infos, num_draws * k)]
+    phases = ([_stack(burn_infos, num_burnin_steps)] if burn_infos else []) + [
+        _stack(draw_infos, total_steps - num_burnin_steps)]
     trace = StepInfo(*(np.concatenate(arrays).T for arrays in zip(*phases, strict=True)))
     warmup_work = np.asarray(warmup_work, np.float64).reshape(num_chains)
-    full_draws = np.arange(full_loss_every - 1, num_draws, full_loss_every)  # the draws with a full-data part
     result = ChainResult(
         sampler=name,
         loss_trace=trace.loss,
         accept=trace.accept,
         energy_change=trace.energy_change,
         diverging=trace.diverging.astype(bool),
-        draw_loss=np.concatenate(draw_loss)[full_draws].T,
-        draw_steps=num_burnin_steps + (full_draws + 1) * k - 1,
-        projections=np.concatenate(projections)[full_draws].transpose(1, 0, 2),
+        draw_loss=np.concatenate(draw_loss)[kept].T,
+        draw_steps=num_burnin_steps + (kept + 1) * k - 1,
+        projections=np.concatenate(projections)[kept].transpose(1, 0, 2),
         diverged_at=np.asarray(carry.diverged_at, np.int64),
         grad_evals=warmup_work + trace.grad_evals.astype(np.float64).sum(axis=1),
         warmup_grad_evals=warmup_work,
@@ -456,6 +466,6 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
         draw_outputs=None if draw_fn is None else jax.tree.map(
             lambda *a: np.swapaxes(np.concatenate(a)[:num_draws], 0, 1), *extras),
         full_draw_outputs=None if full_draw_fn is None else jax.tree.map(
-            lambda *a: np.swapaxes(np.concatenate(a)[full_draws], 0, 1), *full_extras),
+            lambda *a: np.swapaxes(np.concatenate(a)[kept], 0, 1), *full_extras),
     )
     return result, carry.state

@@ -1,0 +1,194 @@
+"""Time `sample()` end to end against the runner's bare SG scan and a bare value_and_grad, on one DLN, in one run.
+
+The model: a deep linear network with widths 32-72-72-32 (d = 9,792, no biases) at its teacher w*,
+n = 10,000 inputs x ~ N(0, I), y = teacher(x) + N(0, I), per-sample loss ½‖f(x) − y‖², batch 256,
+nβ = n / log n, γ = 100, ε = 1e-5, 2,000 steps per chain of which 500 burn-in.
+
+Timed, each the best of --repeats calls after one untimed call (compile and imports excluded; the
+persistent compilation cache is on, so the untimed call is also what a second process would see):
+
+- sample() with one draw per step (num_draws = 1,500) and one per 10 steps (150), for each chain
+  count: the whole call, tree included, with the default schedules (per-step λ̂, full-data L_n
+  about every 4 n/m steps), and compute_llc on its result;
+- the runner's bare SG scan: run_chains with every step in one burn-in chunk and a single draw
+  (llc_bench.runner's own wall clock, compile excluded);
+- a bare jax.jit(jax.value_and_grad(L_m)) on one batch of 256 for one parameter vector.
+
+    uv run python scripts/bench_sample.py [--chains 4 16] [--repeats 2] [--out results/speed/bench_sample.json]
+
+Prints a table with the three target ratios and writes JSON (one record per chain count plus the
+machine). Targets: sample() at one draw per step <= 1.15 x at one draw per 10 steps; sample() per
+chain-step <= 1.2 x the bare SG scan; SGLD chain-step of the bare scan <= 1.3 x the bare
+value_and_grad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_throughput import time_calls  # noqa: E402
+
+from llc_bench.jaxcache import enable_compilation_cache  # noqa: E402
+from llc_bench.sampling import (  # noqa: E402
+    Restriction,
+    SamplingPosterior,
+    _sampler_settings,
+    compute_llc,
+    sample,
+)
+
+WIDTHS = (32, 72, 72, 32)
+N, BATCH, GAMMA, LR, STEPS, BURNIN = 10_000, 256, 100.0, 1e-5, 2_000, 500
+
+
+def apply_fn(params, x):
+    for name in sorted(params):
+        x = x @ params[name]
+    return x
+
+
+def loss_fn(apply_fn, params, x, y):
+    return 0.5 * jnp.sum((apply_fn(params, x) - y) ** 2, axis=-1)
+
+
+def problem(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    params = {f"w{i}": jnp.asarray(rng.normal(size=(a, b)) / math.sqrt(a), jnp.float32)
+              for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:], strict=True))}
+    x = jnp.asarray(rng.normal(size=(N, WIDTHS[0])), jnp.float32)
+    y = apply_fn(params, x) + jnp.asarray(rng.normal(size=(N, WIDTHS[-1])), jnp.float32)
+    return params, x, y
+
+
+def best_of(repeats: int, fn):
+    """(min seconds, last result) over `repeats` timed calls after one untimed one."""
+    out = fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def time_sample(params, x, y, chains: int, k: int, repeats: int) -> dict:
+    n_beta = N / math.log(N)
+
+    def call():
+        tree = sample(apply_fn, params, loss_fn, (x, y), lr=LR, n_beta=n_beta, localization=GAMMA,
+                      num_chains=chains, num_draws=(STEPS - BURNIN) // k, num_steps_bw_draws=k,
+                      num_burnin_steps=BURNIN, batch_size=BATCH, seed=0, progress=False)
+        return tree, compute_llc(tree)
+
+    seconds, (tree, llc) = best_of(repeats, call)
+    full = compute_llc(tree, source="full")
+    return {"s": seconds, "us_per_chain_step": 1e6 * seconds / (chains * STEPS),
+            "runner_wall_s": tree.attrs["run"]["wall_s"], "full_loss_every": tree.attrs["options"]["full_loss_every"],
+            "num_full_draws": int(tree.sizes["full_draw"]), "llc_per_step": llc.llc_mean, "se_per_step": llc.llc_se,
+            "se_per_step_batch_means": llc.estimate.se_batch_means, "llc_full": full.llc_mean,
+            "se_full": full.llc_se, "status": llc.status}
+
+
+def bare_scan(params, x, y, chains: int, repeats: int) -> float:
+    """µs per chain-step of the runner's SG scan alone: STEPS − 1 burn-in steps in one chunk, one draw."""
+    from llc_bench.experiment import sampler_key
+    from llc_bench.runner import run_chains
+
+    posterior, algorithm = build_sgld(params, x, y)
+    best = math.inf
+    for _ in range(repeats + 1):
+        result = run_chains("sgld", algorithm, posterior, sampler_key(0, "sgld"), num_chains=chains,
+                            num_burnin_steps=STEPS - 1, num_draws=1, num_steps_bw_draws=1, num_projections=1,
+                            chunk_size=STEPS, progress=False)
+        best = min(best, result.wall_s)
+    return 1e6 * best / (chains * STEPS)
+
+
+def build_sgld(params, x, y):
+    restriction = Restriction.build(params, None)
+
+    def per_sample_loss(w, xb, yb):
+        return loss_fn(apply_fn, restriction.params(w), xb, yb)
+
+    loss_at_wstar = float(jnp.mean(per_sample_loss(restriction.w_star, x, y)))
+    posterior = SamplingPosterior(per_sample_loss, x, y, restriction.w_star, N / math.log(N), GAMMA, loss_at_wstar)
+    spec, settings = _sampler_settings("sgld", lr=LR, batch_size=BATCH, accumulation=1, noise_level=1.0, kwargs={},
+                                       rmsprop_eps=None, rmsprop_alpha=None)
+    return posterior, spec.build(posterior, settings)
+
+
+def bare_grad(params, x, y, repeats: int) -> float:
+    """µs per call of jax.jit(jax.value_and_grad(L_m)) for one parameter vector on one batch."""
+    posterior, _ = build_sgld(params, x, y)
+    idx = jax.random.randint(jax.random.key(0), (BATCH,), 0, N)
+    w = posterior.w_star + 1e-3 * jax.random.normal(jax.random.key(1), (posterior.dim,))
+    grad = jax.jit(jax.value_and_grad(posterior.batch_loss))
+    return 1e6 * time_calls(grad, w, x[idx], y[idx], calls=300, repeats=repeats + 1)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--chains", type=int, nargs="+", default=[4, 16])
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--out", default="results/speed/bench_sample.json")
+    args = p.parse_args(argv)
+
+    enable_compilation_cache()
+    params, x, y = problem()
+    device = jax.devices()[0]
+    load_before = os.getloadavg()[0]
+    print(f"DLN {WIDTHS}, n = {N}, batch {BATCH}, {STEPS} steps ({BURNIN} burn-in); {device.platform}, "
+          f"{os.cpu_count()} CPUs, jax {jax.__version__}, load {load_before:.2f}")
+    grad_us = bare_grad(params, x, y, args.repeats)
+    rows = []
+    for chains in args.chains:
+        scan_us = bare_scan(params, x, y, chains, args.repeats)
+        every_step = time_sample(params, x, y, chains, 1, args.repeats)
+        every_10 = time_sample(params, x, y, chains, 10, args.repeats)
+        rows.append({
+            "chains": chains, "us_bare_grad": grad_us, "us_bare_scan": scan_us,
+            "sample_k1": every_step, "sample_k10": every_10,
+            "ratio_k1_over_k10": every_step["s"] / every_10["s"],
+            "ratio_sample_k1_over_scan": every_step["us_per_chain_step"] / scan_us,
+            "ratio_sample_k10_over_scan": every_10["us_per_chain_step"] / scan_us,
+            "ratio_scan_over_grad": scan_us / grad_us,
+        })
+        r = rows[-1]
+        print(f"{chains:3d} chains: sample() k=1 {every_step['s']:.2f} s, k=10 {every_10['s']:.2f} s "
+              f"(ratio {r['ratio_k1_over_k10']:.3f}, target <= 1.15); per chain-step k=1 "
+              f"{every_step['us_per_chain_step']:.0f} µs, k=10 {every_10['us_per_chain_step']:.0f} µs, bare scan "
+              f"{scan_us:.0f} µs (ratios {r['ratio_sample_k1_over_scan']:.3f}, {r['ratio_sample_k10_over_scan']:.3f}; "
+              f"target <= 1.2); bare value_and_grad {grad_us:.0f} µs (scan/grad {r['ratio_scan_over_grad']:.3f}, "
+              f"target <= 1.3)", flush=True)
+        print(f"           λ̂ per step {every_step['llc_per_step']:.1f} ± {every_step['se_per_step']:.1f}; "
+              f"full-data ({every_step['num_full_draws']} draws/chain) {every_step['llc_full']:.1f} ± "
+              f"{every_step['se_full']:.1f}", flush=True)
+    meta = {"load_1min_before": round(load_before, 2), "load_1min_after": round(os.getloadavg()[0], 2),
+            "widths": list(WIDTHS), "d": int(sum(a * b for a, b in zip(WIDTHS[:-1], WIDTHS[1:], strict=True))),
+            "n": N, "batch_size": BATCH, "steps": STEPS, "burnin": BURNIN, "lr": LR, "gamma": GAMMA,
+            "n_beta": N / math.log(N), "platform": device.platform, "device_kind": device.device_kind,
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
+            "repeats": args.repeats}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
