@@ -347,6 +347,24 @@ def default_full_loss_every(method: str, n: int, batch_size: int, full_batch: bo
 
 _CACHE_SET = False
 _PREFETCHED = False
+# The runner's compiled chunks of the last few sample() calls, by everything that shapes them: a
+# rerun with the same model functions (the same objects) and options skips tracing and lowering.
+_EXECUTABLES: dict = {}
+_EXECUTABLES_KEPT = 4
+
+
+def _executables_for(apply_fn, loss_fn, options: dict) -> dict:
+    """The executables dict of this (apply_fn, loss_fn, options, JAX set-up), new if never seen."""
+    setup = (str(jax.devices()), jax.config.jax_enable_x64, jax.config.jax_threefry_partitionable,
+             str(jax.config.jax_default_prng_impl))
+    key = (id(apply_fn), id(loss_fn), json.dumps(options, sort_keys=True), setup)
+    entry = _EXECUTABLES.pop(key, None)
+    if entry is None or entry[0] is not apply_fn or entry[1] is not loss_fn:
+        entry = (apply_fn, loss_fn, {})  # the functions are kept alive, so their ids stay theirs
+    _EXECUTABLES[key] = entry  # most recent last
+    while len(_EXECUTABLES) > _EXECUTABLES_KEPT:
+        del _EXECUTABLES[next(iter(_EXECUTABLES))]
+    return entry[2]
 
 
 def _enable_cache_once() -> None:
@@ -594,7 +612,10 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     # ---- posterior, sampler, draws -----------------------------------------------------------
     temper = float(noise_level) ** 2
     w_star = restriction.w_star
-    init_loss = jax.jit(per_sample_loss)(w_star, x, y)
+    executables = _executables_for(apply_fn, loss_fn, options)
+    if "init_loss" not in executables:
+        executables["init_loss"] = jax.jit(per_sample_loss)(w_star, x, y)
+    init_loss = executables["init_loss"]
     loss_at_wstar = float(jnp.mean(init_loss))
     posterior = SamplingPosterior(per_sample_loss, x, y, w_star, float(n_beta) / temper,
                                   float(localization) / temper, loss_at_wstar,
@@ -642,7 +663,8 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
                         num_burnin_steps=num_burnin_steps, num_draws=num_draws,
                         num_steps_bw_draws=num_steps_bw_draws, progress=progress,
                         draw_fn=draw_fn if obs or sampling_loss else None, draw_data=draw_data,
-                        full_loss_every=full_loss_every, full_draw_fn=distance)
+                        full_loss_every=full_loss_every, full_draw_fn=distance,
+                        executables=executables)
 
     # ---- the tree ----------------------------------------------------------------------------
     import xarray as xr

@@ -137,3 +137,27 @@ def test_cross_check_flags_a_disagreement_beyond_the_combined_se():
     assert far["disagree"]  # SEs ≈ 0.03: 0.2 is several of them
     assert cross_check(same, estimate_llc(base[:1], 0.0, 10.0)) is not None  # batch-means SE with one chain
     assert cross_check(same, estimate_llc(base[:1, :1], 0.0, 10.0)) is None  # one draw of one chain: no SE
+
+
+def test_a_rerun_reuses_the_compiled_chunks_only_for_the_same_options(monkeypatch):
+    import llc_bench.runner
+
+    compiled = []
+    real = llc_bench.runner._compile
+
+    def recording(*args, **kwargs):
+        out = real(*args, **kwargs)
+        compiled.append(out[0])
+        return out
+
+    monkeypatch.setattr(llc_bench.runner, "_compile", recording)
+    params, x, y = regression_problem(seed=3)
+    kwargs = {**RUN, "num_burnin_steps": 10, "num_draws": 20, "num_steps_bw_draws": 2}
+    first = sample(affine, params, squared_error, (x, y), **kwargs)
+    n_first = len(compiled)
+    second = sample(affine, params, squared_error, (x, y), **kwargs)
+    assert n_first == 3 and compiled[n_first:] == compiled[:n_first]  # the same objects: not lowered again
+    np.testing.assert_array_equal(first["metrics_loss"], second["metrics_loss"])
+    other = sample(affine, params, squared_error, (x, y), **{**kwargs, "lr": 2e-3})
+    assert all(new is not old for new, old in zip(compiled[2 * n_first:], compiled[:n_first], strict=True))
+    assert not np.array_equal(other["metrics_loss"], first["metrics_loss"])
