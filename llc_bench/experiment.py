@@ -113,8 +113,9 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
             break
         num_draws *= 2
     check = None
-    if source == "minibatch":  # the draws' full-data L_n checks the per-step λ̂
-        check = cross_check(estimate, estimate_from_result(result, "full"))
+    if resolve_source("auto", name) == "minibatch":  # SG: the per-step and the full-data λ̂ check each other
+        other = estimate_from_result(result, "full" if source == "minibatch" else "minibatch")
+        check = cross_check(*((estimate, other) if source == "minibatch" else (other, estimate)))
         if cross_check_flag(check) is not None:
             flags.append(cross_check_flag(check))
     tree = to_datatree(result, running_at_draws(estimate, result, source))

@@ -338,7 +338,7 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
 
     T = num_burnin_steps + num_draws * k steps (k = num_steps_bw_draws); draw d is taken after
     0-based step num_burnin_steps + (d + 1) k − 1, where the full-data L_n and the projections are
-    evaluated. Those num_draws forward passes over the full data per chain are NOT counted in
+    evaluated (at every full_loss_every-th draw, see below). Those forward passes over the full data are NOT counted in
     grad_evals (which is warm-up work plus the sum of StepInfo.grad_evals over all T steps,
     including the steps a frozen diverged chain still computes in lockstep with the others).
 
@@ -390,11 +390,12 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
     """
     if num_chains < 1 or num_draws < 1 or num_steps_bw_draws < 1 or num_burnin_steps < 0:
         raise ValueError("need num_chains, num_draws, num_steps_bw_draws >= 1 and num_burnin_steps >= 0")
+    if not 1 <= full_loss_every <= num_draws:
+        raise ValueError(f"full_loss_every must be in [1, num_draws = {num_draws}], got {full_loss_every}")
+
     def reuse(name: str) -> dict:
         return {"executables": executables, "name": name}
 
-    if not 1 <= full_loss_every <= num_draws:
-        raise ValueError(f"full_loss_every must be in [1, num_draws = {num_draws}], got {full_loss_every}")
     total_steps = num_burnin_steps + num_draws * num_steps_bw_draws
     # The draw loop runs blocks of k steps, each followed by a draw; `every` = full_loss_every of
     # those blocks. Without draw_fn nothing happens between full-data draws, so a block becomes

@@ -330,19 +330,25 @@ def observable_indices(seed: int, n: int, size: int) -> np.ndarray:
 # SG methods evaluate the full-data L_n about every FULL_LOSS_STEPS · n/m steps by default. An L_n
 # costs ≈ n/m forward passes of a batch and an SG step ≈ 3 (forward, backward, noise), so the
 # full-data draws cost ≈ 1/(3 · FULL_LOSS_STEPS) ≈ 8% of the steps, while a 2,000-step run at
-# n/m = 39 still gets 9 of them per chain for the trace and the cross-check. Measured there
-# (scripts/bench_sample.py): sample() within 6–14% of the bare SG scan, everything included.
+# n/m = 39 still gets 10 of them per chain: λ̂ with a between-chain SE, the trace and the
+# cross-check. Measured there (scripts/bench_sample.py): sample() within 6–14% of the bare SG scan,
+# everything included, and a smaller SE than the per-step λ̂ of every step.
 FULL_LOSS_STEPS = 4
 
 
 def default_full_loss_every(method: str, n: int, batch_size: int, full_batch: bool, num_steps_bw_draws: int,
                             num_draws: int) -> int:
-    """full_loss_every=None: 1 for full-batch methods, else the draw interval nearest FULL_LOSS_STEPS · n/m steps."""
+    """full_loss_every=None: 1 for full-batch methods, else the draw interval nearest FULL_LOSS_STEPS · n/m
+    steps, at most num_draws; a divisor of num_draws within 25% of it when there is one (the runner
+    then needs no padded steps after the last full-data draw)."""
     if method not in SG_METHODS:
         return 1
     m = n if full_batch else batch_size
-    every = round(FULL_LOSS_STEPS * n / (m * num_steps_bw_draws))
-    return int(min(max(1, every), num_draws))
+    target = FULL_LOSS_STEPS * n / (m * num_steps_bw_draws)
+    every = int(min(max(1, round(target)), num_draws))
+    divisors = [j for j in range(max(1, math.ceil(target / 1.25)), min(num_draws, math.floor(target * 1.25)) + 1)
+                if num_draws % j == 0]
+    return min(divisors, key=lambda j: abs(j - target)) if divisors else every
 
 
 _CACHE_SET = False
@@ -451,16 +457,16 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
 
     What is evaluated when (nothing is evaluated that was not asked for):
       every step       the sampler's own loss (metrics_loss; SG methods: L_m of the step's minibatch
-                       at its start position). λ̂ of SG methods comes from it (compute_llc's default),
-                       over every post-burn-in step, at no cost beyond the step itself.
+                       at its start position): the per-step λ̂ over every post-burn-in step
+                       (compute_llc(source="minibatch"), and the cross-check), at no extra cost.
       every draw       the observables (if any) and the sampling batches (sampling_loss=True).
-      every full_loss_every-th draw   the full-data L_n (full_loss) and ‖w − w*‖ (distance): the trace, the diagnostics and
-                       the cross-check of the per-step λ̂; λ̂ of full-batch methods. Default (None):
+      every full_loss_every-th draw   the full-data L_n (full_loss) and ‖w − w*‖ (distance): λ̂
+                       (compute_llc's default), the trace and the diagnostics. Default (None):
                        1 for full-batch methods; for SG methods the draw interval nearest
-                       4 · n / (m · num_steps_bw_draws) (m = batch_size × gradient_accumulation_steps),
-                       i.e. a full-data L_n about every 4 n/m steps, which costs about 5% of the steps
-                       (an L_n costs ≈ n/m forward passes of a batch, a step ≈ 3 of them), and at
-                       most num_draws.
+                       4 · n / (m · num_steps_bw_draws) (m = batch_size × gradient_accumulation_steps;
+                       a divisor of num_draws within 25% of it if there is one; at most num_draws),
+                       i.e. a full-data L_n about every 4 n/m steps, which costs about 8% of the steps
+                       (an L_n costs ≈ n/m forward passes of a batch, a step ≈ 3 of them).
 
     Options:
       param_masks: weight restriction, see `free_mask`; only masked entries move, everything else
@@ -828,7 +834,7 @@ class LLCResult:
 
     status: "ok", "warnings" (health flags fired), "not_converged" (a trend flag: the draws are not
     yet stationary), "diverged" (chains excluded), "failed" (none usable).
-    cross_check: with the per-step source, its λ̂ beside the full-data draws' (llc_bench.estimator.
+    cross_check: SG methods, the per-step λ̂ beside the full-data draws' (llc_bench.estimator.
     cross_check; a disagreement is the flag `estimates_disagree`); None otherwise.
     """
 
@@ -883,24 +889,25 @@ def _baseline(ds) -> float:
     return float(np.mean(np.asarray(ds["init_loss"], np.float64)[0]))
 
 
-def compute_llc(tree, num_burnin_draws: int = 0, source: str = "auto") -> LLCResult:
+def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCResult:
     """λ̂ = nβ ( mean over usable chains and post-burn-in draws of L(w) − L_n(w*) ).
 
     L_n(w*) = full_loss_at_wstar: the FULL-data loss at w* (the mean of init_loss, computed the way the
     draws' full_loss is, so a chain that never moves gives exactly 0), never a minibatch average. Draws
     before `num_burnin_draws` are dropped (on top of the sampler's num_burnin_steps; for the per-step
     source, the steps up to that draw). L(w):
-      source="auto"      (default) "minibatch" for SG methods, "full" for full-batch ones
+      source="full"      (default) full-data L_n(w) at the full-data draws (full_loss)
       source="minibatch" the sampler's own per-step loss at every post-burn-in step (metrics_loss;
                          SG methods: L_m of each step's independent minibatch, unbiased for L_n at
-                         that step's position) = the pipeline's estimate_from="minibatch"
-      source="full"      full-data L_n(w) at the full-data draws (full_loss)
+                         that step's position; free, noisier) = the pipeline's estimate_from="minibatch"
+      source="auto"      "minibatch" for SG methods, "full" for full-batch ones
       source="sampling"  mean of the k fresh random batches at each draw (sampling_loss, needs
                          sample(..., sampling_loss=True); unbiased, noisier: devinterp's estimate)
     Per-chain values, SEs and exclusion of diverged / non-finite chains follow
     llc_bench.estimator.estimate_llc; health flags follow llc_bench.health.check_health on the
-    same post-burn-in series and the full-data draws. With the per-step source the full-data
-    draws check it (LLCResult.cross_check; flag `estimates_disagree`), as in the pipeline.
+    same post-burn-in series and the full-data draws. For SG methods the per-step and the
+    full-data λ̂ check each other (LLCResult.cross_check; flag `estimates_disagree`), as in the
+    pipeline.
     """
     from llc_bench.estimator import cross_check, cross_check_flag, estimate_llc
     from llc_bench.health import check_health, run_status
@@ -917,8 +924,11 @@ def compute_llc(tree, num_burnin_draws: int = 0, source: str = "auto") -> LLCRes
     estimate = estimate_llc(draws, loss_at_wstar, n_beta, diverged_at)
     full, full_steps = _full_draws(ds, burn)
     check = None
-    if source == "minibatch" and full.shape[1] >= 1:
-        check = cross_check(estimate, estimate_llc(full, loss_at_wstar, n_beta, diverged_at))
+    if _resolve_llc_source(ds, "auto") == "minibatch" and full.shape[1] >= 1:  # SG: the two check each other
+        per_step = estimate if source == "minibatch" else estimate_llc(
+            _llc_draws(ds, "minibatch", burn)[0], loss_at_wstar, n_beta, diverged_at)
+        full_est = estimate if source == "full" else estimate_llc(full, loss_at_wstar, n_beta, diverged_at)
+        check = cross_check(per_step, full_est)
 
     def per_step(name, fill, dtype=float):
         return np.asarray(ds[name], dtype) if name in ds else np.full(ds["metrics_loss"].shape, fill, dtype)

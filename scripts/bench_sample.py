@@ -8,8 +8,9 @@ Timed in interleaved rounds (the load of a shared machine drifts), best of --rep
 untimed one (compile and imports excluded; the persistent compilation cache is on):
 
 - sample() with one draw per step (num_draws = 1,500) and one per 10 steps (150), for each chain
-  count: the whole call, tree included, with the default schedules (per-step λ̂, full-data L_n
-  about every 4 n/m steps), and compute_llc on its result;
+  count: the whole call, tree included, with the default schedules (per-step loss every step,
+  full-data L_n about every 4 n/m steps), and compute_llc on its result (also recorded: the
+  per-step λ̂ beside the full-data one);
 - the runner's bare SG scan: run_chains with every step in one burn-in chunk and a single draw
   (llc_bench.runner's own wall clock, compile excluded);
 - a bare jax.jit(jax.value_and_grad(L_m)) on one batch of 256 for one parameter vector
@@ -87,12 +88,12 @@ def sample_call(params, x, y, chains: int, k: int):
 
 
 def sample_record(seconds: float, chains: int, tree, llc) -> dict:
-    full = compute_llc(tree, source="full")
+    per_step = compute_llc(tree, source="minibatch")
     return {"s": seconds, "us_per_chain_step": 1e6 * seconds / (chains * STEPS),
             "full_loss_every": tree.attrs["options"]["full_loss_every"],
-            "num_full_draws": int(tree.sizes["full_draw"]), "llc_per_step": llc.llc_mean, "se_per_step": llc.llc_se,
-            "se_per_step_batch_means": llc.estimate.se_batch_means, "llc_full": full.llc_mean,
-            "se_full": full.llc_se, "status": llc.status}
+            "num_full_draws": int(tree.sizes["full_draw"]), "llc_full": llc.llc_mean, "se_full": llc.llc_se,
+            "status": llc.status, "llc_per_step": per_step.llc_mean, "se_per_step": per_step.llc_se,
+            "se_per_step_batch_means": per_step.estimate.se_batch_means, "status_per_step": per_step.status}
 
 
 def scan_call(posterior, algorithm, chains: int) -> float:

@@ -221,9 +221,9 @@ def test_compute_llc_baseline_is_full_data_and_burnin_dropped(stored):
     sampling = compute_llc(tree, source="sampling", num_burnin_draws=BURNIN_DRAWS)
     S = np.asarray(tree["sampling_loss"], np.float64).mean(axis=(2, 3))[:, BURNIN_DRAWS:]
     assert sampling.llc_mean == pytest.approx(N_BETA * (S.mean() - baseline), rel=1e-10)
-    # the default for SG methods: every step's own minibatch loss after the burn-in steps and draws
-    per_step = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS)
-    assert per_step.source == "minibatch"
+    # the per-step source: every step's own minibatch loss after the burn-in steps and draws
+    per_step = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS, source="minibatch")
+    assert per_step.source == "minibatch" and full.source == "full"
     M = np.asarray(tree["metrics_loss"], np.float64)[:, BURNIN_DRAWS * K:]
     np.testing.assert_allclose(per_step.per_chain, N_BETA * (M.mean(axis=1) - baseline), rtol=1e-10)
     assert per_step.cross_check["llc_full"] == pytest.approx(full.llc_mean, rel=1e-12)
@@ -242,7 +242,7 @@ def test_restricted_llc_of_a_regular_model_is_half_the_free_dimension(stored):
     assert est.llc_mean == pytest.approx(1.0, abs=0.3)
     # the per-step estimate: nβ sd(L_m) ≈ 300 · 0.7/√64 ≈ 26 per step, so over 4 × 1,200 steps its SE
     # is ≈ 0.4, several times the full-data draws'; it must agree with the truth within it
-    per_step = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS)
+    per_step = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS, source="minibatch")
     assert 0.15 < per_step.llc_se < 1.0, per_step.llc_se
     assert abs(per_step.llc_mean - 1.0) < 4 * per_step.llc_se, (per_step.llc_mean, per_step.llc_se)
     # the devinterp-style estimate from fresh minibatches at each draw agrees within its noise
@@ -264,8 +264,8 @@ def test_compute_llc_equals_experiment_pipeline():
     the same per-sample NLL, nβ and γ taken from that Posterior, the sampler's ε and batch size, the
     same step counts and seed (sample() uses the same key derivation), every parameter free, and the
     full-data L_n at every draw as the pipeline's draws. Then the chains are the same, so:
-      compute_llc(tree) (SG: the per-step loss)    == the pipeline's default (estimate_from="auto")
-      compute_llc(tree, source="full")             == estimate_from="full"
+      compute_llc(tree) (full-data draws)          == the pipeline's default (estimate_from="full")
+      compute_llc(tree, source="minibatch")        == estimate_from="minibatch"
     both with the full-data baseline L_n(w*), the same cross-check of the two and the same flags.
     """
     from llc_bench.config import from_dict
@@ -304,15 +304,15 @@ def test_compute_llc_equals_experiment_pipeline():
     np.testing.assert_allclose(tree["full_loss"], pipeline.result.draw_loss, rtol=1e-5)
     np.testing.assert_allclose(tree["metrics_loss"], pipeline.result.loss_trace, rtol=1e-5)
     ours = compute_llc(tree)
-    assert pipeline.summary["estimate_from"] == ours.source == "minibatch"
+    assert pipeline.summary["estimate_from"] == ours.source == "full"
     assert pipeline.estimate.mean != 0
     assert ours.llc_mean == pytest.approx(pipeline.estimate.mean, rel=1e-4)
     np.testing.assert_allclose(ours.per_chain, pipeline.estimate.per_chain, rtol=1e-4)
     assert ours.llc_se == pytest.approx(pipeline.estimate.se, rel=1e-3)
     for key in ("llc_per_step", "llc_full", "se_full", "z"):
         assert ours.cross_check[key] == pytest.approx(pipeline.summary["cross_check"][key], rel=1e-3)
-    full = compute_llc(tree, source="full")
-    assert full.llc_mean == pytest.approx(estimate_from_result(pipeline.result, "full").mean, rel=1e-4)
+    minibatch = compute_llc(tree, source="minibatch")
+    assert minibatch.llc_mean == pytest.approx(estimate_from_result(pipeline.result, "minibatch").mean, rel=1e-4)
     # the same health checks: a flag in one is a flag in the other
     assert {f.code for f in ours.flags} == {f.code for f in pipeline.flags}
 
@@ -502,7 +502,7 @@ def test_lr_auto_on_the_tempered_posterior(problem):
     assert tree.attrs["options"]["lr"] == "auto"
     result = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS, source="full")
     assert result.llc_mean == pytest.approx(2.0, rel=0.1)  # 4 free parameters: λ = 2
-    per_step = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS)  # noisier: minibatch noise (see above)
+    per_step = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS, source="minibatch")  # noisier (see above)
     assert abs(per_step.llc_mean - 2.0) < 4 * per_step.llc_se, (per_step.llc_mean, per_step.llc_se)
     # σ = 2: the sampled posterior is p^(1/4); "auto" is measured on it, not on p
     tempered = sample(apply_linear, params, squared_error, (x, y), **{**kwargs, "num_draws": 2, "noise_level": 2.0})
@@ -549,7 +549,7 @@ def test_a_chain_that_never_moves_reads_exactly_zero(problem, num_chains):
     est = compute_llc(tree, source="full")
     assert est.llc_mean == 0.0 and np.all(est.per_chain == 0.0)
     # the per-step loss is a minibatch's at w*: zero only on average
-    per_step = compute_llc(tree)
+    per_step = compute_llc(tree, source="minibatch")
     minibatch_at_wstar = np.asarray(tree["metrics_loss"], np.float64).mean(axis=1)
     np.testing.assert_allclose(per_step.per_chain, N_BETA * (minibatch_at_wstar - est.loss_at_wstar), rtol=1e-10)
     assert np.all(per_step.per_chain != 0.0)
