@@ -331,8 +331,8 @@ def observable_indices(seed: int, n: int, size: int) -> np.ndarray:
 # costs ≈ n/m forward passes of a batch and an SG step ≈ 3 (forward, backward, noise), so the
 # full-data draws cost ≈ 1/(3 · FULL_LOSS_STEPS) ≈ 8% of the steps, while a 2,000-step run at
 # n/m = 39 still gets 10 of them per chain: λ̂ with a between-chain SE, the trace and the
-# cross-check. Measured there (scripts/bench_sample.py): sample() within 6–14% of the bare SG scan,
-# everything included, and a smaller SE than the per-step λ̂ of every step.
+# cross-check. Measured there (scripts/bench_sample.py, a loaded 2-core CPU): sample() at most 14%
+# above the bare SG scan, everything included, and λ̂ with about the SE of the per-step λ̂.
 FULL_LOSS_STEPS = 4
 
 
