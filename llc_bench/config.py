@@ -18,7 +18,7 @@ ACTIVATIONS = ("relu", "tanh", "gelu", "identity")
 TEACHER_KINDS = ("mlp", "dln")
 DLN_GENERATORS = ("chained", "rand_rank", "deepest")
 OPTIMIZERS = ("adam", "sgd")
-ESTIMATE_FROM = ("full", "minibatch")
+ESTIMATE_FROM = ("auto", "full", "minibatch")
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 JOB_SPEC_PREFIXES = ("sweep", "tune", "bench")
@@ -114,7 +114,12 @@ class RunConfig:
     num_steps_bw_draws: int = 5
     num_projections: int = 4
     chunk_size: int = 0  # steps per jitted chunk between progress updates; 0 = automatic
-    estimate_from: str = "full"  # "full": full-data L_n at draws; "minibatch": per-step sampler loss
+    # λ̂ from "full": the full-data L_n at the draws (every num_steps_bw_draws steps); "minibatch": the
+    # per-step loss (SG samplers: L_m of each step's own batch, free, every post-burn-in step);
+    # "auto": "minibatch" for SG samplers, "full" for full-batch ones. SG runs always report the
+    # other estimate beside it (summary "cross_check"). "full" by measurement: the per-step λ̂ agreed
+    # with it everywhere, with an SE as large or up to 4× larger (README, "The per-step estimator").
+    estimate_from: str = "full"
     # > 0: double the draws (at most max_doublings times) until SE(λ̂)/|λ̂| <= target_rel_se and the
     # drift test passes (llc_bench.experiment.run_sampler); 0 = one run of num_draws
     target_rel_se: float = 0.0

@@ -23,7 +23,7 @@ from llc_bench.runner import key_name
 from llc_bench.samplers.base import STEP_EPSILON
 
 # Format of the stored tree; bump when variables change meaning so old stores are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # devinterp's names for the same samplers
 METHOD_ALIASES = {"sgmcmc_sgld": "sgld"}
@@ -338,6 +338,88 @@ def observable_indices(seed: int, n: int, size: int) -> np.ndarray:
 # sample()
 # ---------------------------------------------------------------------------------------------
 
+# SG methods evaluate the full-data L_n about every FULL_LOSS_STEPS · n/m steps by default. An L_n
+# costs ≈ n/m forward passes of a batch and an SG step ≈ 3 (forward, backward, noise), so the
+# full-data draws cost ≈ 1/(3 · FULL_LOSS_STEPS) ≈ 8% of the steps, while a 2,000-step run at
+# n/m = 39 still gets 10 of them per chain: λ̂ with a between-chain SE, the trace and the
+# cross-check. Measured there (scripts/bench_sample.py, a loaded 2-core CPU): sample() at most 14%
+# above the bare SG scan, everything included, and λ̂ with about the SE of the per-step λ̂.
+FULL_LOSS_STEPS = 4
+
+
+def default_full_loss_every(method: str, n: int, batch_size: int, full_batch: bool, num_steps_bw_draws: int,
+                            num_draws: int) -> int:
+    """full_loss_every=None: 1 for full-batch methods, else the draw interval nearest FULL_LOSS_STEPS · n/m
+    steps, at most num_draws; a divisor of num_draws within 25% of it when there is one (the runner
+    then needs no padded steps after the last full-data draw)."""
+    if method not in _minibatch_methods():
+        return 1
+    m = n if full_batch else batch_size
+    target = FULL_LOSS_STEPS * n / (m * num_steps_bw_draws)
+    every = int(min(max(1, round(target)), num_draws))
+    divisors = [j for j in range(max(1, math.ceil(target / 1.25)), min(num_draws, math.floor(target * 1.25)) + 1)
+                if num_draws % j == 0]
+    return min(divisors, key=lambda j: abs(j - target)) if divisors else every
+
+
+_CACHE_SET = False
+_PREFETCHED = False
+# The runner's compiled chunks of the last few sample() calls, by everything that shapes them: a
+# rerun with the same model functions (the same objects) and options skips tracing and lowering.
+_EXECUTABLES: dict = {}
+_EXECUTABLES_KEPT = 4
+
+
+def _executables_for(apply_fn, loss_fn, options: dict) -> dict:
+    """The executables dict of this (apply_fn, loss_fn, options, JAX set-up), new if never seen."""
+    setup = (str(jax.devices()), jax.config.jax_enable_x64, jax.config.jax_threefry_partitionable,
+             str(jax.config.jax_default_prng_impl))
+    key = (id(apply_fn), id(loss_fn), json.dumps(options, sort_keys=True), setup)
+    entry = _EXECUTABLES.pop(key, None)
+    if entry is None or entry[0] is not apply_fn or entry[1] is not loss_fn:
+        entry = (apply_fn, loss_fn, {})  # the functions are kept alive, so their ids stay theirs
+    _EXECUTABLES[key] = entry  # most recent last
+    while len(_EXECUTABLES) > _EXECUTABLES_KEPT:
+        del _EXECUTABLES[next(iter(_EXECUTABLES))]
+    return entry[2]
+
+
+def _enable_cache_once() -> None:
+    """JAX's persistent compilation cache on, as the command line has it (llc_bench.jaxcache), unless the
+    caller already chose a cache directory or set LLC_BENCH_JAX_CACHE=off. Once per process."""
+    global _CACHE_SET
+    if _CACHE_SET:
+        return
+    _CACHE_SET = True
+    if not jax.config.jax_compilation_cache_dir:
+        from llc_bench.jaxcache import enable_compilation_cache
+
+        enable_compilation_cache()
+
+
+def _prefetch_imports_once() -> None:
+    """Import what the tree and compute_llc need (xarray; the health checks with arviz-stats and
+    scipy.stats: about 1 s) in a background thread while the chains compile and run: JAX releases the
+    interpreter lock there. Started after every import sample() itself needs, so the two threads
+    never wait on each other's module locks. Once per process."""
+    global _PREFETCHED
+    if _PREFETCHED:
+        return
+    _PREFETCHED = True
+    import threading
+
+    threading.Thread(target=_import_later_modules, name="llc_bench-imports", daemon=True).start()
+
+
+def _import_later_modules() -> None:
+    import importlib
+
+    for module in ("xarray", "llc_bench.health"):
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the main thread's own import reports any real error
+            return
+
 
 def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=None, lr: float | str | None = None,
            n_beta: float, localization: float, num_chains: int, num_draws: int, num_burnin_steps: int = 0,
@@ -347,7 +429,8 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
            weight_decay: float = 0.0, bounding_box_size: float | None = None, init_noise: float | None = None,
            param_masks=None, batches_per_draw: int = 3, seed: int = 0, output_path: str | Path | None = None,
            save_metrics: bool = False, overwrite: bool = False, progress: bool = True, full_batch: bool = False,
-           per_sample_losses: bool = True, **devinterp_v1):
+           per_sample_losses: bool = True, full_loss_every: int | None = None, sampling_loss: bool = False,
+           **devinterp_v1):
     """Sample the local posterior of `params` and record per-sample losses at every draw (devinterp's sample()).
 
     Model and loss: `loss_fn(apply_fn, params, x, y) -> (m,)` per-sample negative log-likelihoods
@@ -383,6 +466,19 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     Steps: num_burnin_steps + num_draws · num_steps_bw_draws per chain; a draw follows every
     num_steps_bw_draws-th step after burn-in.
 
+    What is evaluated when (nothing is evaluated that was not asked for):
+      every step       the sampler's own loss (metrics_loss; SG methods: L_m of the step's minibatch
+                       at its start position): the per-step λ̂ over every post-burn-in step
+                       (compute_llc(source="minibatch"), and the cross-check), at no extra cost.
+      every draw       the observables (if any) and the sampling batches (sampling_loss=True).
+      every full_loss_every-th draw   the full-data L_n (full_loss) and ‖w − w*‖ (distance): λ̂
+                       (compute_llc's default), the trace and the diagnostics. Default (None):
+                       1 for full-batch methods; for SG methods the draw interval nearest
+                       4 · n / (m · num_steps_bw_draws) (m = batch_size × gradient_accumulation_steps;
+                       a divisor of num_draws within 25% of it if there is one; at most num_draws),
+                       i.e. a full-data L_n about every 4 n/m steps, which costs about 8% of the steps
+                       (an L_n costs ≈ n/m forward passes of a batch, a step ≈ 3 of them).
+
     Options:
       param_masks: weight restriction, see `free_mask`; only masked entries move, everything else
         stays exactly at its value in `params`; localization, noise and prior act on w only.
@@ -393,30 +489,36 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         and the dataset size only, so identical datasets get identical points) and evaluated at
         every draw of every chain.
       batches_per_draw: default batches per observable, and the number of fresh random sampling
-        batches evaluated at each draw (sampling_loss).
+        batches evaluated at each draw when sampling_loss=True.
+      sampling_loss: evaluate batches_per_draw fresh random batches of the sampling dataset at every
+        draw (devinterp's estimate, compute_llc(source="sampling"); costs batches_per_draw forward
+        passes per draw). Off by default: the per-step loss is the same estimate for free.
+      full_loss_every: draws between full-data L_n evaluations (see above); 1 = every draw.
       seed: an integer in [0, 2^32) (JAX keys keep 32 bits). Chains use the experiment pipeline's key (llc_bench.experiment.sampler_key(seed,
         method)); the sampling batches at draws use sampler_key(seed, "sample:sampling_batches")
         folded with chain and draw; observable points come from `observable_indices(seed, n)`.
 
-    Output: an xarray DataTree (root dataset; C chains, D draws, T steps, k = batches_per_draw,
-    b = batch_size). By default it holds per-sample losses: sampling_loss and sampling_index take
-    C·D·k·b values each, and each observable C·D·k_obs·b, about 8·C·D·k·b bytes per dataset (4·10⁸
-    bytes for 4 chains × 1000 draws × 3 batches × 8192). per_sample_losses=False keeps only each
-    batch's mean loss (dims chain, draw, batch; no sampling_index): compute_llc and
+    Output: an xarray DataTree (root dataset; C chains, D draws, F full-data draws, T steps,
+    k = batches_per_draw, b = batch_size). By default it holds per-sample losses: sampling_loss and
+    sampling_index take C·D·k·b values each, and each observable C·D·k_obs·b, about 8·C·D·k·b bytes
+    per dataset (4·10⁸ bytes for 4 chains × 1000 draws × 3 batches × 8192). per_sample_losses=False
+    keeps only each batch's mean loss (dims chain, draw, batch; no sampling_index): compute_llc and
     compute_susceptibilities' χ work unchanged, the per-point results (compute_bif, χ per sample) need
     the per-sample losses.
       init_loss(chain, sample_init)       per-sample losses of the full dataset at w* (same for every
                                           chain; its own dim because n ≠ b)
-      full_loss(chain, draw)              full-data L_n(w) at each draw (computed by the runner)
+      metrics_loss(chain, step)           the sampler's per-step loss, every step (burn-in included)
+      full_loss(chain, full_draw)         full-data L_n(w) at every full_loss_every-th draw; coords
+                                          full_draw_step (its step) and full_draw_index (its draw)
       sampling_loss(chain, draw, batch, sample)  per-sample losses on k fresh random batches
-      sampling_index(chain, draw, batch, sample) their dataset indices
+      sampling_index(chain, draw, batch, sample) their dataset indices (both with sampling_loss=True)
       loss_<obs>(chain, draw, batch_<obs>, sample)  per-sample losses on the observable's fixed points
       index_<obs>(batch_<obs>, sample)    those points' indices in the observable's dataset
-      distance(chain, draw)               ‖w − w*‖ over the free entries
+      distance(chain, full_draw)          ‖w − w*‖ over the free entries
       diverged_at(chain)                  first non-finite step, −1 if none (its draws are NaN)
       full_loss_at_wstar ()               full-data L_n(w*), computed as full_loss is (λ̂'s baseline)
       n_beta ()                           nβ as given
-      metrics_{loss,accept,energy_change,diverging}(chain, step)  per-step sampler info (save_metrics)
+      metrics_{accept,energy_change,diverging}(chain, step)  more per-step sampler info (save_metrics)
     Root attrs: `options` (every resolved option plus fingerprints of params, masks and data),
     `run` (sampler settings, d, timings, work).
 
@@ -431,8 +533,6 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     Every argument is checked before any work, and a ValueError names it. devinterp v1's names
     (nbeta, optimizer_kwargs, grad_accum_steps, ...) raise a TypeError that gives the name used here.
     """
-    import xarray as xr
-
     from llc_bench.runner import run_chains
 
     # ---- validate and resolve ---------------------------------------------------------------
@@ -462,6 +562,10 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
             raise ValueError(f"{name} must be {rule}, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < SEED_LIMIT:
         raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
+    if full_loss_every is not None and (isinstance(full_loss_every, bool) or not isinstance(full_loss_every, int | np.integer)
+                                        or not 1 <= full_loss_every <= num_draws):
+        raise ValueError(f"full_loss_every must be None or an integer in [1, num_draws = {num_draws}], "
+                         f"got {full_loss_every!r}")
     _check_lr(lr)
     if full_batch and not minibatch:
         raise ValueError(f"full_batch applies to {_minibatch_methods()}; {method!r} always uses the full batch")
@@ -473,6 +577,9 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         aliased={"rmsprop_eps": rmsprop_eps, "rmsprop_alpha": rmsprop_alpha})
     x, y = _as_dataset(dataset, "dataset")
     n = int(x.shape[0])
+    if full_loss_every is None:
+        full_loss_every = default_full_loss_every(method, n, batch_size * gradient_accumulation_steps, full_batch,
+                                                  num_steps_bw_draws, num_draws)
     if full_batch and n % gradient_accumulation_steps:
         raise ValueError(f"full_batch: gradient_accumulation_steps = {gradient_accumulation_steps} must divide "
                          f"the dataset size n = {n}")
@@ -505,6 +612,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         "weight_decay": weight_decay, "bounding_box_size": bounding_box_size, "init_noise": init_noise,
         "batches_per_draw": batches_per_draw, "seed": seed, "save_metrics": save_metrics,
         "full_batch": bool(full_batch), "per_sample_losses": bool(per_sample_losses),
+        "full_loss_every": int(full_loss_every), "sampling_loss": bool(sampling_loss),
         "apply_fn": _fn_name(apply_fn), "loss_fn": _fn_name(loss_fn),
         "params_sha256": _sha256(*jax.tree_util.tree_leaves(params)),
         "param_paths": param_paths(params),
@@ -519,11 +627,15 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         reused = _reuse_store(path, options, overwrite)
         if reused is not None:
             return reused
+    _enable_cache_once()
 
     # ---- posterior, sampler, draws -----------------------------------------------------------
     temper = float(noise_level) ** 2
     w_star = restriction.w_star
-    init_loss = jax.jit(per_sample_loss)(w_star, x, y)
+    executables = _executables_for(apply_fn, loss_fn, options)
+    if "init_loss" not in executables:
+        executables["init_loss"] = jax.jit(per_sample_loss)(w_star, x, y)
+    init_loss = executables["init_loss"]
     loss_at_wstar = float(jnp.mean(init_loss))
     posterior = SamplingPosterior(per_sample_loss, x, y, w_star, float(n_beta) / temper,
                                   float(localization) / temper, loss_at_wstar,
@@ -551,48 +663,60 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         losses = jax.lax.map(lambda xy: per_sample_loss(w, *xy), (xs, ys))
         return losses if per_sample_losses else jnp.mean(losses, axis=-1)
 
+    def distance(w, chain, draw, data):
+        return {"distance": jnp.linalg.norm(w - data["w_star"])}
+
     def draw_fn(w, chain, draw, data):
-        key = jax.random.fold_in(jax.random.fold_in(data["key"], chain), draw)
-        idx = jax.random.randint(key, (k_sampling, batch_size), 0, n)
-        out = {
-            "sampling_loss": batch_losses(w, data["x"][idx], data["y"][idx]),
-            "distance": jnp.linalg.norm(w - data["w_star"]),
-        }
-        if per_sample_losses:
-            out["sampling_index"] = idx.astype(jnp.int32)
+        out = {}
+        if sampling_loss:
+            key = jax.random.fold_in(jax.random.fold_in(data["key"], chain), draw)
+            idx = jax.random.randint(key, (k_sampling, batch_size), 0, n)
+            out["sampling_loss"] = batch_losses(w, data["x"][idx], data["y"][idx])
+            if per_sample_losses:
+                out["sampling_index"] = idx.astype(jnp.int32)
         for name, (xs, ys) in data["obs"].items():
             out[f"loss_{name}"] = batch_losses(w, xs, ys)
         return out
 
+    _prefetch_imports_once()
     result = run_chains(method, algorithm, posterior, _key(seed, method), num_chains=num_chains,
                         num_burnin_steps=num_burnin_steps, num_draws=num_draws,
                         num_steps_bw_draws=num_steps_bw_draws, progress=progress,
-                        draw_fn=draw_fn, draw_data=draw_data)
+                        draw_fn=draw_fn if obs or sampling_loss else None, draw_data=draw_data,
+                        full_loss_every=full_loss_every, full_draw_fn=distance,
+                        executables=executables)
 
     # ---- the tree ----------------------------------------------------------------------------
+    import xarray as xr
+
     draws = result.draw_outputs
     chain_dim = np.arange(num_chains)
     data_vars = {
         "init_loss": (("chain", "sample_init"), np.broadcast_to(np.asarray(init_loss), (num_chains, n))),
-        "full_loss": (("chain", "draw"), result.draw_loss),
-        "sampling_loss": (("chain", "draw", "batch", "sample")[:draws["sampling_loss"].ndim], draws["sampling_loss"]),
-        "distance": (("chain", "draw"), draws["distance"]),
+        "full_loss": (("chain", "full_draw"), result.draw_loss),
+        "metrics_loss": (("chain", "step"), result.loss_trace),
+        "distance": (("chain", "full_draw"), result.full_draw_outputs["distance"]),
         "diverged_at": (("chain",), result.diverged_at),
         "full_loss_at_wstar": ((), np.float64(result.loss_at_wstar)),
         "n_beta": ((), np.float64(n_beta)),
     }
-    if per_sample_losses:
-        data_vars["sampling_index"] = (("chain", "draw", "batch", "sample"), draws["sampling_index"])
+    if sampling_loss:
+        data_vars["sampling_loss"] = (("chain", "draw", "batch", "sample")[:draws["sampling_loss"].ndim],
+                                      draws["sampling_loss"])
+        if per_sample_losses:
+            data_vars["sampling_index"] = (("chain", "draw", "batch", "sample"), draws["sampling_index"])
     for name in obs:
         dims = ("chain", "draw", f"batch_{name}", "sample")[:draws[f"loss_{name}"].ndim]
         data_vars[f"loss_{name}"] = (dims, draws[f"loss_{name}"])
         data_vars[f"index_{name}"] = ((f"batch_{name}", "sample"), obs_index[name])
     if save_metrics:
-        for field in ("loss", "accept", "energy_change", "diverging"):
-            data_vars[f"metrics_{field}"] = (("chain", "step"), getattr(result, field if field != "loss" else "loss_trace"))
-    coords = {"chain": chain_dim, "draw": np.arange(num_draws), "draw_step": ("draw", result.draw_steps)}
-    if save_metrics:
-        coords["step"] = np.arange(result.loss_trace.shape[1])
+        for field in ("accept", "energy_change", "diverging"):
+            data_vars[f"metrics_{field}"] = (("chain", "step"), getattr(result, field))
+    draw_steps = num_burnin_steps + (np.arange(num_draws) + 1) * num_steps_bw_draws - 1
+    coords = {"chain": chain_dim, "draw": np.arange(num_draws), "draw_step": ("draw", draw_steps),
+              "full_draw_step": ("full_draw", result.draw_steps),
+              "full_draw_index": ("full_draw", np.arange(full_loss_every - 1, num_draws, full_loss_every)),
+              "step": np.arange(result.loss_trace.shape[1])}
     ds = xr.Dataset(data_vars, coords=coords)
     run_info = {
         "sampler_description": spec.description,
@@ -724,6 +848,8 @@ class LLCResult:
 
     status: "ok", "warnings" (health flags fired), "not_converged" (a trend flag: the draws are not
     yet stationary), "diverged" (chains excluded), "failed" (none usable).
+    cross_check: SG methods, the per-step λ̂ beside the full-data draws' (llc_bench.estimator.
+    cross_check; a disagreement is the flag `estimates_disagree`); None otherwise.
     """
 
     llc_mean: float
@@ -736,6 +862,22 @@ class LLCResult:
     n_beta: float
     source: str
     num_burnin_draws: int
+    cross_check: dict | None = None
+
+
+def _resolve_llc_source(ds, source: str) -> str:
+    """source="auto": "minibatch" (the per-step loss) for SG methods, "full" for full-batch ones."""
+    if source != "auto":
+        return source
+    from llc_bench.estimator import resolve_source
+
+    return resolve_source("auto", str(ds.attrs.get("options", {}).get("sampling_method", "")))
+
+
+def _full_draws(ds, burn: int) -> tuple[np.ndarray, np.ndarray]:
+    """((C, F') full-data L_n, (F',) their steps) of the full-data draws at or after draw `burn`."""
+    keep = np.asarray(ds["full_draw_index"]) >= burn
+    return (np.asarray(ds["full_loss"], np.float64)[:, keep], np.asarray(ds["full_draw_step"])[keep])
 
 
 def _llc_draws(ds, source: str, burn: int) -> tuple[np.ndarray, int]:
@@ -743,15 +885,15 @@ def _llc_draws(ds, source: str, burn: int) -> tuple[np.ndarray, int]:
     k = int(ds.attrs.get("options", {}).get("num_steps_bw_draws", 1))
     burn_steps = int(ds.attrs.get("options", {}).get("num_burnin_steps", 0)) + burn * k
     if source == "full":
-        return np.asarray(ds["full_loss"], np.float64)[:, burn:], burn_steps
+        return _full_draws(ds, burn)[0], burn_steps
     if source == "sampling":  # batches have equal sizes: the mean of batch means is the mean of all
+        if "sampling_loss" not in ds:
+            raise ValueError("source='sampling' needs the sampling batches: sample(..., sampling_loss=True)")
         s = np.asarray(ds["sampling_loss"], np.float64)
         return s.reshape(*s.shape[:2], -1).mean(axis=2)[:, burn:], burn_steps
     if source == "minibatch":
-        if "metrics_loss" not in ds:
-            raise ValueError("source='minibatch' needs the per-step losses: sample(..., save_metrics=True)")
         return np.asarray(ds["metrics_loss"], np.float64)[:, burn_steps:], burn_steps
-    raise ValueError(f"source must be 'full', 'sampling' or 'minibatch', got {source!r}")
+    raise ValueError(f"source must be 'auto', 'full', 'sampling' or 'minibatch', got {source!r}")
 
 
 def _baseline(ds) -> float:
@@ -766,21 +908,27 @@ def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCRes
 
     L_n(w*) = full_loss_at_wstar: the FULL-data loss at w* (the mean of init_loss, computed the way the
     draws' full_loss is, so a chain that never moves gives exactly 0), never a minibatch average. Draws
-    before `num_burnin_draws` are dropped (on top of the sampler's num_burnin_steps). L(w):
-      source="full"      (default) full-data L_n(w) at each draw (full_loss)
-      source="sampling"  mean of the k fresh random batches at each draw (sampling_loss; unbiased,
-                         noisier: devinterp's estimate)
-      source="minibatch" the sampler's own per-step minibatch loss after burn-in (metrics_loss,
-                         needs save_metrics=True) = the pipeline's estimate_from="minibatch"
+    before `num_burnin_draws` are dropped (on top of the sampler's num_burnin_steps; for the per-step
+    source, the steps up to that draw). L(w):
+      source="full"      (default) full-data L_n(w) at the full-data draws (full_loss)
+      source="minibatch" the sampler's own per-step loss at every post-burn-in step (metrics_loss;
+                         SG methods: L_m of each step's independent minibatch, unbiased for L_n at
+                         that step's position; free, noisier) = the pipeline's estimate_from="minibatch"
+      source="auto"      "minibatch" for SG methods, "full" for full-batch ones
+      source="sampling"  mean of the k fresh random batches at each draw (sampling_loss, needs
+                         sample(..., sampling_loss=True); unbiased, noisier: devinterp's estimate)
     Per-chain values, SEs and exclusion of diverged / non-finite chains follow
     llc_bench.estimator.estimate_llc; health flags follow llc_bench.health.check_health on the
-    same post-burn-in series (plus the per-step trace when it was saved).
+    same post-burn-in series and the full-data draws. For SG methods the per-step and the
+    full-data λ̂ check each other (LLCResult.cross_check; flag `estimates_disagree`), as in the
+    pipeline.
     """
-    from llc_bench.estimator import estimate_llc
+    from llc_bench.estimator import cross_check, cross_check_flag, estimate_llc
     from llc_bench.health import check_health, run_status
     from llc_bench.runner import ChainResult
 
     ds = _dataset(tree)
+    source = _resolve_llc_source(ds, source)
     num_chains, num_draws = ds.sizes["chain"], ds.sizes["draw"]
     burn = _burnin(num_burnin_draws, num_draws)
     draws, burn_steps = _llc_draws(ds, source, burn)
@@ -788,30 +936,37 @@ def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCRes
     n_beta = float(ds["n_beta"])
     diverged_at = np.asarray(ds["diverged_at"], np.int64)
     estimate = estimate_llc(draws, loss_at_wstar, n_beta, diverged_at)
-
-    metrics = "metrics_loss" in ds
+    full, full_steps = _full_draws(ds, burn)
+    check = None
+    if _resolve_llc_source(ds, "auto") == "minibatch" and full.shape[1] >= 1:  # SG: the two check each other
+        per_step = estimate if source == "minibatch" else estimate_llc(
+            _llc_draws(ds, "minibatch", burn)[0], loss_at_wstar, n_beta, diverged_at)
+        full_est = estimate if source == "full" else estimate_llc(full, loss_at_wstar, n_beta, diverged_at)
+        check = cross_check(per_step, full_est)
 
     def per_step(name, fill, dtype=float):
-        return np.asarray(ds[name], dtype) if metrics else np.full((num_chains, 0), fill, dtype)
+        return np.asarray(ds[name], dtype) if name in ds else np.full(ds["metrics_loss"].shape, fill, dtype)
 
     health_input = ChainResult(
         sampler=str(ds.attrs.get("options", {}).get("sampling_method", "")),
-        loss_trace=per_step("metrics_loss", np.nan),
+        loss_trace=np.asarray(ds["metrics_loss"], np.float64),
         accept=per_step("metrics_accept", np.nan),
         energy_change=per_step("metrics_energy_change", np.nan),
         diverging=per_step("metrics_diverging", False, bool),
-        draw_loss=draws if source != "minibatch" else np.asarray(ds["full_loss"], np.float64)[:, burn:],
-        draw_steps=np.asarray(ds["draw_step"])[burn:],
-        projections=np.zeros((num_chains, num_draws - burn, 0)),
+        draw_loss=draws if source in ("full", "sampling") else full,
+        draw_steps=np.asarray(ds["draw_step"])[burn:] if source == "sampling" else full_steps,
+        projections=np.zeros((num_chains, full.shape[1], 0)),
         diverged_at=diverged_at,
         grad_evals=np.zeros(num_chains), warmup_grad_evals=np.zeros(num_chains),
-        num_burnin_steps=burn_steps if metrics else 0,
+        num_burnin_steps=burn_steps,
         loss_at_wstar=loss_at_wstar, n_beta=n_beta, wall_s=0.0, warmup_s=0.0, compile_s=0.0, tuned={},
     )
-    flags = tuple(check_health(health_input, estimate_from="minibatch" if source == "minibatch" else "full"))
+    flags = check_health(health_input, estimate_from="minibatch" if source == "minibatch" else "full")
+    if cross_check_flag(check) is not None:
+        flags.append(cross_check_flag(check))
     status = run_status(estimate.status, flags)
-    return LLCResult(estimate.mean, estimate.se, estimate.per_chain, status, flags, estimate,
-                     loss_at_wstar, n_beta, source, burn)
+    return LLCResult(estimate.mean, estimate.se, estimate.per_chain, status, tuple(flags), estimate,
+                     loss_at_wstar, n_beta, source, burn, check)
 
 
 def _usable(ds, *series: np.ndarray) -> np.ndarray:
@@ -832,13 +987,15 @@ def _per_sample(ds) -> bool:
     return bool(ds.attrs.get("options", {}).get("per_sample_losses", True))
 
 
-def _obs_losses(ds, name: str, burn: int) -> np.ndarray:
-    """(C, N, I) per-sample losses, or (C, N, k) batch means when the tree stores only means."""
+def _obs_losses(ds, name: str, burn) -> np.ndarray:
+    """(C, N, I) per-sample losses, or (C, N, k) batch means when the tree stores only means, of the
+    draws from `burn` on (an int) or of the draws listed in `burn` (an index array)."""
     var = f"loss_{name}"
     if var not in ds:
         have = [v[5:] for v in ds.data_vars if v.startswith("loss_")]
         raise ValueError(f"no observable {name!r} in this tree; observables: {have}")
-    x = np.asarray(ds[var], np.float64)[:, burn:]
+    x = np.asarray(ds[var], np.float64)
+    x = x[:, burn:] if isinstance(burn, int) else x[:, burn]
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
@@ -894,9 +1051,10 @@ def compute_susceptibilities(tree, *, num_burnin_draws: int = 0, source: str = "
         χ_obs = −nβ · Cov_β( L(w), φ_obs(w) ) = nβ · ∂E_β[φ_obs] / ∂(nβ)
 
     φ_obs = mean loss on the observable's fixed points, L = the sampling dataset's loss
-    (source="full": full-data L_n at each draw; "sampling": the mean of that draw's fresh random
-    batches, an unbiased but noisier proxy: batch noise is independent of w, so the covariance is
-    unchanged in expectation). The identity follows from ∂/∂(nβ) E[φ] = −Cov(φ, L_n) for
+    (source="full": full-data L_n, at the draws that have it: every one with sample(...,
+    full_loss_every=1), else every full_loss_every-th; "sampling": the mean of that draw's fresh
+    random batches (sample(..., sampling_loss=True)), an unbiased but noisier proxy: batch noise is
+    independent of w, so the covariance is unchanged in expectation). The identity follows from ∂/∂(nβ) E[φ] = −Cov(φ, L_n) for
     p ∝ exp(−nβ L_n − …). Sign: χ < 0 means the observable's expected loss falls when the
     sampling data are weighted more (a relative increase of nβ); χ > 0 means it rises.
 
@@ -913,11 +1071,18 @@ def compute_susceptibilities(tree, *, num_burnin_draws: int = 0, source: str = "
     if source not in ("full", "sampling"):
         raise ValueError(f"source must be 'full' or 'sampling', got {source!r}")
     loss, _ = _llc_draws(ds, source, burn)
+    rows = burn
+    if source == "full":  # the draws with a full-data L_n
+        index = np.asarray(ds["full_draw_index"])
+        rows = index[index >= burn]
+        if rows.size < 2:
+            raise ValueError(f"source='full' has {rows.size} full-data draw(s) after burn-in, fewer than 2; "
+                             "sample(..., full_loss_every=1) evaluates L_n at every draw")
     n_beta = float(ds["n_beta"])
     names = [v[5:] for v in ds.data_vars if v.startswith("loss_")]
     out = {}
     for name in names:
-        per_sample = _obs_losses(ds, name, burn)  # (C, N, I)
+        per_sample = _obs_losses(ds, name, rows)  # (C, N, I)
         ok = _usable(ds, loss, per_sample)
         shape = ds[f"index_{name}"].shape
         dims = ds[f"index_{name}"].dims

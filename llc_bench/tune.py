@@ -29,7 +29,7 @@ from llc_bench.config import (
     to_dict,
     to_toml,
 )
-from llc_bench.estimator import estimate_from_result
+from llc_bench.estimator import estimate_from_result, resolve_source
 from llc_bench.health import REMEDIES, HealthFlag, check_health
 from llc_bench.runner import ChainResult
 
@@ -425,7 +425,7 @@ def run_cell(cfg: Config, name: str, posterior, step_size: float | None, n_beta:
                            f"{type(exc).__name__}: {exc}", posterior.loss_at_wstar)
     # "auto" resolves per cell (it depends on nβ and γ): the cell keeps the ε it ran with
     step_size = run.summary.get("step_size", step_size)
-    return assess(run.result, step_size, n_beta, gamma, flags=run.flags, source=cfg.run.estimate_from,
+    return assess(run.result, step_size, n_beta, gamma, flags=run.flags, source=run.summary["estimate_from"],
                   wall_s=time.perf_counter() - start)
 
 
@@ -442,7 +442,7 @@ def run_control(cfg: Config, name: str, posterior, cell: CellResult) -> np.ndarr
                         num_burnin_steps=r.num_burnin_steps, num_draws=r.num_draws,
                         num_steps_bw_draws=r.num_steps_bw_draws, num_projections=0,
                         chunk_size=r.chunk_size, progress=False)
-    return rise_per_chain(result, r.estimate_from)
+    return rise_per_chain(result, resolve_source(r.estimate_from, name))
 
 
 def grid_cells(grid: TuneGrid, n: int, tunes_step: bool) -> list[tuple[float | None, float, float]]:

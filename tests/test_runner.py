@@ -322,3 +322,28 @@ def test_sharded_chains_match_single_device():
 def test_sharding_needs_divisible_chains():
     with pytest.raises(ValueError, match="multiple"):
         chain_shardings([jax.devices()[0]] * 2, 3)
+
+
+@pytest.mark.parametrize("with_draw_fn", [False, True])
+def test_full_loss_every_evaluates_a_subset_of_the_same_draws(gaussian, with_draw_fn):
+    """full_loss_every = 3 of 7 draws: L_n, projections and full_draw_fn at draws 2 and 5 only, equal
+    to the every-draw run's there; the chains, the trace and draw_fn's outputs are unchanged. Without
+    draw_fn the loop runs blocks of 9 steps (the last one partial, its draw dropped)."""
+    post, mean, cov = gaussian
+    draw_fn = (lambda w, c, d, data: {"w0": w[0] + data}) if with_draw_fn else None
+    kwargs = {**RUN, "draw_fn": draw_fn, "draw_data": jnp.float32(1.0) if with_draw_fn else None,
+              "full_draw_fn": lambda w, c, d, data: {"norm": jnp.linalg.norm(w)}}
+    every = run_chains("iid", iid_gaussian(post, mean, cov), post, jax.random.key(3), **kwargs)
+    sparse = run_chains("iid", iid_gaussian(post, mean, cov), post, jax.random.key(3), **kwargs, full_loss_every=3)
+    np.testing.assert_array_equal(sparse.draw_steps, every.draw_steps[[2, 5]])
+    np.testing.assert_allclose(sparse.draw_loss, every.draw_loss[:, [2, 5]], rtol=1e-6)
+    np.testing.assert_allclose(sparse.projections, every.projections[:, [2, 5]], rtol=1e-6)
+    np.testing.assert_allclose(sparse.full_draw_outputs["norm"], every.full_draw_outputs["norm"][:, [2, 5]], rtol=1e-6)
+    assert every.full_draw_outputs["norm"].shape == (3, 7)
+    np.testing.assert_allclose(sparse.loss_trace, every.loss_trace, rtol=1e-6)
+    np.testing.assert_allclose(sparse.grad_evals, every.grad_evals, rtol=1e-6)
+    if with_draw_fn:
+        assert sparse.draw_outputs["w0"].shape == (3, 7)
+        np.testing.assert_allclose(sparse.draw_outputs["w0"], every.draw_outputs["w0"], rtol=1e-6)
+    with pytest.raises(ValueError, match="full_loss_every"):
+        run_chains("iid", iid_gaussian(post, mean, cov), post, jax.random.key(3), **RUN, full_loss_every=8)

@@ -53,8 +53,9 @@ KERNEL_MASK = np.array([[True], [False], [True]])  # W_1 frozen, W_0 and W_2 fre
 C, D, K = 4, 150, 10
 N_BETA = 300.0
 BURNIN_DRAWS = 30
+# Most tests read every draw's full-data L_n and sampling batches: both asked for explicitly.
 COMMON = dict(lr=1e-4, n_beta=N_BETA, localization=1.0, num_chains=C, num_draws=D, num_steps_bw_draws=K,
-              batch_size=64, seed=3, progress=False)
+              batch_size=64, seed=3, progress=False, full_loss_every=1, sampling_loss=True)
 MASKS = {"params": {"dense": {"kernel": KERNEL_MASK}}}
 
 
@@ -209,7 +210,7 @@ def test_susceptibility_formula_and_sign(stored):
 
 def test_compute_llc_baseline_is_full_data_and_burnin_dropped(stored):
     tree, _ = stored
-    full = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS)
+    full = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS, source="full")
     L = np.asarray(tree["full_loss"], np.float64)[:, BURNIN_DRAWS:]
     # the full-data mean of init_loss, as the draws' full_loss computes a mean (float32, not float64)
     baseline = float(tree["full_loss_at_wstar"])
@@ -220,6 +221,13 @@ def test_compute_llc_baseline_is_full_data_and_burnin_dropped(stored):
     sampling = compute_llc(tree, source="sampling", num_burnin_draws=BURNIN_DRAWS)
     S = np.asarray(tree["sampling_loss"], np.float64).mean(axis=(2, 3))[:, BURNIN_DRAWS:]
     assert sampling.llc_mean == pytest.approx(N_BETA * (S.mean() - baseline), rel=1e-10)
+    # the per-step source: every step's own minibatch loss after the burn-in steps and draws
+    per_step = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS, source="minibatch")
+    assert per_step.source == "minibatch" and full.source == "full"
+    M = np.asarray(tree["metrics_loss"], np.float64)[:, BURNIN_DRAWS * K:]
+    np.testing.assert_allclose(per_step.per_chain, N_BETA * (M.mean(axis=1) - baseline), rtol=1e-10)
+    assert per_step.cross_check["llc_full"] == pytest.approx(full.llc_mean, rel=1e-12)
+    assert per_step.cross_check["llc_per_step"] == pytest.approx(per_step.llc_mean, rel=1e-12)
     with pytest.raises(ValueError, match="num_burnin_draws"):
         compute_llc(tree, num_burnin_draws=D)
 
@@ -227,11 +235,16 @@ def test_compute_llc_baseline_is_full_data_and_burnin_dropped(stored):
 def test_restricted_llc_of_a_regular_model_is_half_the_free_dimension(stored):
     """Linear regression with Gaussian noise (σ = 1): λ = d/2 for d free weights; 2 of 4 free -> λ = 1."""
     tree, _ = stored
-    est = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS)
+    est = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS, source="full")
     assert est.status in ("ok", "warnings"), est.flags
     # per-draw nβ(L_n − L*) ≈ ½χ²_2 has sd 1; 480 autocorrelated draws: SE ≈ 0.1
     assert abs(est.llc_mean - 1.0) < 4 * est.llc_se + 0.05, (est.llc_mean, est.llc_se)
     assert est.llc_mean == pytest.approx(1.0, abs=0.3)
+    # the per-step estimate: nβ sd(L_m) ≈ 300 · 0.7/√64 ≈ 26 per step, so over 4 × 1,200 steps its SE
+    # is ≈ 0.4, several times the full-data draws'; it must agree with the truth within it
+    per_step = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS, source="minibatch")
+    assert 0.15 < per_step.llc_se < 1.0, per_step.llc_se
+    assert abs(per_step.llc_mean - 1.0) < 4 * per_step.llc_se, (per_step.llc_mean, per_step.llc_se)
     # the devinterp-style estimate from fresh minibatches at each draw agrees within its noise
     sampling = compute_llc(tree, source="sampling", num_burnin_draws=BURNIN_DRAWS)
     assert abs(sampling.llc_mean - est.llc_mean) < 4 * sampling.llc_se
@@ -249,11 +262,11 @@ def test_compute_llc_equals_experiment_pipeline():
     the flat vector w with key experiment.sampler_key(seed, "sgld"). sample() gets the same model as
     a pytree (target.apply_fn on target.unravel(w*): ravel_pytree gives back w* in the same order),
     the same per-sample NLL, nβ and γ taken from that Posterior, the sampler's ε and batch size, the
-    same step counts and seed (sample() uses the same key derivation), every parameter free. Then
-    the chains are the same, so:
-      compute_llc(tree) (full-data draws)          == estimate_from="full"
+    same step counts and seed (sample() uses the same key derivation), every parameter free, and the
+    full-data L_n at every draw as the pipeline's draws. Then the chains are the same, so:
+      compute_llc(tree) (full-data draws)          == the pipeline's default (estimate_from="full")
       compute_llc(tree, source="minibatch")        == estimate_from="minibatch"
-    both with the full-data baseline L_n(w*).
+    both with the full-data baseline L_n(w*), the same cross-check of the two and the same flags.
     """
     from llc_bench.config import from_dict
     from llc_bench.data import per_sample_nll
@@ -285,16 +298,19 @@ def test_compute_llc_equals_experiment_pipeline():
                   lr=settings.step_size, batch_size=settings.batch_size, n_beta=posterior.n_beta,
                   localization=posterior.gamma, num_chains=run.num_chains, num_draws=run.num_draws,
                   num_burnin_steps=run.num_burnin_steps, num_steps_bw_draws=run.num_steps_bw_draws,
-                  seed=run.seed, sampling_method="sgld", save_metrics=True, progress=False)
+                  seed=run.seed, sampling_method="sgld", save_metrics=True, progress=False, full_loss_every=1)
 
     assert float(np.mean(tree["init_loss"][0])) == pytest.approx(posterior.loss_at_wstar, rel=1e-6)
     np.testing.assert_allclose(tree["full_loss"], pipeline.result.draw_loss, rtol=1e-5)
     np.testing.assert_allclose(tree["metrics_loss"], pipeline.result.loss_trace, rtol=1e-5)
     ours = compute_llc(tree)
+    assert pipeline.summary["estimate_from"] == ours.source == "full"
     assert pipeline.estimate.mean != 0
     assert ours.llc_mean == pytest.approx(pipeline.estimate.mean, rel=1e-4)
     np.testing.assert_allclose(ours.per_chain, pipeline.estimate.per_chain, rtol=1e-4)
     assert ours.llc_se == pytest.approx(pipeline.estimate.se, rel=1e-3)
+    for key in ("llc_per_step", "llc_full", "se_full", "z"):
+        assert ours.cross_check[key] == pytest.approx(pipeline.summary["cross_check"][key], rel=1e-3)
     minibatch = compute_llc(tree, source="minibatch")
     assert minibatch.llc_mean == pytest.approx(estimate_from_result(pipeline.result, "minibatch").mean, rel=1e-4)
     # the same health checks: a flag in one is a flag in the other
@@ -392,7 +408,8 @@ def test_sample_with_every_extra_option(problem):
                   sampling_method="rmsprop_sgld", rmsprop_alpha=0.9,
                   sampling_method_kwargs={"bias_correction": False, "adapt": "always"},
                   noise_level=0.5, weight_decay=0.1, bounding_box_size=0.01, init_noise=0.005,
-                  param_masks={"params/dense/bias": None}, batches_per_draw=2, seed=1, progress=False)
+                  param_masks={"params/dense/bias": None}, batches_per_draw=2, seed=1, progress=False,
+                  sampling_loss=True)
     options = tree.attrs["options"]
     assert options["sampler_settings"] == {"step_size": 1e-2 * 0.25, "batch_size": 32, "alpha": 0.9, "eps": 0.1,
                                            "bias_correction": False, "adapt": "always", "auto_constant": 0.1}
@@ -483,8 +500,10 @@ def test_lr_auto_on_the_tempered_posterior(problem):
     assert run["step_size_wstar"] == pytest.approx(0.1 / (N_BETA * h_max + 1.0 + run["gradient_noise"]), rel=1e-3)
     assert run["step_size"] <= run["step_size_wstar"]
     assert tree.attrs["options"]["lr"] == "auto"
-    result = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS)
+    result = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS, source="full")
     assert result.llc_mean == pytest.approx(2.0, rel=0.1)  # 4 free parameters: λ = 2
+    per_step = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS, source="minibatch")  # noisier (see above)
+    assert abs(per_step.llc_mean - 2.0) < 4 * per_step.llc_se, (per_step.llc_mean, per_step.llc_se)
     # σ = 2: the sampled posterior is p^(1/4); "auto" is measured on it, not on p
     tempered = sample(apply_linear, params, squared_error, (x, y), **{**kwargs, "num_draws": 2, "noise_level": 2.0})
     assert tempered.attrs["run"]["curvature"] == pytest.approx((N_BETA * h_max) / 4 + 0.25, rel=1e-3)
@@ -527,8 +546,13 @@ def test_a_chain_that_never_moves_reads_exactly_zero(problem, num_chains):
     tree = sample(apply_linear, params, squared_error, (x, y), **{**COMMON, "lr": 1e-30, "num_chains": num_chains,
                                                                    "num_draws": 3, "num_steps_bw_draws": 1})
     assert np.all(np.asarray(tree["distance"]) == 0)
-    est = compute_llc(tree)
+    est = compute_llc(tree, source="full")
     assert est.llc_mean == 0.0 and np.all(est.per_chain == 0.0)
+    # the per-step loss is a minibatch's at w*: zero only on average
+    per_step = compute_llc(tree, source="minibatch")
+    minibatch_at_wstar = np.asarray(tree["metrics_loss"], np.float64).mean(axis=1)
+    np.testing.assert_allclose(per_step.per_chain, N_BETA * (minibatch_at_wstar - est.loss_at_wstar), rtol=1e-10)
+    assert np.all(per_step.per_chain != 0.0)
 
 
 def test_store_swap_keeps_the_old_store_until_the_new_one_is_in(tmp_path, monkeypatch):
@@ -588,7 +612,7 @@ def test_means_only_storage_gives_the_same_estimates(problem):
     assert means["sampling_loss"].dims == ("chain", "draw", "batch") and "sampling_index" not in means
     assert means["loss_held"].dims == ("chain", "draw", "batch_held")
     np.testing.assert_allclose(means["sampling_loss"], np.asarray(full["sampling_loss"]).mean(axis=-1), rtol=1e-6)
-    for source in ("full", "sampling"):
+    for source in ("full", "sampling", "minibatch"):
         assert compute_llc(means, source=source).llc_mean == pytest.approx(
             compute_llc(full, source=source).llc_mean, rel=1e-6)
     chi_full, chi_means = compute_susceptibilities(full), compute_susceptibilities(means)
