@@ -960,6 +960,8 @@ def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCRes
         grad_evals=np.zeros(num_chains), warmup_grad_evals=np.zeros(num_chains),
         num_burnin_steps=burn_steps,
         loss_at_wstar=loss_at_wstar, n_beta=n_beta, wall_s=0.0, warmup_s=0.0, compile_s=0.0, tuned={},
+        draw_spread=None if source == "sampling" or "distance" not in ds else
+        np.asarray(ds["distance"], np.float64)[:, np.asarray(ds["full_draw_index"]) >= burn] ** 2,
     )
     flags = check_health(health_input, estimate_from="minibatch" if source == "minibatch" else "full")
     if cross_check_flag(check) is not None:

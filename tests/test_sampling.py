@@ -620,3 +620,24 @@ def test_means_only_storage_gives_the_same_estimates(problem):
     assert "held_per_sample" in chi_full and "held_per_sample" not in chi_means
     with pytest.raises(ValueError, match="compute_bif needs per-sample losses"):
         compute_bif(means, "held")
+
+
+@pytest.mark.parametrize("localization, spreading", [(1e-4, True), (300.0, False)])
+def test_compute_llc_reports_chains_still_spreading_along_flat_directions(localization, spreading):
+    """40 parameters the loss never reads are held only by γ: at γ = 1e-4 they diffuse freely for
+    the whole run (‖w − w*‖² ∝ steps) while λ̂ already reads its regular part, so compute_llc says
+    not_converged (still_spreading); at γ = 300 they equilibrate within a few steps: no such flag."""
+    params, x, y = linear_problem()
+    params = {**params, "unused": jnp.zeros(40)}
+
+    def apply(p, xb):
+        return apply_linear({"params": p["params"]}, xb)
+
+    tree = sample(apply, params, squared_error, (x, y), lr=1e-4, n_beta=N_BETA, localization=localization,
+                  num_chains=4, num_draws=60, num_steps_bw_draws=20, num_burnin_steps=200, batch_size=64, seed=1,
+                  progress=False, full_loss_every=1)
+    result = compute_llc(tree)
+    codes = {f.code for f in result.flags}
+    assert ("still_spreading" in codes) == spreading, codes
+    if spreading:
+        assert result.status == "not_converged"
