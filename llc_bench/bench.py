@@ -961,18 +961,35 @@ def summary_markdown(rows: list[dict[str, Any]], recipe: Recipe | None = None, w
               "| sampler | class | inst. | failed | flagged | median \\|rel err\\| | p90 \\|rel err\\| | Spearman | "
               "median grad evals | median seconds | targets |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
+    # a class whose run is not complete gets no verdict: its first instances need not be typical
+    expected = dict(recipe.classes) if recipe is not None else {}
+    done = {(r["sampler"], r["class"]) for r in rows}
+    run_count = {key: len({r["instance"] for r in rows if (r["sampler"], r["class"]) == key}) for key in done}
+
+    def partial(e) -> bool:
+        return run_count.get((e["sampler"], e["class"]), 0) < expected.get(e["class"], 0)
+
+    def verdict(e) -> str:
+        word = "met" if meets_targets(e) else "missed"
+        return f"partial run, {word} so far" if partial(e) else word
+
     for e in table:
         rho = "n/a" if not math.isfinite(e["spearman"]) else f"{e['spearman']:.3f}"
         lines.append(
             f"| {e['sampler']} | {e['class']} | {e['instances']} | {e['failed']} | {e['flagged']} | "
             f"{_pct(e['median_abs_rel'])} | {_pct(e['p90_abs_rel'])} | {rho} | {e['median_grad_evals']:.4g} | "
-            f"{e['median_wall_s']:.3g} | {'met' if meets_targets(e) else 'missed'} |")
+            f"{e['median_wall_s']:.3g} | {verdict(e)} |")
     lines.append("")
     (fm, fp, fr), (sm, sp, sr) = TARGETS["full_batch"], TARGETS["sg"]
     lines.append(f"Targets (well-posed rows only): full-batch samplers median |rel err| <= {fm:.0%}, p90 <= "
                  f"{fp:.0%}, Spearman >= {fr}; SG samplers {sm:.0%}, {sp:.0%}, {sr}. `flagged` = rows whose "
                  "health checks raised warnings, found them not converged or lost chains; seconds exclude compilation.")
     for c in dict.fromkeys(e["class"] for e in table):
+        incomplete = [e for e in table if e["class"] == c and partial(e)]
+        if incomplete:
+            counts = ", ".join(f"{e['sampler']} {run_count[(e['sampler'], c)]}" for e in incomplete)
+            lines.append(f"- {c}: partial run ({counts} of {expected[c]} instances so far): no verdict.")
+            continue
         best = [e for e in table if e["class"] == c and meets_targets(e)]
         lines.append(f"- {c}: " + (f"met by {', '.join(e['sampler'] for e in best)}." if best else
                                    "no sampler meets all three targets."))

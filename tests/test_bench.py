@@ -196,6 +196,18 @@ def test_summary_statistics():
     assert "1K: met by good." in text and "bad 1K-" in text
 
 
+def test_a_partial_class_gets_no_verdict():
+    """Rows of the first 4 of a class's 26 instances: the table says so and no target is called met."""
+    recipe = bench.load_recipe("configs/bench_dln.toml", profile="sg_curvature")
+    rows = [_row("curvature_sgld", f"1K-{i:03d}", t, 1.01) for i, t in enumerate([10.0, 20.0, 30.0, 40.0])]
+    text = bench.summary_markdown(rows, recipe)
+    assert "| partial run, met so far |" in text
+    assert "- 1K: partial run (curvature_sgld 4 of 26 instances so far): no verdict." in text
+    assert "met by" not in text
+    complete = bench.summary_markdown(rows)  # without a recipe nothing is known to be missing
+    assert "1K: met by curvature_sgld." in complete
+
+
 def test_unscored_rows_never_enter_the_headline():
     rows = [_row("hmc", f"1K-{i:03d}", t, 1.01) for i, t in enumerate([10.0, 20.0, 30.0])]
     # A not-well-posed instance read at λ(r_eff) = λ/2 would be a -50% error against Aoyagi's λ.
