@@ -111,7 +111,7 @@ def curvature_preconditioner(posterior: Posterior, settings: CurvatureSGLDSettin
 
 
 def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
-    """SGLD with a constant preconditioner P built once at w*, on one chain, minibatch from the runner:
+    """SGLD with a constant preconditioner P, on one chain, minibatch from the runner:
 
         w ← w − ε/2 · P ( γ (w − w*) + nβ ∇L_m(w) ) + √ε · P^{1/2} η,   η ~ N(0, I)
 
@@ -122,6 +122,9 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
     limits plain SGLD on a singular model is the ε its stiffest directions allow, while the flat,
     singular directions need many such steps to fill in. ε follows the sgld convention; "auto"
     measures the curvature of P^{1/2} ∇²L_n P^{1/2} (llc_bench.curvature.PreconditionedAutoStep).
+    P is built at w* for burn-in; with "auto" and rebuild_at_burnin each chain's P is rebuilt where
+    it is after burn-in and ε re-measured under it (Algorithm.retune); P and ε stay fixed during the
+    draws.
     StepInfo.loss is L_m at the position before the step; grad_evals = m/n (building P is counted
     in the auto step's products). State = the position (d,).
     """
