@@ -15,7 +15,7 @@ from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator
 from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import AUTO, AUTO_STEP_CONSTANT, is_auto
 
-__all__ = ["AUTO", "AUTO_STEP_CONSTANT", "AutoStep", "AutoStepSize", "PreconditionedAutoStep", "auto_step_size",
+__all__ = ["AUTO", "AUTO_STEP_CONSTANT", "AutoStep", "AutoStepSize", "auto_step_size",
            "build_algorithm", "gradient_cvp", "is_auto", "loss_hvp", "resolve_step_size", "top_eigenpairs",
            "top_eigenvalue"]
 
@@ -257,36 +257,44 @@ class AutoStep:
     γ = 1, where ε from w* alone biased λ̂ by +7% at c = 0.1 and +35% at c = 0.2).
     """
 
-    def __init__(self, posterior: Posterior, settings, full_batch: bool = False):
+    def __init__(self, posterior: Posterior, settings, full_batch: bool = False, root=None,
+                 setup_products: float = 0.0, setup_seconds: float = 0.0):
+        """root: the P^{1/2} map of a sampler's constant preconditioner P (eigenvalues <= 1), e.g.
+        curvature_sgld's; setup_products / setup_seconds: the cost of building it, in full-data
+        Hessian-vector products and seconds, added to what is reported."""
         from llc_bench.samplers.rmsprop_sgld import RMSPropSGLDSettings, preconditioner_at_wstar
 
         start = time.perf_counter()
-        self.posterior, self.settings = posterior, settings
+        self.posterior, self.settings, self.root = posterior, settings, root
         self.batch_size = None if full_batch else settings.batch_size
         self.rmsprop = isinstance(settings, RMSPropSGLDSettings)
+        self.setup_products = setup_products
         self.products = (loss_hvp(posterior), gradient_cvp(posterior))
-        precond = preconditioner_at_wstar(posterior, settings, full_batch=full_batch) if self.rmsprop else None
+        precond = preconditioner_at_wstar(posterior, settings, full_batch=full_batch) if self.rmsprop else root
         self.precond_batches = 0 if not self.rmsprop or full_batch else PRECONDITIONER_BATCHES
         self.at_wstar = auto_step_size(posterior, precond, self.batch_size, settings.auto_constant,
                                        products=self.products)
         self.at_burnin: tuple[AutoStepSize, ...] = ()
         self.step_size = self.at_wstar.step_size
-        self.seconds = time.perf_counter() - start
+        self.seconds = setup_seconds + time.perf_counter() - start
 
-    def retune(self, positions: np.ndarray, preconditioners: np.ndarray | None) -> float:
-        """ε for the draws from the (C, d) live chain positions (and their (C, d) preconditioners)."""
+    def retune(self, positions: np.ndarray, preconditioners=None, rebuilt: bool = False) -> float:
+        """ε for the draws from the (C, d) live chain positions. preconditioners: per chain, RMSProp's
+        (d,) G or a P^{1/2} map; None: the root given at construction (or none). rebuilt: the chains'
+        preconditioners differ from the one ε at w* was measured under, which then no longer bounds ε."""
         start = time.perf_counter()
         self.at_burnin = tuple(
-            auto_step_size(self.posterior, None if preconditioners is None else preconditioners[c],
+            auto_step_size(self.posterior, self.root if preconditioners is None else preconditioners[c],
                            self.batch_size, self.settings.auto_constant, at=positions[c], products=self.products)
             for c in range(positions.shape[0]))
-        self.step_size = min([self.at_wstar.step_size] + [a.step_size for a in self.at_burnin])
+        floor = [] if rebuilt else [self.at_wstar.step_size]
+        self.step_size = min(floor + [a.step_size for a in self.at_burnin])
         self.seconds += time.perf_counter() - start
         return self.step_size
 
     @property
-    def num_products(self) -> int:
-        return sum(a.num_hvp + a.num_cvp for a in (self.at_wstar, *self.at_burnin))
+    def num_products(self) -> float:
+        return sum(a.num_hvp + a.num_cvp for a in (self.at_wstar, *self.at_burnin)) + self.setup_products
 
     def summary(self) -> dict:
         """summary.json fields (the ε of the draws under "step_size")."""
@@ -332,42 +340,3 @@ def build_algorithm(spec, posterior: Posterior, settings, full_batch: bool = Fal
 
     return algorithm._replace(retune=retune, notes=auto)
 
-
-class PreconditionedAutoStep(AutoStep):
-    """step_size = "auto" for a sampler with one constant preconditioner P (eigenvalues <= 1), given
-    by its P^{1/2} map `root`: ε from the curvature and gradient noise of P^{1/2} · P^{1/2} at w*,
-    re-measured where the chains are after burn-in (as `AutoStep`). `setup_products`: the work of
-    building P, in full-data Hessian-vector products, added to the reported cost."""
-
-    def __init__(self, posterior: Posterior, settings, root, setup_products: float = 0.0,
-                 setup_seconds: float = 0.0):
-        start = time.perf_counter()
-        self.posterior, self.settings, self.root = posterior, settings, root
-        self.batch_size = settings.batch_size
-        self.rmsprop = False
-        self.precond_batches = 0
-        self.setup_products = setup_products
-        self.products = (loss_hvp(posterior), gradient_cvp(posterior))
-        self.at_wstar = auto_step_size(posterior, root, self.batch_size, settings.auto_constant,
-                                       products=self.products)
-        self.at_burnin = ()
-        self.step_size = self.at_wstar.step_size
-        self.seconds = setup_seconds + time.perf_counter() - start
-
-    def retune(self, positions: np.ndarray, roots=None) -> float:
-        """ε for the draws from the (C, d) live chain positions; `roots`: each chain's own P^{1/2}
-        map when the preconditioner was rebuilt there (then ε at w*, under the old P, no longer
-        bounds it), None: the P of w*."""
-        start = time.perf_counter()
-        self.at_burnin = tuple(
-            auto_step_size(self.posterior, self.root if roots is None else roots[c], self.batch_size,
-                           self.settings.auto_constant, at=positions[c], products=self.products)
-            for c in range(positions.shape[0]))
-        floor = [self.at_wstar.step_size] if roots is None else []
-        self.step_size = min(floor + [a.step_size for a in self.at_burnin])
-        self.seconds += time.perf_counter() - start
-        return self.step_size
-
-    @property
-    def num_products(self) -> float:
-        return super().num_products + self.setup_products

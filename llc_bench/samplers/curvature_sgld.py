@@ -121,7 +121,7 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
     coordinates u = P^{-1/2} w), and lets ε be about kappa times larger than plain SGLD's: what
     limits plain SGLD on a singular model is the ε its stiffest directions allow, while the flat,
     singular directions need many such steps to fill in. ε follows the sgld convention; "auto"
-    measures the curvature of P^{1/2} ∇²L_n P^{1/2} (llc_bench.curvature.PreconditionedAutoStep).
+    measures the curvature of P^{1/2} ∇²L_n P^{1/2} (llc_bench.curvature.AutoStep with its root).
     P is built at w* for burn-in; with "auto" and rebuild_at_burnin each chain's P is rebuilt where
     it is after burn-in and ε re-measured under it (Algorithm.retune); P and ε stay fixed during the
     draws.
@@ -135,10 +135,10 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
     auto = None
     epsilon = settings.step_size
     if is_auto(settings.step_size):
-        from llc_bench.curvature import PreconditionedAutoStep
+        from llc_bench.curvature import AutoStep
 
-        auto = PreconditionedAutoStep(posterior, settings, lambda v: apply_preconditioner(vectors, scales, v, 0.5),
-                                      setup_products=setup, setup_seconds=seconds)
+        auto = AutoStep(posterior, settings, root=lambda v: apply_preconditioner(vectors, scales, v, 0.5),
+                        setup_products=setup, setup_seconds=seconds)
         epsilon = auto.step_size
 
     def warmup(rng_key, position):
@@ -181,7 +181,7 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
             auto.setup_products += products
             roots.append(lambda u, v=v, s=s: apply_preconditioner(v, s, u, 0.5))
         auto.seconds += time.perf_counter() - start
-        eps = auto.retune(positions[live], roots)
+        eps = auto.retune(positions[live], roots, rebuilt=True)
         return CurvatureParams(jnp.full_like(params.step_size, eps), jnp.asarray(chain_vectors),
                                jnp.asarray(chain_scales))
 
