@@ -702,11 +702,12 @@ class Scoreboard:
         self.done.add((row["instance"], row["sampler"]))
 
 
-def _build_instance(recipe: Recipe, inst: Instance, sampler: str, n: int | None = None):
-    """(config, target, posterior on the n samples, posterior for full-batch samplers, record)."""
+def _build_instance(recipe: Recipe, inst: Instance, sampler: str, n: int | None = None, cfg: Config | None = None):
+    """(config, target, posterior on the n samples, posterior for full-batch samplers, record);
+    `cfg`: the instance_config of (inst, sampler, n) when the caller already has it."""
     from llc_bench.target import build_target
 
-    cfg = instance_config(recipe, inst, sampler, n)
+    cfg = cfg if cfg is not None else instance_config(recipe, inst, sampler, n)
     target = build_target(cfg)
     if target.truth is None or abs(target.truth - inst.aoyagi) > 1e-9 * max(1.0, inst.aoyagi):
         raise RuntimeError(f"target truth {target.truth} differs from the instance's {inst.aoyagi}")
@@ -722,7 +723,7 @@ def run_instance(recipe: Recipe, inst: Instance, samplers: list[str], board: Sco
 
     try:
         cfgs = {name: instance_config(recipe, inst, name) for name in samplers}
-        _, _, data_post, reduced_post, record = _build_instance(recipe, inst, samplers[0])
+        _, _, data_post, reduced_post, record = _build_instance(recipe, inst, samplers[0], cfg=cfgs[samplers[0]])
     except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the benchmark
         for name in samplers:
             board.append(failed_row(inst, name, f"{type(exc).__name__}: {exc}", board.hashes[name]))
