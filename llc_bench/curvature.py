@@ -16,7 +16,7 @@ from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import AUTO, AUTO_STEP_CONSTANT, is_auto
 
 __all__ = ["AUTO", "AUTO_STEP_CONSTANT", "AutoStep", "AutoStepSize", "auto_step_size",
-           "build_algorithm", "gradient_cvp", "is_auto", "loss_hvp", "resolve_step_size", "top_eigenpairs",
+           "build_algorithm", "gradient_cvp", "hessian_products", "is_auto", "loss_hvp", "resolve_step_size", "top_eigenpairs",
            "top_eigenvalue"]
 
 # Below this dimension the Hessian is built densely from d products (exact, and ARPACK needs d > 2).
@@ -124,9 +124,25 @@ def top_eigenvalue(matvec, dim: int, dtype=np.float32, seed: int = 0) -> tuple[f
     return float(value), count
 
 
+def hessian_products(posterior: Posterior, num_rows: int | None = None, chunk: int = 16):
+    """(w, basis (d, j)) -> ∇²L(w) @ basis, jitted, with L over the first `num_rows` samples (None:
+    all n); `chunk` vectors at a time (vmapped). Build it once and pass it to every `top_eigenpairs`
+    call on this posterior: one compilation per basis width instead of one per call."""
+    n = posterior.n if num_rows is None else min(num_rows, posterior.n)
+    x, y = jnp.asarray(posterior.x[:n]), jnp.asarray(posterior.y[:n])
+    grad = jax.grad(lambda v: posterior.batch_loss(v, x, y))
+
+    @jax.jit
+    def products(w, basis):
+        hv = jax.lax.map(lambda v: jax.jvp(grad, (w,), (v,))[1], basis.T, batch_size=chunk)
+        return hv.T
+
+    return products
+
+
 def top_eigenpairs(posterior: Posterior, k: int, num_rows: int | None = None, power_iters: int = 4,
-                   oversample: int = 10, seed: int = 0, chunk: int = 16, at=None,
-                   start=None) -> tuple[np.ndarray, np.ndarray, int]:
+                   oversample: int = 10, seed: int = 0, at=None, start=None,
+                   products=None) -> tuple[np.ndarray, np.ndarray, int]:
     """(values (k,), vectors (d, k), Hessian-vector products) of the k largest eigenpairs of ∇²L at w*
     (or at the point `at`). `start`: (d, j) vectors to begin the subspace with (e.g. the eigenvectors
     of a nearby point), filled up with random ones; fewer power iterations then suffice.
@@ -136,28 +152,21 @@ def top_eigenpairs(posterior: Posterior, k: int, num_rows: int | None = None, po
     in the subspace. Exact when the rank of H is at most k + oversample (the subspace then holds
     its whole range). The loss is taken over the first `num_rows` samples (None: all n): the
     Hessian of a random subset is an unbiased estimate of the full one, and a preconditioner only
-    needs its stiff directions roughly. Products run `chunk` vectors at a time (vmapped).
+    needs its stiff directions roughly. products: `hessian_products(posterior, num_rows)`, to reuse
+    its compilation across calls (None: built here).
     """
-    n = posterior.n if num_rows is None else min(num_rows, posterior.n)
-    x, y = jnp.asarray(posterior.x[:n]), jnp.asarray(posterior.y[:n])
+    products = products if products is not None else hessian_products(posterior, num_rows)
     w = jnp.asarray(posterior.w_star if at is None else at)
-    grad = jax.grad(lambda v: posterior.batch_loss(v, x, y))
     width = min(k + oversample, posterior.dim)
-
-    @jax.jit
-    def products(basis):  # (d, width) -> H @ basis
-        hv = jax.lax.map(lambda v: jax.jvp(grad, (w,), (v,))[1], basis.T, batch_size=chunk)
-        return hv.T
-
     omega = jax.random.normal(jax.random.PRNGKey(seed), (posterior.dim, width), w.dtype)
     if start is not None:
         start = jnp.asarray(start, w.dtype)[:, :width]
         omega = omega.at[:, : start.shape[1]].set(start)
-    basis = products(omega)
+    basis = products(w, omega)
     for _ in range(power_iters):
-        basis = products(jnp.linalg.qr(basis)[0])
+        basis = products(w, jnp.linalg.qr(basis)[0])
     q = np.asarray(jnp.linalg.qr(basis)[0], np.float64)
-    t = q.T @ np.asarray(products(jnp.asarray(q, w.dtype)), np.float64)
+    t = q.T @ np.asarray(products(w, jnp.asarray(q, w.dtype)), np.float64)
     values, small = np.linalg.eigh(0.5 * (t + t.T))
     order = np.argsort(values)[::-1][: min(k, width)]
     return values[order], q @ small[:, order], (power_iters + 2) * width

@@ -76,25 +76,28 @@ def apply_preconditioner(vectors: jax.Array, scales: jax.Array, v: jax.Array, po
 
 
 def curvature_preconditioner(posterior: Posterior, settings: CurvatureSGLDSettings, seed: int = 0, at=None,
-                             start=None):
+                             start=None, products=None):
     """(V (d, k), s (k,), Hessian-vector products in full-data equivalents) at w* (or at `at`): the
     k top eigenpairs h_1 >= … of ∇²L_n, s_i = (h_1/kappa) / h_i where h_i is above h_1/kappa and 1
     elsewhere. start None: k starts at MIN_RANK and doubles (up to max_rank and d) while the k-th
     value is still above h_1/kappa, then k is cut to the stiff directions plus RANK_MARGIN. start
     (d, k): k is kept (one shape for every chain), the subspace iteration starts from these vectors
-    and needs only REBUILD_POWER_ITERS rounds."""
-    from llc_bench.curvature import top_eigenpairs
+    and needs only REBUILD_POWER_ITERS rounds. products: llc_bench.curvature.hessian_products of
+    this posterior and hessian_rows, shared by every call (None: built here)."""
+    from llc_bench.curvature import hessian_products, top_eigenpairs
 
     rows = settings.hessian_rows
+    products = products if products is not None else hessian_products(posterior, rows)
     limit = min(settings.max_rank, posterior.dim)
     if start is not None:
         values, vectors, count = top_eigenpairs(posterior, start.shape[1], rows, seed=seed, at=at,
-                                                start=start, power_iters=REBUILD_POWER_ITERS)
+                                                start=start, power_iters=REBUILD_POWER_ITERS, products=products)
     else:
         k, count, vectors = min(MIN_RANK, limit), 0, None
         while True:
-            values, vectors, products = top_eigenpairs(posterior, k, rows, seed=seed, at=at, start=vectors)
-            count += products
+            values, vectors, used = top_eigenpairs(posterior, k, rows, seed=seed, at=at, start=vectors,
+                                                   products=products)
+            count += used
             if not (values.size and values[-1] > values[0] / settings.kappa) or k >= limit:
                 break
             k = min(2 * k, limit)
@@ -128,8 +131,11 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
     StepInfo.loss is L_m at the position before the step; grad_evals = m/n (building P is counted
     in the auto step's products). State = the position (d,).
     """
+    from llc_bench.curvature import hessian_products
+
     start = time.perf_counter()
-    vectors, scales, setup = curvature_preconditioner(posterior, settings)
+    products = hessian_products(posterior, settings.hessian_rows)
+    vectors, scales, setup = curvature_preconditioner(posterior, settings, products=products)
     seconds = time.perf_counter() - start
     n_beta, n = posterior.n_beta, posterior.n
     auto = None
@@ -175,10 +181,10 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
         chain_vectors, chain_scales = np.array(params.vectors), np.array(params.scales)
         roots = []
         for c in live:
-            v, s, products = curvature_preconditioner(posterior, settings, seed=int(c) + 1, at=positions[c],
-                                                      start=vectors)
+            v, s, used = curvature_preconditioner(posterior, settings, seed=int(c) + 1, at=positions[c],
+                                                  start=vectors, products=products)
             chain_vectors[c], chain_scales[c] = v, s
-            auto.setup_products += products
+            auto.setup_products += used
             roots.append(lambda u, v=v, s=s: apply_preconditioner(v, s, u, 0.5))
         auto.seconds += time.perf_counter() - start
         eps = auto.retune(positions[live], roots, rebuilt=True)
