@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-from llc_bench.config import ConfigError, load_config, preset_names
+from llc_bench.artifacts import check_writable
+from llc_bench.config import load_config, preset_names
+from llc_bench.jaxcache import enable_compilation_cache
+from llc_bench.types import ConfigError
 
 COMMANDS = ("run", "sweep", "tune", "bench")
 # Exit statuses: 0 done, 2 bad input (nothing run), 3 ran but no sampler produced an estimate, 130 interrupted.
@@ -80,23 +81,6 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
-def check_writable(path: str | Path, what: str = "--out") -> Path:
-    """Create the directory if needed and prove it is writable, before any work is done."""
-    if not str(path).strip():
-        raise ConfigError(f"{what}: empty path; give a directory")
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{what} {path}: is a file, not a directory")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: not writable ({exc.strerror or exc})") from None
-    return p
-
-
 def _run(args) -> int:
     overrides = list(args.overrides)
     if args.samplers:
@@ -106,7 +90,7 @@ def _run(args) -> int:
         check_writable(args.out)
     else:
         check_writable(cfg.run.out_dir, "run.out_dir")
-    from llc_bench.experiment import run_experiment
+    from llc_bench.experiment import run_experiment  # deferred: see main
 
     summary = run_experiment(cfg, out_dir=args.out, progress=not args.no_progress,
                              check_step_size=args.check_step_size)
@@ -121,18 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     try:
         args = build_parser(command).parse_args(argv)
-        from llc_bench.jaxcache import enable_compilation_cache
-
         enable_compilation_cache()
         if command == "run":
             return _run(args)
+        # Each command's module is imported only when that command runs: between them they load
+        # arviz, xarray, optax and matplotlib, which a bad argument or another command need not wait for.
         if command == "sweep":
-            from llc_bench.sweep import main as sweep_main
+            from llc_bench.sweep import main as command_main
         elif command == "tune":
-            from llc_bench.tune import main as sweep_main
+            from llc_bench.tune import main as command_main
         else:
-            from llc_bench.bench import main as sweep_main
-        return sweep_main(args)
+            from llc_bench.bench import main as command_main
+        return command_main(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
+
+# Figures are written to files on headless machines (CI, GPU hosts); never open a window.
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
 import numpy as np
+import tomli_w
 from scipy.ndimage import uniform_filter1d
 
 from llc_bench import artifacts
@@ -29,9 +36,18 @@ from llc_bench.config import (
     to_dict,
     to_toml,
 )
+from llc_bench.diagnostics import autocorrelation
 from llc_bench.estimator import estimate_from_result, resolve_source
-from llc_bench.health import REMEDIES, HealthFlag, check_health
-from llc_bench.runner import ChainResult
+from llc_bench.experiment import build_posterior, run_sampler
+from llc_bench.health import REMEDIES, check_health
+from llc_bench.progress import Bar, progress_enabled
+from llc_bench.rng import sampler_key
+from llc_bench.rules import usable_chains
+from llc_bench.runner import run_chains
+from llc_bench.samplers import SAMPLER_NAMES, get_spec
+from llc_bench.samplers.base import STEP_EPSILON
+from llc_bench.target import build_target
+from llc_bench.types import ChainResult, HealthFlag
 
 DEFAULT_SAMPLER = "rmsprop_sgld"
 N_BETA_SCALES = ("absolute", "beta0")
@@ -162,7 +178,7 @@ class CellResult:
 
     @property
     def healthy(self) -> np.ndarray:
-        return np.all(np.isfinite(self.traces), axis=1) if self.traces.size else np.zeros(0, bool)
+        return usable_chains(self.traces) if self.traces.size else np.zeros(0, bool)
 
     @property
     def mean_trace(self) -> np.ndarray:
@@ -188,7 +204,7 @@ def estimator_series(result: ChainResult, source: str) -> np.ndarray:
 def rise_per_chain(result: ChainResult, source: str = "full") -> np.ndarray:
     """(C,) mean estimator loss − L_n(w*) per chain; NaN for diverged or non-finite chains."""
     x = estimator_series(result, source)
-    ok = np.all(np.isfinite(x), axis=1) & (np.asarray(result.diverged_at) < 0)
+    ok = usable_chains(x, diverged_at=result.diverged_at)
     out = np.full(x.shape[0], np.nan)
     out[ok] = x[ok].mean(axis=1) - result.loss_at_wstar
     return out
@@ -259,7 +275,7 @@ def suggest_burnin(traces: np.ndarray, loss_at_wstar: float, tolerance: float = 
     the smallest burn-in the trace can vouch for.
     """
     traces = np.asarray(traces, dtype=float)
-    good = traces[np.all(np.isfinite(traces), axis=1)]
+    good = traces[usable_chains(traces)]
     if good.shape[0] == 0:
         return None
     step = settle_step(good.mean(axis=0), loss_at_wstar, tolerance)
@@ -273,10 +289,8 @@ def suggest_thinning(traces: np.ndarray, threshold: float = 0.1, max_lag: int | 
     N // 2). The sample autocorrelation of a chain only a few correlation times long is biased
     towards zero, so k from a short tune run is a lower bound; run long enough to see it fall.
     """
-    from llc_bench.diagnostics import autocorrelation
-
     x = np.asarray(traces, dtype=float)
-    x = x[np.all(np.isfinite(x), axis=1)]
+    x = x[usable_chains(x)]
     if x.shape[0] == 0 or x.shape[1] < 4:
         return None
     max_lag = min(max_lag or x.shape[1] // 2, x.shape[1] - 1)
@@ -414,8 +428,6 @@ def _settings_for(cfg: Config, name: str, step_size: float | None):
 def run_cell(cfg: Config, name: str, posterior, step_size: float | None, n_beta: float,
              gamma: float) -> CellResult:
     """Sample one grid cell (w* and data shared through `posterior`); a raised error becomes a failed cell."""
-    from llc_bench.experiment import run_sampler
-
     cell_post = dataclasses.replace(posterior, n_beta=float(n_beta), gamma=float(gamma))
     start = time.perf_counter()
     try:
@@ -431,10 +443,6 @@ def run_cell(cfg: Config, name: str, posterior, step_size: float | None, n_beta:
 
 def run_control(cfg: Config, name: str, posterior, cell: CellResult) -> np.ndarray:
     """(C,) per-chain loss rise with the recommended ε and γ but nβ = 0 (the loss gradient switched off)."""
-    from llc_bench.experiment import sampler_key
-    from llc_bench.runner import run_chains
-    from llc_bench.samplers import get_spec
-
     zero = dataclasses.replace(posterior, n_beta=0.0, gamma=cell.gamma)
     algorithm = get_spec(name).build(zero, _settings_for(cfg, name, cell.step_size))
     r = cfg.run
@@ -492,11 +500,6 @@ def _fmt_eps(eps: float | str | None) -> str:
 
 def plot_grid(cells: Sequence[CellResult], rec: Recommendation, path: Path, title: str = "") -> Path:
     """The guide's grid figure: rows γ, columns nβ, one mean loss trace (minus L_n(w*)) per ε, verdicts printed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     gammas = sorted({c.gamma for c in cells})
     n_betas = sorted({c.n_beta for c in cells})
     steps = sorted({c.step_size for c in cells}, key=lambda e: -1.0 if e is None else e)
@@ -584,8 +587,6 @@ def load_tune_config(preset: str | None, config_file: str | None, overrides: Seq
         raw = read_toml(config_file)
         if "tune" in raw:
             tables.append(raw.pop("tune"))
-            import tomli_w
-
             with tempfile.TemporaryDirectory() as tmp:  # load_config reads a file: hand it the rest
                 rest = Path(tmp) / Path(config_file).name
                 rest.write_text(tomli_w.dumps(raw))
@@ -623,13 +624,6 @@ def main(args) -> int:
     tune_grid.png, recommendation.json and config.toml atomically to --out or
     <run.out_dir>/tune/<run_id>/.
     """
-    from llc_bench.cli import check_writable
-    from llc_bench.experiment import build_posterior
-    from llc_bench.progress import Bar, progress_enabled
-    from llc_bench.samplers import SAMPLER_NAMES, get_spec
-    from llc_bench.samplers.base import STEP_EPSILON
-    from llc_bench.target import build_target
-
     samplers = list(getattr(args, "samplers", []) or [])
     name = samplers[0] if samplers else DEFAULT_SAMPLER
     if name not in SAMPLER_NAMES:
@@ -639,7 +633,7 @@ def main(args) -> int:
     if grid.num_chains:
         cfg = replace(cfg, **{"run.num_chains": grid.num_chains})
     rid = artifacts.run_id({"config": to_dict(cfg), "tune": dataclasses.asdict(grid), "sampler": name})
-    out = check_writable(args.out or Path(cfg.run.out_dir) / "tune" / rid)
+    out = artifacts.check_writable(args.out or Path(cfg.run.out_dir) / "tune" / rid)
     progress = progress_enabled(not args.no_progress)
     if len(samplers) > 1:
         print(f"tune: one sampler at a time; using {name} (ignoring {', '.join(samplers[1:])})")
