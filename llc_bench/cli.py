@@ -8,6 +8,7 @@ import sys
 from llc_bench.artifacts import check_writable
 from llc_bench.config import load_config, preset_names
 from llc_bench.jaxcache import enable_compilation_cache
+from llc_bench.jobs.executor import BACKENDS
 from llc_bench.types import ConfigError
 
 COMMANDS = ("run", "sweep", "tune", "bench")
@@ -51,9 +52,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p = _Parser(prog=prog, description="Run a grid of experiments to one CSV, resumable and parallel.")
         p.add_argument("--spec", metavar="FILE", help="sweep spec TOML (default configs/sweep_default.toml)")
         p.add_argument("--out", metavar="CSV", help="CSV path (default from the spec)")
-        p.add_argument("--workers", type=int, default=1, help="local worker processes")
-        p.add_argument("--backend", choices=("local", "ray"), default="local")
-        p.add_argument("--address", help="Ray cluster address (with --backend ray)")
+        _execution(p, "cells")
         p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
         p.add_argument("--rerun-stale", action="store_true",
                        help="redo rows computed under another fingerprint (machine, jax/jaxlib, backend, "
@@ -77,8 +76,17 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                    help="finite-n audit: rerun the recipe's audit sampler at audit_factor x n, flag moves "
                         "above audit_threshold (writes finite_n_audit.csv)")
     p.add_argument("--summary-only", action="store_true", help="rewrite summary.md and the figures from the CSVs")
+    _execution(p, "instances")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _execution(parser: argparse.ArgumentParser, jobs: str) -> None:
+    """Where sweep and bench run their jobs (llc_bench.jobs.executor): here, local processes or Ray."""
+    parser.add_argument("--workers", type=int, default=1, help=f"run {jobs} in this many local worker processes")
+    parser.add_argument("--backend", choices=BACKENDS, default="local",
+                        help=f"local (this machine) or ray (each of the {jobs} a Ray task)")
+    parser.add_argument("--address", help="Ray cluster address (with --backend ray), e.g. auto")
 
 
 def _run(args) -> int:
