@@ -1,5 +1,7 @@
 """llc_bench: Local Learning Coefficient estimation benchmark."""
 
+import importlib
+
 # The devinterp-style API, imported on first use so that `import llc_bench` stays cheap (no JAX).
 _LAZY = {
     "sample": "llc_bench.sampling",
@@ -13,8 +15,6 @@ __all__ = list(_LAZY)
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'llc_bench' has no attribute {name!r}")
 

@@ -7,12 +7,15 @@ import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from llc_bench.types import ConfigError
 
 PACKAGES = ("llc_bench", "jax", "jaxlib", "blackjax", "optax", "flax", "arviz-stats", "xarray", "zarr", "numpy")
 
@@ -34,9 +37,7 @@ def fingerprint() -> str:
     Same seed, same numbers holds between runs with equal fingerprints; another XLA build or another
     CPU may fuse and vectorize reductions differently and change the last bits.
     """
-    import platform
-
-    import jax
+    import jax  # deferred: nothing else here (atomic writes, hashes, check_writable) needs JAX
 
     try:
         jaxlib_version = metadata.version("jaxlib")
@@ -57,15 +58,36 @@ def _cpu_model() -> str:
                     return " ".join(line.split(":", 1)[1].split())
     except OSError:
         pass
-    import platform
-
     return platform.processor() or "unknown cpu"
+
+
+def canonical_hash(obj: Any) -> str:
+    """12 hex of the SHA-256 of `obj` as canonical JSON (sorted keys, no spaces, str() for the rest):
+    equal content, equal hash, whatever the key order."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def run_id(config_dict: dict) -> str:
     """A short hash of the normalized config (which includes the seed): same config, same run directory."""
-    canonical = json.dumps(config_dict, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+    return canonical_hash(config_dict)
+
+
+def check_writable(path: str | Path, what: str = "--out") -> Path:
+    """Create the directory if needed and prove it is writable, before any work is done."""
+    if not str(path).strip():
+        raise ConfigError(f"{what}: empty path; give a directory")
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{what} {path}: is a file, not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: not writable ({exc.strerror or exc})") from None
+    return p
 
 
 def jsonable(obj: Any) -> Any:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
-from llc_bench.config import ConfigError, load_config, preset_names
+from llc_bench.artifacts import check_writable
+from llc_bench.config import load_config, preset_names
+from llc_bench.jaxcache import enable_compilation_cache
+from llc_bench.jobs.executor import BACKENDS
+from llc_bench.types import ConfigError
 
 COMMANDS = ("run", "sweep", "tune", "bench")
 # Exit statuses: 0 done, 2 bad input (nothing run), 3 ran but no sampler produced an estimate, 130 interrupted.
@@ -50,9 +52,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         p = _Parser(prog=prog, description="Run a grid of experiments to one CSV, resumable and parallel.")
         p.add_argument("--spec", metavar="FILE", help="sweep spec TOML (default configs/sweep_default.toml)")
         p.add_argument("--out", metavar="CSV", help="CSV path (default from the spec)")
-        p.add_argument("--workers", type=int, default=1, help="local worker processes")
-        p.add_argument("--backend", choices=("local", "ray"), default="local")
-        p.add_argument("--address", help="Ray cluster address (with --backend ray)")
+        _execution(p, "cells")
         p.add_argument("--dry-run", action="store_true", help="list the cells and exit")
         p.add_argument("--rerun-stale", action="store_true",
                        help="redo rows computed under another fingerprint (machine, jax/jaxlib, backend, "
@@ -76,25 +76,17 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                    help="finite-n audit: rerun the recipe's audit sampler at audit_factor x n, flag moves "
                         "above audit_threshold (writes finite_n_audit.csv)")
     p.add_argument("--summary-only", action="store_true", help="rewrite summary.md and the figures from the CSVs")
+    _execution(p, "instances")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def check_writable(path: str | Path, what: str = "--out") -> Path:
-    """Create the directory if needed and prove it is writable, before any work is done."""
-    if not str(path).strip():
-        raise ConfigError(f"{what}: empty path; give a directory")
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"{what} {path}: is a file, not a directory")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"{what} {path}: not writable ({exc.strerror or exc})") from None
-    return p
+def _execution(parser: argparse.ArgumentParser, jobs: str) -> None:
+    """Where sweep and bench run their jobs (llc_bench.jobs.executor): here, local processes or Ray."""
+    parser.add_argument("--workers", type=int, default=1, help=f"run {jobs} in this many local worker processes")
+    parser.add_argument("--backend", choices=BACKENDS, default="local",
+                        help=f"local (this machine) or ray (each of the {jobs} a Ray task)")
+    parser.add_argument("--address", help="Ray cluster address (with --backend ray), e.g. auto")
 
 
 def _run(args) -> int:
@@ -106,7 +98,7 @@ def _run(args) -> int:
         check_writable(args.out)
     else:
         check_writable(cfg.run.out_dir, "run.out_dir")
-    from llc_bench.experiment import run_experiment
+    from llc_bench.experiment import run_experiment  # deferred: see main
 
     summary = run_experiment(cfg, out_dir=args.out, progress=not args.no_progress,
                              check_step_size=args.check_step_size)
@@ -121,18 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     try:
         args = build_parser(command).parse_args(argv)
-        from llc_bench.jaxcache import enable_compilation_cache
-
         enable_compilation_cache()
         if command == "run":
             return _run(args)
+        # Each command's module is imported only when that command runs: between them they load
+        # arviz, xarray, optax and matplotlib, which a bad argument or another command need not wait for.
         if command == "sweep":
-            from llc_bench.sweep import main as sweep_main
+            from llc_bench.sweep import main as command_main
         elif command == "tune":
-            from llc_bench.tune import main as sweep_main
+            from llc_bench.tune import main as command_main
         else:
-            from llc_bench.bench import main as sweep_main
-        return sweep_main(args)
+            from llc_bench.bench import main as command_main
+        return command_main(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

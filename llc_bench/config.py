@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+import tomli_w
+
+from llc_bench.samplers import SAMPLER_NAMES, get_spec
 from llc_bench.samplers.base import SettingError
+from llc_bench.types import ConfigError
 
 DISTRIBUTIONS = ("gaussian", "anisotropic", "mixture", "manifold", "student_t", "uniform")
 NOISES = ("none", "gaussian", "heteroscedastic", "student_t", "outliers")
@@ -22,10 +26,6 @@ ESTIMATE_FROM = ("auto", "full", "minibatch")
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 JOB_SPEC_PREFIXES = ("sweep", "tune", "bench")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value: the message is one line naming the key and what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -341,7 +341,7 @@ def _validate(cfg: Config) -> None:
     if m.widths is None and m.target_params is None:
         raise _fail("model.widths", "give model.widths or model.target_params")
     if m.widths is None:
-        from llc_bench.models import hidden_widths_for_target
+        from llc_bench.models import hidden_widths_for_target  # deferred: flax, for this one check
 
         try:
             hidden_widths_for_target(d.in_dim, d.out_dim, m.target_params, m.depth, m.bias)
@@ -360,8 +360,6 @@ def _validate(cfg: Config) -> None:
                                        "(set the other to \"none\")")
     if not r.samplers:
         raise _fail("run.samplers", "needs at least one sampler")
-    from llc_bench.samplers import SAMPLER_NAMES, get_spec
-
     for name in r.samplers:
         if name not in SAMPLER_NAMES:
             raise _fail("run.samplers", f"unknown sampler {name!r}{_suggest(name, SAMPLER_NAMES)}; "
@@ -463,8 +461,6 @@ def _student_from_teacher(model: ModelConfig, teacher: TeacherConfig, model_raw:
 
 def from_dict(raw: dict) -> Config:
     """Build and validate a Config from a nested dict (TOML layout). Raises ConfigError."""
-    from llc_bench.samplers import SAMPLER_NAMES, get_spec
-
     sections = {}
     allowed = [*SECTIONS, "sampler"]
     for name in raw:
@@ -533,8 +529,6 @@ def to_dict(cfg: Config) -> dict:
 
 
 def to_toml(cfg: Config) -> str:
-    import tomli_w
-
     return tomli_w.dumps(to_dict(cfg))
 
 

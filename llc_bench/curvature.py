@@ -349,3 +349,23 @@ def build_algorithm(spec, posterior: Posterior, settings, full_batch: bool = Fal
 
     return algorithm._replace(retune=retune, notes=auto)
 
+
+# A forward-over-reverse Hessian-vector product, or a jvp + vjp covariance product, costs about two gradients.
+HVP_GRAD_EVALS = 2.0
+
+
+def auto_step_grad_evals(auto: AutoStep | None, n: int) -> float:
+    """Work of step_size = "auto" in full-data gradient equivalents: its operator products, plus
+    RMSProp-SGLD's minibatch gradients at w*."""
+    if auto is None:
+        return 0.0
+    return HVP_GRAD_EVALS * auto.num_products + auto.precond_batches * auto.settings.batch_size / n
+
+
+def step_size_summary(settings, auto: AutoStep | None) -> dict:
+    """summary.json fields of the step size: the ε the draws used (SG samplers), and for "auto" what chose it."""
+    if auto is not None:
+        return auto.summary()
+    keys = ("step_size_wstar", "h_max", "curvature", "gradient_noise", "h_max_burnin", "curvature_burnin",
+            "num_hvp", "num_cvp", "step_size_constant", "step_size_auto_s")
+    return {"step_size": getattr(settings, "step_size", None), "step_size_auto": False, **dict.fromkeys(keys)}

@@ -9,7 +9,8 @@ import arviz_stats as azs
 import numpy as np
 import xarray as xr
 
-from llc_bench.runner import ChainResult
+from llc_bench.rules import usable_chains
+from llc_bench.types import ChainResult
 
 # arviz's tail ESS needs its quantiles spelled out on the array interface; these are its defaults.
 TAIL_PROBS = (0.05, 0.95)
@@ -88,12 +89,8 @@ def to_datatree(result: ChainResult, llc_running: np.ndarray | None = None) -> x
 
 
 def healthy_chains(draw_loss: np.ndarray, diverged_at: np.ndarray | None = None) -> np.ndarray:
-    """Indices of chains that never went non-finite (they alone enter any statistic)."""
-    draw_loss = np.asarray(draw_loss, dtype=float)
-    ok = np.all(np.isfinite(draw_loss), axis=1)
-    if diverged_at is not None:
-        ok &= np.asarray(diverged_at) < 0
-    return np.flatnonzero(ok)
+    """Indices of the usable chains (llc_bench.rules.usable_chains): they alone enter any statistic."""
+    return np.flatnonzero(usable_chains(np.asarray(draw_loss, dtype=float), diverged_at=diverged_at))
 
 
 def _stats(x: np.ndarray) -> dict:
@@ -145,11 +142,13 @@ def autocorrelation(x: np.ndarray, max_lag: int) -> np.ndarray:
     x = np.asarray(x, dtype=float)
     max_lag = int(min(max_lag, x.shape[1] - 1))
     out = np.full((x.shape[0], max_lag + 1), np.nan)
-    ok = np.all(np.isfinite(x), axis=1)
+    ok = usable_chains(x)
     if not ok.any():
         return out
     try:
-        from arviz_stats.base import array_stats
+        from arviz_stats.base import (
+            array_stats,  # not in every arviz-stats release: the FFT fallback below
+        )
 
         rho = array_stats.autocorr(x[ok], axis=-1)
     except (ImportError, AttributeError):

@@ -3,35 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from llc_bench.runner import ChainResult
-
-Status = Literal["ok", "diverged", "failed"]
-
-
-@dataclass(frozen=True)
-class LLCEstimate:
-    """λ̂ = nβ (E[L_n(w)] - L_n(w*)) pooled over usable chains, with its uncertainty.
-
-    C = chains, D = draws per chain. A chain is usable unless it diverged or has a non-finite draw.
-    `se` is `se_between` when at least two chains are usable, else `se_batch_means`.
-    status: "ok" (all chains used), "diverged" (some excluded), "failed" (none usable: mean and
-    se are NaN, never a number).
-    """
-
-    mean: float
-    se: float
-    se_between: float
-    se_batch_means: float
-    per_chain: np.ndarray  # (C,) λ̂_c; NaN for excluded chains
-    running: np.ndarray  # (C, D) λ̂_{c,t} = nβ (mean of draws 1..t - L*), all chains
-    num_chains_used: int
-    excluded: tuple[int, ...]
-    status: Status
+from llc_bench.rules import estimate_status, usable_chains
+from llc_bench.types import ChainResult, HealthFlag, LLCEstimate
 
 
 def _validate(draw_loss, loss_at_wstar: float, n_beta: float) -> np.ndarray:
@@ -43,17 +20,6 @@ def _validate(draw_loss, loss_at_wstar: float, n_beta: float) -> np.ndarray:
     if not (math.isfinite(n_beta) and n_beta > 0):
         raise ValueError(f"n_beta must be positive and finite, got {n_beta}")
     return draw_loss
-
-
-def usable_chains(draw_loss: np.ndarray, diverged_at=None) -> np.ndarray:
-    """(C,) bool: chain c is usable iff diverged_at[c] < 0 and all its draws are finite."""
-    usable = np.all(np.isfinite(draw_loss), axis=1)
-    if diverged_at is not None:
-        diverged_at = np.asarray(diverged_at)
-        if diverged_at.shape != usable.shape:
-            raise ValueError(f"diverged_at must have shape {usable.shape}, got {diverged_at.shape}")
-        usable &= diverged_at < 0
-    return usable
 
 
 def batch_means_variance(chain: np.ndarray) -> float:
@@ -84,7 +50,7 @@ def estimate_llc(draw_loss, loss_at_wstar: float, n_beta: float, diverged_at=Non
     """
     draw_loss = _validate(draw_loss, loss_at_wstar, n_beta)
     num_chains, num_draws = draw_loss.shape
-    usable = usable_chains(draw_loss, diverged_at)
+    usable = usable_chains(draw_loss, diverged_at=diverged_at)
     excluded = tuple(int(c) for c in np.flatnonzero(~usable))
     # Divergent chains overflow in cumsum by design (inf/NaN rows); that is what the plot should show.
     with np.errstate(over="ignore", invalid="ignore"):
@@ -104,7 +70,7 @@ def estimate_llc(draw_loss, loss_at_wstar: float, n_beta: float, diverged_at=Non
             running=running,
             num_chains_used=0,
             excluded=excluded,
-            status="failed",
+            status=estimate_status(usable),
         )
 
     used = per_chain[usable]
@@ -121,7 +87,7 @@ def estimate_llc(draw_loss, loss_at_wstar: float, n_beta: float, diverged_at=Non
         running=running,
         num_chains_used=num_used,
         excluded=excluded,
-        status="ok" if not excluded else "diverged",
+        status=estimate_status(usable),
     )
 
 
@@ -198,11 +164,9 @@ def cross_check(per_step: LLCEstimate, full: LLCEstimate, z_max: float = CROSS_C
 
 
 def cross_check_flag(check: dict | None):
-    """A health flag (llc_bench.health.HealthFlag) when the cross-check disagrees, else None."""
+    """A HealthFlag when the cross-check disagrees, else None."""
     if check is None or not check["disagree"]:
         return None
-    from llc_bench.health import HealthFlag
-
     return HealthFlag(
         "estimates_disagree",
         f"The per-step λ̂ {check['llc_per_step']:.4g} ± {check['se_per_step']:.2g} and the full-data λ̂ "
@@ -234,7 +198,7 @@ def block_bootstrap_ci(
         raise ValueError(f"level must be in (0, 1), got {level}")
     if num_boot < 1:
         raise ValueError(f"num_boot must be >= 1, got {num_boot}")
-    chains = draw_loss[usable_chains(draw_loss, diverged_at)]
+    chains = draw_loss[usable_chains(draw_loss, diverged_at=diverged_at)]
     num_used, num_draws = chains.shape
     if num_used == 0:
         return math.nan, math.nan

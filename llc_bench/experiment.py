@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import numpy as np
+import xarray as xr
 
 from llc_bench import artifacts
 from llc_bench.config import Config, to_dict, to_toml
-from llc_bench.curvature import AutoStep, build_algorithm
+from llc_bench.curvature import auto_step_grad_evals, build_algorithm, step_size_summary
+from llc_bench.diagnostics import convergence, to_datatree
 from llc_bench.estimator import (
-    LLCEstimate,
     block_bootstrap_ci,
     cross_check,
     cross_check_flag,
@@ -25,12 +26,17 @@ from llc_bench.estimator import (
     running_at_draws,
     wnv,
 )
+from llc_bench.health import check_health, step_size_check_summary
 from llc_bench.posterior import Posterior
 from llc_bench.progress import progress_enabled
-from llc_bench.rng import stream_key
-from llc_bench.runner import ChainResult, run_chains_with_state
+from llc_bench.report import print_report
+from llc_bench.rng import sampler_key, stream_key
+from llc_bench.rules import run_status, usable_chains
+from llc_bench.runner import run_chains_with_state
 from llc_bench.samplers import SAMPLER_NAMES, get_spec
 from llc_bench.samplers.base import STEP_EPSILON
+from llc_bench.target import build_target
+from llc_bench.types import ChainResult, HealthFlag, LLCEstimate
 
 
 @dataclass(frozen=True)
@@ -50,11 +56,6 @@ def build_posterior(cfg: Config, target) -> Posterior:
     return Posterior.build(target.per_sample_loss, target.x, target.y, target.w_star,
                            beta0=cfg.posterior.beta0, gamma=cfg.posterior.gamma,
                            prior_radius=cfg.posterior.prior_radius)
-
-
-def sampler_key(seed: int, name: str):
-    """Each sampler's chains get their own stream, stable when other samplers are added or removed."""
-    return jax.random.fold_in(stream_key(seed, "sampling"), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def chain_devices(num_chains: int):
@@ -83,9 +84,6 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     every attempt; the summary's work and seconds are those of the final attempt (the cost of
     running it once), summary["target_rel_se"]["grad_evals_all"] the sum over attempts.
     """
-    from llc_bench.diagnostics import convergence, to_datatree
-    from llc_bench.health import check_health, run_status
-
     spec = get_spec(name)
     settings = settings if settings is not None else cfg.sampler[name]
     algorithm = build_algorithm(spec, posterior, settings)
@@ -139,8 +137,6 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
 
 def _diagnostics_missing(conv: dict, num_draws: int) -> list:
     """A run too short for ESS / R̂ has no evidence of mixing: say so instead of reporting "ok"."""
-    from llc_bench.health import HealthFlag
-
     stats = conv["L_n"]
     missing = [name for name, key, needed in (("ESS", "ess_bulk", True),
                                               ("R̂", "rhat", len(conv["chains_used"]) >= 2))
@@ -151,27 +147,6 @@ def _diagnostics_missing(conv: dict, num_draws: int) -> list:
                        f"{' and '.join(missing)} could not be computed from {num_draws} draw(s) per chain, "
                        "so nothing shows the chains mixed (and the interval has no spread to measure).",
                        "Increase run.num_draws (at least a few dozen draws per chain).")]
-
-
-# A forward-over-reverse Hessian-vector product, or a jvp + vjp covariance product, costs about two gradients.
-HVP_GRAD_EVALS = 2.0
-
-
-def auto_step_grad_evals(auto: AutoStep | None, n: int) -> float:
-    """Work of step_size = "auto" in full-data gradient equivalents: its operator products, plus
-    RMSProp-SGLD's minibatch gradients at w*."""
-    if auto is None:
-        return 0.0
-    return HVP_GRAD_EVALS * auto.num_products + auto.precond_batches * auto.settings.batch_size / n
-
-
-def step_size_summary(settings, auto: AutoStep | None) -> dict:
-    """summary.json fields of the step size: the ε the draws used (SG samplers), and for "auto" what chose it."""
-    if auto is not None:
-        return auto.summary()
-    keys = ("step_size_wstar", "h_max", "curvature", "gradient_noise", "h_max_burnin", "curvature_burnin",
-            "num_hvp", "num_cvp", "step_size_constant", "step_size_auto_s")
-    return {"step_size": getattr(settings, "step_size", None), "step_size_auto": False, **dict.fromkeys(keys)}
 
 
 def check_keys() -> dict:
@@ -185,7 +160,7 @@ def final_checks(spec, posterior: Posterior, algorithm, states, step_size, diver
     out = {key: (None, None) for key in check_keys()}
     if not spec.checks:
         return out
-    positions = np.asarray(jax.vmap(algorithm.position)(states))[np.asarray(diverged_at) < 0]
+    positions = np.asarray(jax.vmap(algorithm.position)(states))[usable_chains(diverged_at=diverged_at)]
     for check in spec.checks:
         if positions.shape[0]:
             out[check.summary_key] = check.run(posterior, positions, step_size, stream_key(seed, "projection"))
@@ -197,10 +172,8 @@ def _summarize(spec, result: ChainResult, est: LLCEstimate, conv: dict, flags, t
     grad_evals = float(np.sum(result.grad_evals)) + extra_grad_evals
     wall = result.wall_s + result.warmup_s
     wnv_time, wnv_grad = wnv(est.se, wall, grad_evals)
-    from llc_bench.health import run_status
-
     status = run_status(est.status, flags)
-    ok = result.diverged_at < 0
+    ok = usable_chains(diverged_at=result.diverged_at)
     accept = _finite(np.nanmean(result.accept[ok])) if spec.metropolis and ok.any() else None
     energy = result.energy_change[ok][:, result.num_burnin_steps:] if ok.any() else np.empty((0, 0))
     energy_stats = None
@@ -254,8 +227,6 @@ def _step_block_len(result: ChainResult) -> int | None:
 
 def step_size_check(cfg: Config, name: str, posterior: Posterior, first: SamplerRun) -> dict | None:
     """Rerun at ε/2: R̂ cannot see a bias that all chains share, a change in λ̂ can."""
-    from llc_bench.health import step_size_check_summary
-
     settings = cfg.sampler[name]
     if get_spec(name).step_size != STEP_EPSILON:
         return None  # step size is tuned by the sampler itself
@@ -270,9 +241,6 @@ def run_experiment(cfg: Config, out_dir: str | Path | None = None, *, progress: 
                    check_step_size: bool = False, write: bool = True, plots: bool = True,
                    console=None) -> dict:
     """Run every sampler of `cfg`, print the report, write artifacts; returns the summary dict."""
-    from llc_bench.report import print_report
-    from llc_bench.target import build_target
-
     progress = progress_enabled(progress)
     config_dict = to_dict(cfg)
     rid = artifacts.run_id(config_dict)
@@ -346,8 +314,6 @@ def failed_summary(error: str) -> dict:
 def _start_run_dir(out: Path, cfg: Config) -> None:
     """Make `out` describe this run only, before any work: remove an earlier run's artifacts
     (summary.json first: its presence means "finished"), then write this run's config.toml."""
-    import shutil
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     shutil.rmtree(out / "traces.zarr", ignore_errors=True)
@@ -363,8 +329,7 @@ def _start_run_dir(out: Path, cfg: Config) -> None:
 
 
 def _write_artifacts(out: Path, summary: dict, runs: dict, truth, plots: bool) -> None:
-    import xarray as xr
-
+    # deferred: matplotlib, which only runs that write plots need
     from llc_bench.plots import plot_all
 
     if runs:

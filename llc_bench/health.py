@@ -13,7 +13,9 @@ import numpy as np
 from scipy.special import ndtri
 from scipy.stats import rankdata
 
-from llc_bench.runner import ChainResult
+from llc_bench.rules import NOT_CONVERGED_CODES, usable_chains
+from llc_bench.rules import run_status as run_status  # re-exported (the rule lives in rules)
+from llc_bench.types import ChainResult, HealthFlag
 
 # ---------------------------------------------------------------------------------------------
 # Thresholds. All are heuristics chosen so that a stationary trace of a few hundred effective
@@ -107,30 +109,6 @@ REMEDIES = {
         "Discretization bias: the estimate moved when ε was halved; use a smaller ε."
     ),
 }
-
-
-# Flags that say the draws are not yet from the stationary law: a run with one is `not_converged`.
-NOT_CONVERGED_CODES = ("not_leveling", "burnin_too_short", "not_converged", "still_spreading")
-
-
-def run_status(estimate_status: str, flags) -> str:
-    """failed (no usable chain) > diverged (chains excluded) > not_converged > warnings > ok."""
-    if estimate_status in ("failed", "diverged"):
-        return estimate_status
-    codes = {f.code for f in flags}
-    if codes & set(NOT_CONVERGED_CODES):
-        return "not_converged"
-    return "warnings" if codes else "ok"
-
-
-@dataclass(frozen=True)
-class HealthFlag:
-    """One failed check: a code, what was seen in plain words, and what to change."""
-
-    code: str
-    message: str
-    remedy: str
-    chains: tuple[int, ...] = ()
 
 
 def _flag(code: str, message: str, chains=()) -> HealthFlag:
@@ -414,7 +392,7 @@ def check_health(result: ChainResult, thresholds: HealthThresholds = HealthThres
     trace = np.asarray(result.loss_trace, dtype=float)
     draws = np.asarray(result.draw_loss, dtype=float)
     diverged_at = np.asarray(result.diverged_at)
-    bad = (diverged_at >= 0) | ~np.all(np.isfinite(trace), axis=1) | ~np.all(np.isfinite(draws), axis=1)
+    bad = ~usable_chains(trace, draws, diverged_at=diverged_at)
     flags: list[HealthFlag] = []
     if bad.any():
         where = {int(c): _first_bad_step(trace[c], int(diverged_at[c])) for c in np.flatnonzero(bad)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
+
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
     """Point JAX at an on-disk compilation cache (LLC_BENCH_JAX_CACHE, default ~/.cache/llc_bench/jax).
@@ -12,8 +14,6 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
     LLC_BENCH_JAX_CACHE=off disables it. Results are unaffected: the cache stores compiled executables
     keyed by the program, never numbers.
     """
-    import jax
-
     setting = path or os.environ.get("LLC_BENCH_JAX_CACHE") or Path.home() / ".cache" / "llc_bench" / "jax"
     if str(setting).lower() in ("off", "0", "none", ""):
         return None

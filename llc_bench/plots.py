@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from llc_bench.diagnostics import (  # noqa: E402
     per_draw_llc,
     to_datatree,
 )
-from llc_bench.runner import ChainResult  # noqa: E402
+from llc_bench.types import ChainResult  # noqa: E402
 
 LOSS_UNITS = "nats / sample"
 DPI = 110
@@ -30,9 +32,6 @@ DPI = 110
 
 def _save(fig: Figure, path: Path, **savefig_kwargs) -> Path:
     """Save to a temp file beside `path`, then rename: a run killed mid-plot leaves no truncated PNG."""
-    import os
-    import tempfile
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
@@ -147,7 +146,7 @@ def plot_trace_rank(result: ChainResult, path: Path) -> Path:
     rows = 1 + tree["posterior"].sizes["proj"]
     title = f"{result.sampler}: trace (left, x = draw index) and rank ECDF (right) of L_n and θ projections"
     try:
-        import arviz_plots as azp
+        import arviz_plots as azp  # deferred: slow to import; a failure here falls back to matplotlib
 
         layout = {"figsize": (6.0, 2.4 * rows), "layout": "constrained", "dpi": DPI}
         with warnings.catch_warnings():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 
@@ -18,6 +20,11 @@ def stream_key(seed: int, name: str) -> jax.Array:
     if name not in STREAMS:
         raise ValueError(f"unknown random stream {name!r}; known: {', '.join(STREAMS)}")
     return jax.random.fold_in(jax.random.key(seed), STREAMS.index(name))
+
+
+def sampler_key(seed: int, name: str) -> jax.Array:
+    """Each sampler's chains get their own stream, stable when other samplers are added or removed."""
+    return jax.random.fold_in(stream_key(seed, "sampling"), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def chain_keys(key: jax.Array, num_chains: int) -> jax.Array:

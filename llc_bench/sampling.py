@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
+import importlib
+import inspect
 import json
 import math
 import numbers
+import tempfile
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +22,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from llc_bench.artifacts import jsonable, write_datatree_atomic
 from llc_bench.config import SEED_LIMIT
+from llc_bench.curvature import auto_step_grad_evals, build_algorithm, step_size_summary
+from llc_bench.estimator import cross_check, cross_check_flag, estimate_llc, resolve_source
+from llc_bench.jaxcache import enable_compilation_cache
 from llc_bench.posterior import Posterior
-from llc_bench.runner import key_name
+from llc_bench.rng import sampler_key
+from llc_bench.rules import run_status, usable_chains
+from llc_bench.runner import key_name, run_chains
+from llc_bench.samplers import SAMPLER_NAMES, get_spec
 from llc_bench.samplers.base import STEP_EPSILON
+from llc_bench.types import ChainResult
 
 # Format of the stored tree; bump when variables change meaning so old stores are not reused.
 FORMAT_VERSION = 2
@@ -30,8 +43,6 @@ METHOD_ALIASES = {"sgmcmc_sgld": "sgld"}
 
 
 def _minibatch_methods() -> tuple[str, ...]:
-    from llc_bench.samplers import SAMPLER_NAMES, get_spec
-
     return tuple(name for name in SAMPLER_NAMES if get_spec(name).minibatch)
 
 # loss_fn(apply_fn, params, x (m, ...), y (m, ...)) -> (m,) per-sample negative log-likelihoods
@@ -262,8 +273,6 @@ def _sampler_settings(method: str, *, lr, batch_size: int, accumulation: int, no
 
     aliased: sample() keywords that spell a sampler's setting (spec.aliases, e.g. rmsprop_eps) -> value or None.
     """
-    from llc_bench.samplers import SAMPLER_NAMES, get_spec
-
     kwargs = dict(kwargs or {})
     spec = get_spec(method)
     own = spec.aliases or {}
@@ -312,15 +321,11 @@ def _fn_name(fn) -> str:
 
 
 def _json_normalize(obj):
-    from llc_bench.artifacts import jsonable
-
     return json.loads(json.dumps(jsonable(obj), sort_keys=True, default=str))
 
 
 def _key(seed: int, purpose: str) -> jax.Array:
     """The experiment pipeline's per-sampler key derivation, also used for sample()'s auxiliary streams."""
-    from llc_bench.experiment import sampler_key
-
     return sampler_key(seed, purpose)
 
 
@@ -392,8 +397,6 @@ def _enable_cache_once() -> None:
         return
     _CACHE_SET = True
     if not jax.config.jax_compilation_cache_dir:
-        from llc_bench.jaxcache import enable_compilation_cache
-
         enable_compilation_cache()
 
 
@@ -406,14 +409,10 @@ def _prefetch_imports_once() -> None:
     if _PREFETCHED:
         return
     _PREFETCHED = True
-    import threading
-
     threading.Thread(target=_import_later_modules, name="llc_bench-imports", daemon=True).start()
 
 
 def _import_later_modules() -> None:
-    import importlib
-
     for module in ("xarray", "llc_bench.health"):
         try:
             importlib.import_module(module)
@@ -533,13 +532,9 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     Every argument is checked before any work, and a ValueError names it. devinterp v1's names
     (nbeta, optimizer_kwargs, grad_accum_steps, ...) raise a TypeError that gives the name used here.
     """
-    from llc_bench.runner import run_chains
-
     # ---- validate and resolve ---------------------------------------------------------------
     _refuse_v1_names(devinterp_v1)
     method = METHOD_ALIASES.get(sampling_method, sampling_method)
-    from llc_bench.samplers import SAMPLER_NAMES, get_spec
-
     if method not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampling_method {sampling_method!r}; allowed: "
                          f"{list(SAMPLER_NAMES + tuple(METHOD_ALIASES))}")
@@ -641,8 +636,6 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
                                   float(localization) / temper, loss_at_wstar,
                                   weight_decay=float(weight_decay) / temper,
                                   accumulation_steps=gradient_accumulation_steps)
-    from llc_bench.curvature import build_algorithm
-    from llc_bench.experiment import auto_step_grad_evals, step_size_summary
 
     algorithm = _wrap_algorithm(build_algorithm(spec, posterior, settings, full_batch=full_batch), w_star,
                                 init_noise, bounding_box_size)
@@ -687,7 +680,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
                         executables=executables)
 
     # ---- the tree ----------------------------------------------------------------------------
-    import xarray as xr
+    import xarray as xr  # deferred: loaded in the background while the chains run (_prefetch_imports_once)
 
     draws = result.draw_outputs
     chain_dim = np.arange(num_chains)
@@ -735,8 +728,6 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     tree = xr.DataTree(ds)
     if path is None:
         return tree
-    from llc_bench.artifacts import write_datatree_atomic
-
     write_datatree_atomic(tree, path)
     return xr.open_datatree(path, engine="zarr", consolidated=False)
 
@@ -758,9 +749,6 @@ V1_NAMES = {
 
 def _refuse_v1_names(extra: dict) -> None:
     """Unknown keywords get a TypeError; devinterp v1 names get one that says how to spell them here."""
-    import difflib
-    import inspect
-
     for name in extra:
         if name in V1_NAMES:
             raise TypeError(f"sample(): {name!r} is devinterp v1's name; use {V1_NAMES[name]}")
@@ -780,8 +768,6 @@ def _check_lr(lr) -> None:
 
 def _check_output_path(output_path) -> Path | None:
     """Refuse, before any sampling, an output_path that could not take the store."""
-    import tempfile
-
     if output_path is None:
         return None
     path = Path(output_path)
@@ -797,7 +783,7 @@ def _check_output_path(output_path) -> Path | None:
 
 def _reuse_store(path: Path, options: dict, overwrite: bool):
     """The stored tree if its options equal `options`; None if it is to be (re)written."""
-    import xarray as xr
+    import xarray as xr  # deferred: loaded in the background while the chains run (_prefetch_imports_once)
 
     try:
         stored = xr.open_datatree(path, engine="zarr", consolidated=False)
@@ -826,7 +812,7 @@ def _reuse_store(path: Path, options: dict, overwrite: bool):
 
 
 def _dataset(tree):
-    import xarray as xr
+    import xarray as xr  # deferred: loaded in the background while the chains run (_prefetch_imports_once)
 
     if isinstance(tree, xr.DataTree):
         return tree.to_dataset()
@@ -869,8 +855,6 @@ def _resolve_llc_source(ds, source: str) -> str:
     """source="auto": "minibatch" (the per-step loss) for SG methods, "full" for full-batch ones."""
     if source != "auto":
         return source
-    from llc_bench.estimator import resolve_source
-
     return resolve_source("auto", str(ds.attrs.get("options", {}).get("sampling_method", "")))
 
 
@@ -923,9 +907,8 @@ def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCRes
     full-data λ̂ check each other (LLCResult.cross_check; flag `estimates_disagree`), as in the
     pipeline.
     """
-    from llc_bench.estimator import cross_check, cross_check_flag, estimate_llc
-    from llc_bench.health import check_health, run_status
-    from llc_bench.runner import ChainResult
+    # deferred: arviz-stats and scipy.stats, loaded in the background while the chains run
+    from llc_bench.health import check_health
 
     ds = _dataset(tree)
     source = _resolve_llc_source(ds, source)
@@ -972,10 +955,7 @@ def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCRes
 
 
 def _usable(ds, *series: np.ndarray) -> np.ndarray:
-    ok = np.asarray(ds["diverged_at"]) < 0
-    for s in series:
-        ok &= np.all(np.isfinite(s.reshape(s.shape[0], -1)), axis=1)
-    return ok
+    return usable_chains(*series, diverged_at=np.asarray(ds["diverged_at"]))
 
 
 def _pooled_cov(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -1016,7 +996,7 @@ def compute_bif(tree, obs_a: str, obs_b: str | None = None, *, num_burnin_draws:
     Returns an xarray.DataArray (sample_a, sample_b) with coords index_a / index_b (the points'
     indices in each observable's dataset); NaN if no chain is usable.
     """
-    import xarray as xr
+    import xarray as xr  # deferred: loaded in the background while the chains run (_prefetch_imports_once)
 
     if normalize not in ("covariance", "correlation"):
         raise ValueError(f"normalize must be 'covariance' or 'correlation', got {normalize!r}")
@@ -1066,7 +1046,7 @@ def compute_susceptibilities(tree, *, num_burnin_draws: int = 0, source: str = "
     (batch_<obs>, sample): χ_i = −nβ Cov(L, ℓ_i) for each of its points (only when the tree holds
     per-sample losses; with per_sample_losses=False χ comes from the batch means, which average to φ).
     """
-    import xarray as xr
+    import xarray as xr  # deferred: loaded in the background while the chains run (_prefetch_imports_once)
 
     ds = _dataset(tree)
     burn = _burnin(num_burnin_draws, ds.sizes["draw"], need=2)

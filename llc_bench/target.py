@@ -24,6 +24,7 @@ from llc_bench.models import (
 from llc_bench.posterior import PerSampleLoss
 from llc_bench.rng import stream_key
 from llc_bench.train import TrainReport, train_erm
+from llc_bench.truth import dln_learning_coefficient
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,6 +147,4 @@ def _dln_truth(widths: tuple[int, ...], activation: str, bias: bool, teacher_ran
     """Aoyagi's λ for a DLN student whose teacher is linear of rank r ≤ min(widths) (realizable)."""
     if activation != "identity" or bias or teacher_rank is None or teacher_rank > min(widths):
         return None
-    from llc_bench.truth import dln_learning_coefficient  # written alongside; imported late
-
     return float(dln_learning_coefficient(widths, teacher_rank))

@@ -99,7 +99,7 @@ def sample_record(seconds: float, chains: int, tree, llc) -> dict:
 def scan_call(posterior, algorithm, chains: int) -> float:
     """Seconds of the runner's SG scan alone: STEPS − 1 burn-in steps in one chunk and one draw
     (the runner's own wall clock: compile and host copies excluded)."""
-    from llc_bench.experiment import sampler_key
+    from llc_bench.rng import sampler_key
     from llc_bench.runner import run_chains
 
     result = run_chains("sgld", algorithm, posterior, sampler_key(0, "sgld"), num_chains=chains,

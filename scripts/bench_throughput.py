@@ -28,8 +28,9 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llc_bench.config import from_dict  # noqa: E402
-from llc_bench.experiment import build_posterior, sampler_key  # noqa: E402
+from llc_bench.experiment import build_posterior  # noqa: E402
 from llc_bench.models import hidden_widths_for_target  # noqa: E402
+from llc_bench.rng import sampler_key  # noqa: E402
 from llc_bench.runner import run_chains  # noqa: E402
 from llc_bench.samplers import get_spec  # noqa: E402
 from llc_bench.target import build_target  # noqa: E402

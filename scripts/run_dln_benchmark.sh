@@ -5,8 +5,8 @@
 #   scripts/run_dln_benchmark.sh full       # every sampler, 1K-100K, n-sample full-batch gradients (GPU)
 #   scripts/run_dln_benchmark.sh large      # SG samplers on the 1M-100M classes (GPU)
 #
-# Resumable: rerunning skips rows already in the CSV. Extra arguments go to llc_bench.bench
-# (e.g. --instances 5, --out DIR, --summary-only).
+# Resumable: rerunning skips rows already in the CSV. Extra arguments go to `main.py bench`
+# (e.g. --instances 5, --out DIR, --workers 4, --summary-only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=()
@@ -14,4 +14,4 @@ if [[ $# -gt 0 && "$1" != -* ]]; then
   profile=(--profile "$1")
   shift
 fi
-exec python3 -m uv run python -m llc_bench.bench --no-progress "${profile[@]}" "$@"
+exec python3 -m uv run main.py bench --no-progress "${profile[@]}" "$@"

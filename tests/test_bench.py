@@ -5,33 +5,34 @@ import dataclasses
 
 import numpy as np
 import pytest
+import tomli_w
 
-from llc_bench import bench
+from llc_bench import bench, bench_report, bench_suite, cli
 from llc_bench.config import ConfigError
 from llc_bench.models import count_params
 from llc_bench.truth import dln_learning_coefficient
 
-ALL_CLASSES = {name: 4 for name in bench.SIZE_CLASSES}
+ALL_CLASSES = {name: 4 for name in bench_suite.SIZE_CLASSES}
 
 
 def test_suite_is_deterministic_and_prefix_stable():
-    a = bench.make_suite({"1K": 6, "10K": 6}, suite_seed=0)
-    b = bench.make_suite({"1K": 6, "10K": 6}, suite_seed=0)
+    a = bench_suite.make_suite({"1K": 6, "10K": 6}, suite_seed=0)
+    b = bench_suite.make_suite({"1K": 6, "10K": 6}, suite_seed=0)
     assert a == b
     # Instance i depends only on (seed, class, i): asking for more never changes the first ones.
-    longer = bench.make_suite({"1K": 9, "10K": 6}, suite_seed=0)
+    longer = bench_suite.make_suite({"1K": 9, "10K": 6}, suite_seed=0)
     assert [i for i in longer if i.size_class == "1K"][:6] == a[:6]
-    other = bench.make_suite({"1K": 6, "10K": 6}, suite_seed=1)
+    other = bench_suite.make_suite({"1K": 6, "10K": 6}, suite_seed=1)
     assert [i.widths for i in other] != [i.widths for i in a]
     assert len({i.name for i in a}) == len(a)
     assert len({i.seed for i in a}) == len(a)
 
 
 def test_every_instance_carries_its_truth_and_lies_in_its_class():
-    suite = bench.make_suite(ALL_CLASSES, suite_seed=3)
+    suite = bench_suite.make_suite(ALL_CLASSES, suite_seed=3)
     generators = set()
     for inst in suite:
-        c = bench.SIZE_CLASSES[inst.size_class]
+        c = bench_suite.SIZE_CLASSES[inst.size_class]
         assert inst.aoyagi == dln_learning_coefficient(inst.widths, inst.rank)
         assert inst.d == count_params(inst.widths, bias=False)
         assert c.min_params <= inst.d < c.max_params
@@ -44,7 +45,7 @@ def test_every_instance_carries_its_truth_and_lies_in_its_class():
 
 
 def test_size_classes_tile_the_parameter_axis():
-    classes = list(bench.SIZE_CLASSES.values())
+    classes = list(bench_suite.SIZE_CLASSES.values())
     for lower, upper in zip(classes[:-1], classes[1:], strict=True):
         assert lower.max_params == upper.min_params
     assert classes[0].min_params <= 1000 < classes[0].max_params
@@ -64,10 +65,9 @@ def test_sufficient_statistic_data_reproduce_the_full_loss():
         assert reduced == pytest.approx(full, rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tiny_recipe():
+def _tiny_raw() -> dict:
     """Two 3-layer instances of ~30 parameters, n = 300, both SG samplers, a few dozen steps."""
-    raw = bench.read_toml(bench.DEFAULT_SPEC)
+    raw = bench_suite.read_toml(bench_suite.DEFAULT_SPEC)
     raw["bench"].update({"classes": ["1K"], "generators": {"chained": 1, "deepest": 1},
                          "samplers": ["sgld", "rmsprop_sgld"], "name": "tiny"})
     raw["class"] = {"1K": {"min_params": 20, "max_params": 60, "min_layers": 3, "max_layers": 3,
@@ -78,7 +78,12 @@ def tiny_recipe():
     for name in ("sgld", "rmsprop_sgld"):
         raw["sampler"][name]["batch_size"] = 50
     raw.pop("profile", None)
-    return bench.parse_recipe(raw, "tiny.toml")
+    return raw
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe():
+    return bench_suite.parse_recipe(_tiny_raw(), "tiny.toml")
 
 
 def test_dln_loss_and_reduced_posterior_match_the_target(tiny_recipe):
@@ -87,8 +92,8 @@ def test_dln_loss_and_reduced_posterior_match_the_target(tiny_recipe):
 
     from llc_bench.target import build_target
 
-    inst = bench.make_suite(tiny_recipe.classes, 0, size_classes=tiny_recipe.size_classes)[0]
-    cfg = bench.instance_config(tiny_recipe, inst, "sgld")
+    inst = bench_suite.make_suite(tiny_recipe.classes, 0, size_classes=tiny_recipe.size_classes)[0]
+    cfg = bench_suite.instance_config(tiny_recipe, inst, "sgld")
     target = build_target(cfg)
     assert target.truth == inst.aoyagi and target.teacher_rank == inst.rank
     data_post, reduced = bench.build_posteriors(cfg, target)
@@ -159,17 +164,40 @@ def test_two_instance_miniature_writes_the_scoreboard(tiny_recipe, tmp_path):
             assert row["recipe"] == other.fingerprint("sgld") != old_rows[key]["recipe"]
 
 
+TIMING = ("wall_s", "wnv_time", "compile_s")  # seconds differ between any two runs
+
+
+def test_two_workers_write_the_rows_of_one_process(tiny_recipe, tmp_path, capsys):
+    """`main.py bench --workers 2` runs the instances in two spawned processes through the sweep's
+    executor: the same rows as one process gives, seconds aside."""
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(tomli_w.dumps(_tiny_raw()))
+    one, two = tmp_path / "one", tmp_path / "two"
+    bench.run_bench(tiny_recipe, one, figures=False, log=lambda _: None)
+    assert cli.main(["bench", "--spec", str(spec), "--out", str(two), "--workers", "2", "--no-progress"]) == 0
+    assert "2 workers" in capsys.readouterr().out
+
+    def rows(out):
+        with open(out / bench.CSV_NAME, newline="") as fh:
+            return {(r["instance"], r["sampler"]): {k: v for k, v in r.items() if k not in TIMING}
+                    for r in csv.DictReader(fh)}
+
+    serial, parallel = rows(one), rows(two)
+    assert len(serial) == 4 and parallel == serial
+    assert all(float(r["llc_mean"]) > 0 for r in serial.values())
+
+
 def test_shipped_recipe_and_profiles_validate():
-    recipe = bench.load_recipe()
+    recipe = bench_suite.load_recipe()
     assert recipe.generators == {"chained": 20, "rand_rank": 3, "deepest": 3}
     assert recipe.classes == {"1K": 26, "10K": 26}
     assert set(recipe.samplers) >= {"sgld", "rmsprop_sgld"}
-    raw = bench.read_toml(bench.DEFAULT_SPEC)
+    raw = bench_suite.read_toml(bench_suite.DEFAULT_SPEC)
     for profile in raw.get("profile", {}):
-        bench.load_recipe(profile=profile)
+        bench_suite.load_recipe(profile=profile)
     with pytest.raises(ConfigError, match="unknown profile"):
-        bench.load_recipe(profile="nope")
-    three = bench.load_recipe(instances=3)
+        bench_suite.load_recipe(profile="nope")
+    three = bench_suite.load_recipe(instances=3)
     assert three.generators == {"chained": 3, "rand_rank": 3, "deepest": 3}
     assert three.classes == {"1K": 9, "10K": 9}
 
@@ -188,23 +216,23 @@ def test_summary_statistics():
     for i, truth in enumerate([10.0, 20.0, 30.0, 40.0]):
         for s, factor in (("good", 1.01), ("bad", 2.0 if i % 2 else 0.5)):
             rows.append(_row(s, f"1K-{i:03d}", truth, factor))
-    table = {e["sampler"]: e for e in bench.summarize(rows)}
+    table = {e["sampler"]: e for e in bench_report.summarize(rows)}
     assert table["good"]["median_abs_rel"] == pytest.approx(0.01)
     assert table["good"]["spearman"] == pytest.approx(1.0)
-    assert bench.meets_targets(table["good"]) and not bench.meets_targets(table["bad"])
-    text = bench.summary_markdown(rows)
+    assert bench_report.meets_targets(table["good"]) and not bench_report.meets_targets(table["bad"])
+    text = bench_report.summary_markdown(rows)
     assert "1K: met by good." in text and "bad 1K-" in text
 
 
 def test_a_partial_class_gets_no_verdict():
     """Rows of the first 4 of a class's 26 instances: the table says so and no target is called met."""
-    recipe = bench.load_recipe("configs/bench_dln.toml", profile="sg_curvature")
+    recipe = bench_suite.load_recipe("configs/bench_dln.toml", profile="sg_curvature")
     rows = [_row("curvature_sgld", f"1K-{i:03d}", t, 1.01) for i, t in enumerate([10.0, 20.0, 30.0, 40.0])]
-    text = bench.summary_markdown(rows, recipe)
+    text = bench_report.summary_markdown(rows, recipe)
     assert "| partial run, met so far |" in text
     assert "- 1K: partial run (curvature_sgld 4 of 26 instances so far): no verdict." in text
     assert "met by" not in text
-    complete = bench.summary_markdown(rows)  # without a recipe nothing is known to be missing
+    complete = bench_report.summary_markdown(rows)  # without a recipe nothing is known to be missing
     assert "1K: met by curvature_sgld." in complete
 
 
@@ -212,7 +240,7 @@ def test_unscored_rows_never_enter_the_headline():
     rows = [_row("hmc", f"1K-{i:03d}", t, 1.01) for i, t in enumerate([10.0, 20.0, 30.0])]
     # A not-well-posed instance read at λ(r_eff) = λ/2 would be a -50% error against Aoyagi's λ.
     rows.append(_row("hmc", "1K-bad", 50.0, 0.5, well_posed=False))
-    text = bench.summary_markdown(rows)
+    text = bench_report.summary_markdown(rows)
     assert "Well-posed instances (scored): 3 of 4." in text
     assert "| hmc | 1K | 3 | 0 | 0 | 1.0% | 1.0% | 1.000 |" in text and "1K: met by hmc." in text
     unscored = text[text.index("Not scored"):]
@@ -273,8 +301,8 @@ def test_finite_n_audit_reruns_at_k_times_n_and_flags_moves(tiny_recipe, tmp_pat
         run={**tiny_recipe.run, "hmc": small}, audit={"run": {"num_draws": 60}})
     logged = []
     bench.run_bench(recipe, tmp_path, log=logged.append, figures=False, audit=True)
-    (ref,) = bench.read_scoreboard(tmp_path / bench.CSV_NAME)
-    (row,) = bench.read_audit(tmp_path / bench.AUDIT_CSV_NAME)
+    (ref,) = bench_report.read_scoreboard(tmp_path / bench.CSV_NAME)
+    (row,) = bench_report.read_audit(tmp_path / bench.AUDIT_CSV_NAME)
     assert (row["instance"], row["n"], row["n_audit"]) == ("1K-chained-000", 300, 3000)
     assert row["llc_n"] == pytest.approx(ref["llc_mean"], rel=1e-5) and row["llc_audit"] > 0
     assert row["shift"] == pytest.approx(row["llc_audit"] / row["llc_n"] - 1, rel=1e-4)
@@ -283,7 +311,7 @@ def test_finite_n_audit_reruns_at_k_times_n_and_flags_moves(tiny_recipe, tmp_pat
     assert "Finite-n audit (hmc rerun at 10 × n" in (tmp_path / "summary.md").read_text()
     # Resumable: a second audit finds the row done.
     bench.run_audit(recipe, tmp_path, log=logged.append)
-    assert len(bench.read_audit(tmp_path / bench.AUDIT_CSV_NAME)) == 1
+    assert len(bench_report.read_audit(tmp_path / bench.AUDIT_CSV_NAME)) == 1
 
 
 def test_flag_validity_counts_recall_and_precision():
@@ -292,10 +320,10 @@ def test_flag_validity_counts_recall_and_precision():
             _row("sgld", "1K-002", 10.0, 1.01, status="warnings", warnings="spikes;low_snr"),  # false alarm
             _row("sgld", "1K-003", 10.0, 1.2, status="not_converged", warnings="not_converged"),  # bad, caught
             _row("sgld", "1K-004", 10.0, 1.05, status="ok")]
-    table = {e["flag"]: e for e in bench.flag_validity(rows)}
+    table = {e["flag"]: e for e in bench_report.flag_validity(rows)}
     assert (table["any flag"]["bad"], table["any flag"]["flagged"], table["any flag"]["caught"]) == (3, 3, 2)
     assert table["any flag"]["recall"] == pytest.approx(2 / 3) and table["any flag"]["precision"] == pytest.approx(2 / 3)
     assert (table["spikes"]["recall"], table["spikes"]["precision"]) == (pytest.approx(1 / 3), 0.5)
     assert table["low_snr"]["caught"] == 0 and table["not_converged"]["precision"] == 1.0
-    text = bench.summary_markdown(rows)
+    text = bench_report.summary_markdown(rows)
     assert "| any flag | 3 | 2 | 66.7% | 66.7% |" in text

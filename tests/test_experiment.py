@@ -121,7 +121,7 @@ def test_out_dir_describes_one_run(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("crashed mid-run")
 
-    monkeypatch.setattr("llc_bench.target.build_target", crash)
+    monkeypatch.setattr("llc_bench.experiment.build_target", crash)
     with pytest.raises(RuntimeError, match="crashed mid-run"):
         experiment.run_experiment(cfg, out_dir=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml", "notes.txt"]

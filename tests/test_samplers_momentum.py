@@ -121,7 +121,7 @@ def test_settings_from_config_and_cli_names():
 def test_sample_and_bench_accept_them(name):
     """sample() runs them as minibatch ε samplers (lr is their ε; lr=None is refused); a bench recipe
     lists them and treats them as SG samplers (the n-row posterior, SG targets)."""
-    from llc_bench import bench
+    from llc_bench import bench_report, bench_suite
     from llc_bench.sampling import compute_llc, sample
 
     rng = np.random.default_rng(0)
@@ -142,9 +142,9 @@ def test_sample_and_bench_accept_them(name):
     assert np.isfinite(compute_llc(tree).llc_mean)
     with pytest.raises(ValueError, match="needs a positive lr"):
         sample(apply_fn, params, loss_fn, (x, y), lr=None, **common)
-    raw = bench.read_toml(bench.DEFAULT_SPEC)
+    raw = bench_suite.read_toml(bench_suite.DEFAULT_SPEC)
     raw["bench"]["samplers"] = [name]
     raw.pop("profile", None)
-    recipe = bench.parse_recipe(raw, "tiny.toml")
-    assert recipe.samplers == (name,) and not bench.full_batch(name)
-    assert bench.targets_for(name) == bench.TARGETS["sg"]
+    recipe = bench_suite.parse_recipe(raw, "tiny.toml")
+    assert recipe.samplers == (name,) and not bench_suite.full_batch(name)
+    assert bench_report.targets_for(name) == bench_report.TARGETS["sg"]

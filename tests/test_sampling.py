@@ -143,12 +143,12 @@ def test_zarr_round_trip_and_same_seed_identical_tree(stored, problem):
 def test_store_reused_only_when_options_match(stored, problem, monkeypatch):
     tree, path = stored
     params, x, y = problem
-    import llc_bench.runner
+    import llc_bench.sampling
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled although the store matched")
 
-    monkeypatch.setattr(llc_bench.runner, "run_chains", no_sampling)
+    monkeypatch.setattr(llc_bench.sampling, "run_chains", no_sampling)
     kwargs = dict(observables=_observables(x, y), param_masks=MASKS, save_metrics=True, output_path=path)
     reused = sample(apply_linear, params, squared_error, (x, y), **kwargs, **COMMON)
     xr.testing.assert_identical(reused.to_dataset(), tree.to_dataset())
@@ -524,12 +524,12 @@ def test_devinterp_v1_names_are_refused_naming_the_new_spelling(problem, name, i
 
 
 def test_unusable_output_path_is_refused_before_sampling(problem, tmp_path, monkeypatch):
-    import llc_bench.runner
+    import llc_bench.sampling
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before refusing the output path")
 
-    monkeypatch.setattr(llc_bench.runner, "run_chains", no_sampling)
+    monkeypatch.setattr(llc_bench.sampling, "run_chains", no_sampling)
     params, x, y = problem
     blocker = tmp_path / "afile"
     blocker.write_text("keep")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llc_bench import cli, sweep
+from llc_bench import cli, sweep, sweep_spec
 from llc_bench.config import ConfigError, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def make_spec(axes, mode="product", seeds=(0,), runner=RUNNER, samplers=None, **
            "base": json.loads(json.dumps(BASE)), "axes": axes}
     if samplers is not None:
         raw["sweep"]["samplers"] = samplers
-    return sweep.parse_spec(raw, "spec.toml")
+    return sweep_spec.parse_spec(raw, "spec.toml")
 
 
 def read_csv(path):
@@ -125,7 +125,7 @@ def test_one_at_a_time_varies_each_axis_alone_around_the_base():
 def test_spec_samplers_override_the_base_and_dotted_tables_are_flattened():
     raw = {"sweep": {"mode": "product", "samplers": ["sgld"]}, "base": BASE,
            "axes": {"model": {"activation": ["relu", "gelu"]}}}
-    spec = sweep.parse_spec(raw, "x/my_grid.toml")
+    spec = sweep_spec.parse_spec(raw, "x/my_grid.toml")
     assert spec.name == "my_grid" and spec.out == "results/sweeps/my_grid.csv"
     assert list(spec.axes) == ["model.activation"]
     assert all(c.config.run.samplers == ("sgld",) for c in sweep.expand(spec))
@@ -158,9 +158,9 @@ def test_bad_sweep_section_is_refused():
     with pytest.raises(ConfigError, match=r"sweep\.seeds: must be a non-empty list of integers in \[0, 2\^32\)"):
         make_spec({}, seeds=(2**32,))
     with pytest.raises(ConfigError, match=r"^x/s\.toml: base_preset: unknown preset 'quik' \(did you mean 'quick'\?\)"):
-        sweep.parse_spec({"sweep": {"base_preset": "quik"}}, "x/s.toml")
+        sweep_spec.parse_spec({"sweep": {"base_preset": "quik"}}, "x/s.toml")
     with pytest.raises(ConfigError, match=r"base_preset: 'sweep_default' is a sweep spec, not a run preset"):
-        sweep.parse_spec({"sweep": {"base_preset": "sweep_default"}}, "x/s.toml")
+        sweep_spec.parse_spec({"sweep": {"base_preset": "sweep_default"}}, "x/s.toml")
 
 
 def test_cli_bad_spec_exits_2_before_running_anything(tmp_path, capsys):
@@ -414,7 +414,7 @@ def test_real_experiment_cell_end_to_end(tmp_path):
     """The default cell function (run_experiment) through the sweep; ~15-45 s of JAX compilation."""
     raw = {"sweep": {"name": "tiny", "samplers": ["sgld"], "seeds": [0]}, "base": TINY,
            "axes": {"data.noise": ["gaussian", "student_t"]}}
-    spec = sweep.parse_spec(raw, "tiny.toml")
+    spec = sweep_spec.parse_spec(raw, "tiny.toml")
     out = tmp_path / "tiny.csv"
     run_quiet(spec, out)
     rows = read_csv(out)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from llc_bench import tune
+from llc_bench import tune, tune_report, tune_rules
 from llc_bench.config import ConfigError
 from llc_bench.runner import ChainResult
 
@@ -44,7 +44,7 @@ def rise_trace(rng, tau: float, amplitude: float = 1.0, chains: int = 4, noise: 
 
 
 def cell(traces, step_size, n_beta, gamma=100.0):
-    return tune.assess(make_result(traces, n_beta=n_beta), step_size, n_beta, gamma)
+    return tune_rules.assess(make_result(traces, n_beta=n_beta), step_size, n_beta, gamma)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_verdicts_name_each_failure(synthetic_grid):
 
 
 def test_recommend_picks_fast_and_clean_over_larger_nbeta(synthetic_grid):
-    rec = tune.recommend(list(synthetic_grid.values()))
+    rec = tune_rules.recommend(list(synthetic_grid.values()))
     assert rec.cell is synthetic_grid["fast"]
     assert [c for c, _ in rec.ranking] == [synthetic_grid["fast"], synthetic_grid["slow"]]
     assert rec.settle_step < 60 < rec.ranking[1][1]
@@ -90,16 +90,16 @@ def test_ties_go_to_larger_nbeta_then_smaller_step():
     same = rise_trace(rng, tau=8)
     small_nb = cell(same, 1e-5, 10.0)
     large_nb = cell(same + 0.0, 1e-5, 100.0)
-    assert tune.recommend([small_nb, large_nb]).cell is large_nb
-    assert tune.recommend([large_nb, small_nb]).cell is large_nb
+    assert tune_rules.recommend([small_nb, large_nb]).cell is large_nb
+    assert tune_rules.recommend([large_nb, small_nb]).cell is large_nb
     big_eps = cell(same, 1e-4, 100.0)
-    assert tune.recommend([big_eps, large_nb]).cell is large_nb
+    assert tune_rules.recommend([big_eps, large_nb]).cell is large_nb
 
 
 def test_no_clean_cell_gives_no_recommendation_with_remedy(synthetic_grid):
     g = synthetic_grid
-    rec = tune.recommend([g["rising"], g["spiky"], g["diverging"],
-                          tune.failed_cell(1e-3, 1.0, 10.0, "RuntimeError: boom")])
+    rec = tune_rules.recommend([g["rising"], g["spiky"], g["diverging"],
+                          tune_rules.failed_cell(1e-3, 1.0, 10.0, "RuntimeError: boom")])
     assert rec.cell is None and rec.ranking == ()
     assert "decrease ε" in rec.reason  # the spikes / nan remedy from the guide's table
 
@@ -108,11 +108,11 @@ def test_settle_step_of_exponential_rise():
     t = np.arange(1000)
     tau = 40.0
     x = L_STAR + 2.0 * (1 - np.exp(-t / tau))  # noiseless: settles at τ ln(1/tol)
-    step = tune.settle_step(x, L_STAR, 0.1, window=1)
+    step = tune_rules.settle_step(x, L_STAR, 0.1, window=1)
     assert abs(step - tau * math.log(10)) <= 2
     # A ramp: the final level is the last quarter's mean, so it "settles" only near the end.
-    assert tune.settle_step(L_STAR + t / 1000, L_STAR, 0.1) > 750
-    assert tune.settle_step(np.full(100, np.nan), L_STAR, 0.1) is None
+    assert tune_rules.settle_step(L_STAR + t / 1000, L_STAR, 0.1) > 750
+    assert tune_rules.settle_step(np.full(100, np.nan), L_STAR, 0.1) is None
 
 
 def ar1(rng, phi: float, chains: int, steps: int, sd: float = 1.0) -> np.ndarray:
@@ -129,16 +129,16 @@ def ar1(rng, phi: float, chains: int, steps: int, sd: float = 1.0) -> np.ndarray
 def test_thinning_matches_ar1_autocorrelation(phi):
     rng = np.random.default_rng(2)
     truth = math.ceil(math.log(0.1) / math.log(phi))  # smallest k with φ^k < 0.1
-    k = tune.suggest_thinning(ar1(rng, phi, chains=8, steps=6000), threshold=0.1)
+    k = tune_rules.suggest_thinning(ar1(rng, phi, chains=8, steps=6000), threshold=0.1)
     assert abs(k - truth) <= max(1, 0.2 * truth), (k, truth)
 
 
 def test_thinning_none_without_an_answer():
     rng = np.random.default_rng(3)
     x = ar1(rng, 0.9, chains=4, steps=2000)
-    assert tune.suggest_thinning(x, max_lag=10) is None  # 0.9^10 = 0.35: not reached
-    assert tune.suggest_thinning(np.full((2, 100), np.nan)) is None
-    assert tune.suggest_thinning(x[:, :3]) is None
+    assert tune_rules.suggest_thinning(x, max_lag=10) is None  # 0.9^10 = 0.35: not reached
+    assert tune_rules.suggest_thinning(np.full((2, 100), np.nan)) is None
+    assert tune_rules.suggest_thinning(x[:, :3]) is None
 
 
 def test_burnin_on_rise_with_ar1_noise():
@@ -146,23 +146,23 @@ def test_burnin_on_rise_with_ar1_noise():
     tau, steps = 50.0, 1500
     t = np.arange(steps)
     traces = L_STAR + 1.0 * (1 - np.exp(-t / tau)) + ar1(rng, 0.8, chains=4, steps=steps, sd=0.05)
-    burnin = tune.suggest_burnin(traces, L_STAR, tolerance=0.05)
+    burnin = tune_rules.suggest_burnin(traces, L_STAR, tolerance=0.05)
     assert 0.8 * tau * math.log(20) <= burnin <= 1.25 * tau * math.log(20)
     traces[0, 700:] = np.nan  # a diverged chain is left out, not averaged
-    assert tune.suggest_burnin(traces, L_STAR, 0.05) == pytest.approx(burnin, abs=0.15 * burnin)
+    assert tune_rules.suggest_burnin(traces, L_STAR, 0.05) == pytest.approx(burnin, abs=0.15 * burnin)
 
 
 def test_num_chains_from_between_chain_spread():
     per_chain = np.array([8.0, 12.0, 8.0, 12.0])  # mean 10, sd 2.309
     sd = np.std(per_chain, ddof=1)
     expected = math.ceil((sd / (0.05 * 10.0)) ** 2)
-    assert tune.suggest_num_chains(per_chain, 0.05) == expected == 22
-    assert tune.suggest_num_chains(np.array([10.0, 10.0, 10.0])) == 2  # never below min_chains
-    assert tune.suggest_num_chains(np.array([10.0, np.nan])) is None
+    assert tune_rules.suggest_num_chains(per_chain, 0.05) == expected == 22
+    assert tune_rules.suggest_num_chains(np.array([10.0, 10.0, 10.0])) == 2  # never below min_chains
+    assert tune_rules.suggest_num_chains(np.array([10.0, np.nan])) is None
 
 
 def test_suggest_on_recommended_cell(synthetic_grid):
-    sug = tune.suggest(synthetic_grid["fast"])
+    sug = tune_rules.suggest(synthetic_grid["fast"])
     assert sug.num_burnin_steps is not None and sug.num_burnin_steps < 60
     assert sug.num_steps_bw_draws == 1  # white noise after levelling
     assert sug.num_chains is not None and sug.num_chains >= 2
@@ -172,24 +172,24 @@ def test_control_comparison():
     rng = np.random.default_rng(5)
     with_grad = 0.05 + 0.002 * rng.standard_normal(4)
     prior_only = 0.30 + 0.01 * rng.standard_normal(4)
-    c = tune.compare_control(with_grad, prior_only)
+    c = tune_rules.compare_control(with_grad, prior_only)
     assert c.differs and c.rel_diff > 0.8 and c.z > 3
-    same = tune.compare_control(with_grad, with_grad[::-1] + 0.001)
+    same = tune_rules.compare_control(with_grad, with_grad[::-1] + 0.001)
     assert not same.differs
-    noisy = tune.compare_control(np.array([0.1, 0.5]), np.array([0.2, 0.7]))  # 40% apart, 1 SE
+    noisy = tune_rules.compare_control(np.array([0.1, 0.5]), np.array([0.2, 0.7]))  # 40% apart, 1 SE
     assert not noisy.differs
-    assert not tune.compare_control(np.array([np.nan]), prior_only).differs
+    assert not tune_rules.compare_control(np.array([np.nan]), prior_only).differs
 
 
 def test_grid_layering_and_validation(tmp_path):
-    grid = tune.load_grid([{"step_sizes": [1e-3], "gammas": [5.0]}],
+    grid = tune_rules.load_grid([{"step_sizes": [1e-3], "gammas": [5.0]}],
                           ["tune.gammas=[1,2]", "tune.n_beta_scale=beta0"])
     assert grid.step_sizes == (1e-3,) and grid.gammas == (1.0, 2.0) and grid.n_beta_scale == "beta0"
     assert grid.n_beta_value(1.0, 1000) == pytest.approx(1000 / math.log(1000))
     with pytest.raises(ConfigError, match="step_sizes"):
-        tune.load_grid([], ["tune.step_sizes=[0]"])
+        tune_rules.load_grid([], ["tune.step_sizes=[0]"])
     with pytest.raises(ConfigError, match="did you mean 'gammas'"):
-        tune.load_grid([], ["tune.gamas=[1]"])
+        tune_rules.load_grid([], ["tune.gamas=[1]"])
 
     spec = tmp_path / "t.toml"
     spec.write_text('[data]\nn = 321\n[tune]\nn_betas = [3.0]\ngammas = [7.0]\n')
@@ -200,15 +200,15 @@ def test_grid_layering_and_validation(tmp_path):
 
 def test_cells_csv_and_figure(synthetic_grid, tmp_path):
     cells = list(synthetic_grid.values())
-    rec = tune.recommend(cells)
-    text = tune.grid_csv(cells, rec, "synthetic", n=1000)
+    rec = tune_rules.recommend(cells)
+    text = tune_report.grid_csv(cells, rec, "synthetic", n=1000)
     rows = list(csv.DictReader(io.StringIO(text)))
-    assert len(rows) == len(cells) and tuple(rows[0]) == tune.CSV_COLUMNS
+    assert len(rows) == len(cells) and tuple(rows[0]) == tune_report.CSV_COLUMNS
     assert [r["recommended"] for r in rows].count("True") == 1
     fast = next(r for r in rows if r["recommended"] == "True")
     assert fast["verdict"] == "ok" and float(fast["n_beta"]) == 10.0
     assert next(r for r in rows if r["verdict"].startswith("nan"))["chains_used"] == "3"
-    png = tune.plot_grid(cells, rec, tmp_path / "grid.png")
+    png = tune_report.plot_grid(cells, rec, tmp_path / "grid.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temp file
 
@@ -236,7 +236,7 @@ def test_tiny_real_tune_end_to_end(tmp_path, capsys):
 
 
 def test_grid_cells_order_and_self_tuning_samplers():
-    grid = tune.TuneGrid(step_sizes=(1e-5, 1e-4), n_betas=(1.0, 2.0), gammas=(10.0, 100.0, 1000.0),
+    grid = tune_rules.TuneGrid(step_sizes=(1e-5, 1e-4), n_betas=(1.0, 2.0), gammas=(10.0, 100.0, 1000.0),
                          n_beta_scale="beta0")
     cells = tune.grid_cells(grid, n=100, tunes_step=True)
     assert len(cells) == 12 and cells[0] == (1e-5, pytest.approx(100 / math.log(100)), 10.0)
@@ -253,10 +253,10 @@ def test_unknown_sampler_is_a_config_error(tmp_path):
 
 
 def test_grid_accepts_auto_step_size_and_cells_keep_the_resolved_value():
-    grid = tune.load_grid([], ["tune.step_sizes=[auto,1e-4]"])
+    grid = tune_rules.load_grid([], ["tune.step_sizes=[auto,1e-4]"])
     assert grid.step_sizes == ("auto", 1e-4)
     with pytest.raises(ConfigError, match='tune.step_sizes: must be a number > 0 or "auto"'):
-        tune.load_grid([], ["tune.step_sizes=[fast]"])
+        tune_rules.load_grid([], ["tune.step_sizes=[fast]"])
     from llc_bench.config import load_config
     from llc_bench.experiment import build_posterior
     from llc_bench.target import build_target
@@ -270,4 +270,4 @@ def test_grid_accepts_auto_step_size_and_cells_keep_the_resolved_value():
     eps = {nb: c.step_size for nb, c in cells.items()}
     assert all(isinstance(e, float) and e > 0 for e in eps.values())
     assert eps[50.0] < eps[5.0]  # ε = c / (nβ h_max + γ + …) shrinks as nβ grows
-    assert "ε=auto" == tune._fmt_eps("auto")
+    assert "ε=auto" == tune_report._fmt_eps("auto")
