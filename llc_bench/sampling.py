@@ -1,18 +1,18 @@
-"""devinterp-style `sample()` for any JAX model: chains on a (weight-restricted) local posterior, per-sample losses at every draw in an xarray DataTree, and LLC / BIF / susceptibility post-processing."""
+"""devinterp-style `sample()` for any JAX model: chains on a (weight-restricted) local posterior, per-sample losses at every draw in an xarray DataTree, and LLC / BIF / susceptibility post-processing.
+
+sample() is a thin adapter over the experiment pipeline's engine, in four stages: validate (the
+arguments, once, at the edge: llc_bench.sampling_options), build (the posterior of
+llc_bench.sampling_posterior, the registry's sampler wrapped by llc_bench.samplers.wrappers, the draw
+functions), run (llc_bench.runner.run_chains) and assemble (the tree: llc_bench.sampling_store).
+Post-processing of the tree is in llc_bench.sampling_estimates; every name is importable from here.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import hashlib
 import importlib
-import inspect
 import json
-import math
-import numbers
-import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,352 +20,48 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
-from llc_bench.artifacts import jsonable, write_datatree_atomic
-from llc_bench.config import SEED_LIMIT
-from llc_bench.curvature import auto_step_grad_evals, build_algorithm, step_size_summary
-from llc_bench.estimator import cross_check, cross_check_flag, estimate_llc, resolve_source
+from llc_bench.curvature import build_algorithm
 from llc_bench.jaxcache import enable_compilation_cache
-from llc_bench.posterior import Posterior
-from llc_bench.rng import sampler_key
-from llc_bench.rules import run_status, usable_chains
-from llc_bench.runner import key_name, run_chains
-from llc_bench.samplers import SAMPLER_NAMES, get_spec
-from llc_bench.samplers.base import STEP_EPSILON
+from llc_bench.runner import run_chains
+from llc_bench.samplers.wrappers import clip_to_box, full_batch, initial_noise
+from llc_bench.sampling_estimates import (
+    LLCResult,
+    chain_result,
+    compute_bif,
+    compute_llc,
+    compute_susceptibilities,
+)
+from llc_bench.sampling_options import (
+    FORMAT_VERSION,
+    FULL_LOSS_STEPS,
+    METHOD_ALIASES,
+    V1_NAMES,
+    LossFn,
+    Request,
+    SampleArgs,
+    _as_dataset,
+    _check_lr,
+    _key,
+    _observable_specs,
+    _refuse_v1_names,
+    _sampler_settings,
+    check_dataset_sizes,
+    check_method,
+    default_full_loss_every,
+    observable_indices,
+    options_record,
+)
+from llc_bench.sampling_posterior import Restriction, SamplingPosterior, free_mask, param_paths
+from llc_bench.sampling_store import _check_output_path, _reuse_store, sample_tree, write_and_reopen
 from llc_bench.types import ChainResult
 
-# Format of the stored tree; bump when variables change meaning so old stores are not reused.
-FORMAT_VERSION = 2
-
-# devinterp's names for the same samplers
-METHOD_ALIASES = {"sgmcmc_sgld": "sgld"}
-
-
-def _minibatch_methods() -> tuple[str, ...]:
-    return tuple(name for name in SAMPLER_NAMES if get_spec(name).minibatch)
-
-# loss_fn(apply_fn, params, x (m, ...), y (m, ...)) -> (m,) per-sample negative log-likelihoods
-LossFn = Callable[[Callable, Any, jax.Array, jax.Array], jax.Array]
-
-
-# ---------------------------------------------------------------------------------------------
-# Weight restrictions: parameter paths -> the flat vector of free entries
-# ---------------------------------------------------------------------------------------------
-
-
-def param_paths(params) -> list[str]:
-    """'/'-joined path of every leaf of `params` in flattening order, e.g. 'params/Dense_0/kernel'."""
-    return ["/".join(key_name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
-def _flatten_mask_spec(spec: Mapping, prefix: str = "") -> dict[str, Any]:
-    """{'params': {'Dense_0': {'kernel': m}}} or {'params/Dense_0/kernel': m} -> {'params/Dense_0/kernel': m}."""
-    out: dict[str, Any] = {}
-    for key, value in spec.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(_flatten_mask_spec(value, path))
-        else:
-            out[path.strip("/")] = value
-    return out
-
-
-def free_mask(params, param_masks) -> np.ndarray:
-    """(D,) bool over ravel_pytree(params): True for the entries sampling may move.
-
-    param_masks None: everything free. Otherwise a mapping from parameter paths (or nested dicts
-    mirroring the pytree) to a boolean mask of the parameter's exact shape, or None for the whole
-    parameter; a path naming a subtree ('params/Dense_0') with None frees every leaf under it.
-    Every parameter not named is frozen.
-    """
-    leaves = jax.tree_util.tree_leaves(params)
-    paths = param_paths(params)
-    if param_masks is None:
-        return np.ones(sum(int(np.size(leaf)) for leaf in leaves), bool)
-    if not isinstance(param_masks, Mapping):
-        raise ValueError(f"param_masks must be a dict of parameter path -> mask or None, got {type(param_masks).__name__}")
-    masks: list[np.ndarray | None] = [None] * len(leaves)
-    for spec_path, mask in _flatten_mask_spec(param_masks).items():
-        hits = [i for i, p in enumerate(paths) if p == spec_path or p.startswith(spec_path + "/")]
-        if not hits:
-            raise ValueError(f"param_masks: no parameter at path {spec_path!r}; parameter paths are {paths}")
-        if mask is not None and (len(hits) != 1 or paths[hits[0]] != spec_path):
-            raise ValueError(f"param_masks: {spec_path!r} names a group of parameters; a mask array must name "
-                             "one parameter (use None to free the whole group)")
-        for i in hits:
-            if masks[i] is not None:
-                raise ValueError(f"param_masks: parameter {paths[i]!r} is named more than once")
-            shape = np.shape(leaves[i])
-            if mask is None:
-                masks[i] = np.ones(shape, bool)
-                continue
-            m = np.asarray(mask)
-            if m.shape != shape:
-                raise ValueError(f"param_masks: mask for {paths[i]!r} has shape {m.shape}, "
-                                 f"but the parameter has shape {shape}")
-            if m.dtype != bool:
-                if not (np.issubdtype(m.dtype, np.integer) and np.isin(m, (0, 1)).all()):
-                    raise ValueError(f"param_masks: mask for {paths[i]!r} must be boolean (or 0/1), got {m.dtype}")
-                m = m.astype(bool)
-            masks[i] = m
-    flat = np.concatenate([np.zeros(np.size(leaf), bool) if m is None else m.reshape(-1)
-                           for leaf, m in zip(leaves, masks, strict=True)])
-    if not flat.any():
-        raise ValueError("param_masks leaves no parameter free to sample")
-    return flat
-
-
-@dataclass(frozen=True)
-class Restriction:
-    """The map between the model's parameter pytree and the flat vector w of free entries sampled.
-
-    params(w) = unravel(w_all with w_all[free_index] = w); with every entry free it is unravel(w).
-    """
-
-    w_all: jax.Array  # (D,) ravel_pytree(params at w*)
-    unravel: Callable[[jax.Array], Any]
-    free_index: np.ndarray  # (d,) positions of the free entries in w_all
-
-    @classmethod
-    def build(cls, params, param_masks) -> Restriction:
-        w_all, unravel = ravel_pytree(params)
-        mask = free_mask(params, param_masks)
-        return cls(w_all, unravel, np.flatnonzero(mask))
-
-    @property
-    def all_free(self) -> bool:
-        return self.free_index.size == self.w_all.size
-
-    @property
-    def w_star(self) -> jax.Array:
-        # gathered on the host: an eager device gather would compile a kernel for nothing
-        return self.w_all if self.all_free else jnp.asarray(np.asarray(self.w_all)[self.free_index])
-
-    def params(self, w: jax.Array):
-        return self.unravel(w if self.all_free else self.w_all.at[self.free_index].set(w))
-
-
-# ---------------------------------------------------------------------------------------------
-# The posterior sample() targets and the sampler built on it
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class SamplingPosterior(Posterior):
-    """Posterior plus devinterp's extras on the free vector w:
-
-        p(w) ∝ exp(−nβ L_n(w) − γ/2 ‖w − w*‖² − λ/2 ‖w‖²)      (λ = weight_decay: a N(0, 1/λ) prior)
-
-    and gradient accumulation: a minibatch of accumulation_steps · b samples is processed as
-    accumulation_steps sequential chunks of b whose loss gradients are averaged (the same
-    gradient as one batch, at the memory of one chunk).
-    """
-
-    weight_decay: float = 0.0
-    accumulation_steps: int = 1
-
-    def localization(self, w: jax.Array) -> jax.Array:
-        out = 0.5 * self.gamma * jnp.sum((w - self.w_star) ** 2)
-        if self.weight_decay:
-            out = out + 0.5 * self.weight_decay * jnp.sum(w**2)
-        return out
-
-    def minibatch_loss_and_grads(self, w: jax.Array, x: jax.Array, y: jax.Array):
-        prior_grad = self.gamma * (w - self.w_star)
-        if self.weight_decay:
-            prior_grad = prior_grad + self.weight_decay * w
-        k = self.accumulation_steps
-        if k == 1:
-            loss, grad = jax.value_and_grad(self.batch_loss)(w, x, y)
-            return loss, grad, prior_grad
-        xs = x.reshape(k, x.shape[0] // k, *x.shape[1:])
-        ys = y.reshape(k, y.shape[0] // k, *y.shape[1:])
-
-        def accumulate(acc, chunk):
-            loss, grad = jax.value_and_grad(self.batch_loss)(w, *chunk)
-            return (acc[0] + loss, acc[1] + grad), None
-
-        zero = (jnp.zeros((), w.dtype), jnp.zeros_like(w))
-        (loss, grad), _ = jax.lax.scan(accumulate, zero, (xs, ys))
-        return loss / k, grad / k, prior_grad
-
-
-def _set_position(state, position):
-    if isinstance(state, jax.Array):
-        return position
-    if hasattr(state, "_replace") and "position" in getattr(state, "_fields", ()):
-        return state._replace(position=position)
-    raise ValueError(f"bounding_box_size: cannot set the position of a {type(state).__name__} state")
-
-
-def _full_batch(algorithm, x: jax.Array, y: jax.Array):
-    """An SG algorithm whose every step gets all n points: the runner draws no indices (batch_size None)."""
-    inner_step = algorithm.step
-
-    def step(rng_key, state, params, batch):
-        del batch  # None: the runner treats batch_size None as a full-batch sampler
-        return inner_step(rng_key, state, params, (x, y))
-
-    return algorithm._replace(step=step, batch_size=None)
-
-
-def _wrap_algorithm(algorithm, w_star: jax.Array, init_noise: float | None, box: float | None):
-    """init_noise: w ← w* + init_noise · N(0, I) once per chain before warm-up; box: clip every
-    step's position to [w* − box, w* + box] (both on the free entries only)."""
-    inner_warmup, inner_step = algorithm.warmup, algorithm.step
-    clip = (lambda w: jnp.clip(w, w_star - box, w_star + box)) if box is not None else (lambda w: w)
-    warmup, step = inner_warmup, inner_step
-    if init_noise:
-        def warmup(rng_key, position):
-            noise_key, key = jax.random.split(rng_key)
-            position = clip(position + init_noise * jax.random.normal(noise_key, position.shape, position.dtype))
-            return inner_warmup(key, position)
-    if box is not None:
-        def step(rng_key, state, params, batch):
-            state, info = inner_step(rng_key, state, params, batch)
-            return _set_position(state, clip(algorithm.position(state))), info
-    return algorithm._replace(warmup=warmup, step=step)
-
-
-# ---------------------------------------------------------------------------------------------
-# Option resolution and validation (once, at the edge)
-# ---------------------------------------------------------------------------------------------
-
-
-def _as_dataset(data, what: str) -> tuple[jax.Array, jax.Array]:
-    if not (isinstance(data, tuple | list) and len(data) == 2):
-        raise ValueError(f"{what} must be a pair (x, y) of arrays with the same leading length")
-    x, y = jnp.asarray(data[0]), jnp.asarray(data[1])
-    if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0] or x.shape[0] < 1:
-        raise ValueError(f"{what}: x and y need the same leading length >= 1, got {x.shape} and {y.shape}")
-    return x, y
-
-
-def _observable_specs(observables, batches_per_draw: int, batch_size: int):
-    """name -> (x, y, batches): each observable's dataset and its batches per draw."""
-    if observables is None:
-        return {}
-    if not isinstance(observables, Mapping):
-        raise ValueError("observables must be a dict name -> (x, y) or name -> ((x, y), batches_per_draw)")
-    out = {}
-    for name, value in observables.items():
-        if not (isinstance(name, str) and name.isidentifier()):
-            raise ValueError(f"observable name {name!r} must be a Python identifier (it names variables)")
-        batches = batches_per_draw
-        if isinstance(value, tuple | list) and len(value) == 2 and isinstance(value[1], int | np.integer):
-            value, batches = value
-        if int(batches) < 1:
-            raise ValueError(f"observable {name!r}: batches_per_draw must be >= 1, got {batches}")
-        x, y = _as_dataset(value, f"observable {name!r}")
-        needed = int(batches) * batch_size
-        if x.shape[0] < needed:
-            raise ValueError(f"observable {name!r} has {x.shape[0]} samples, fewer than batches_per_draw × "
-                             f"batch_size = {batches} × {batch_size} = {needed}; pass (dataset, k) with fewer "
-                             "batches or a smaller batch_size")
-        out[name] = (x, y, int(batches))
-    return out
-
-
-def _sampler_settings(method: str, *, lr, batch_size: int, accumulation: int, noise_level: float,
-                      kwargs: dict, aliased: dict):
-    """The registry settings dataclass for `method`, with lr in the ε convention (scaled by σ², see sample()).
-
-    aliased: sample() keywords that spell a sampler's setting (spec.aliases, e.g. rmsprop_eps) -> value or None.
-    """
-    kwargs = dict(kwargs or {})
-    spec = get_spec(method)
-    own = spec.aliases or {}
-    for alias, value in aliased.items():
-        if value is None:
-            continue
-        if alias not in own:
-            owners = [n for n in SAMPLER_NAMES if alias in (get_spec(n).aliases or {})]
-            raise ValueError(f"{alias} is only valid with sampling_method={owners[0]!r}, not {method!r}")
-        key = own[alias]
-        if key in kwargs and kwargs[key] != value:
-            raise ValueError(f"{alias}={value} conflicts with sampling_method_kwargs[{key!r}]={kwargs[key]}")
-        kwargs[key] = value
-    for reserved, instead in (("step_size", "lr"), ("batch_size", "batch_size")):
-        if reserved in kwargs:
-            raise ValueError(f"set {reserved!r} through sample()'s {instead!r}, not sampling_method_kwargs")
-    if spec.step_size == STEP_EPSILON:
-        if lr == "auto":  # resolved on the (tempered) posterior, once it is built
-            kwargs.update(step_size="auto", batch_size=batch_size * accumulation)
-        elif (not isinstance(lr, numbers.Real) or isinstance(lr, bool)
-              or not (math.isfinite(lr) and lr > 0)):
-            raise ValueError(f'{method} needs a positive lr (the SGLD step size ε) or lr="auto", got {lr!r}')
-        else:
-            kwargs.update(step_size=float(lr) * noise_level**2, batch_size=batch_size * accumulation)
-    elif lr is not None:
-        raise ValueError(f"{method} tunes its own step size; pass lr=None (tuning options go in sampling_method_kwargs)")
-    allowed = [f.name for f in dataclasses.fields(spec.settings)]
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ValueError(f"sampling_method_kwargs {unknown} are not options of {method!r}; allowed: "
-                         f"{[a for a in allowed if a not in ('step_size', 'batch_size')]}")
-    return spec, spec.settings(**kwargs)
-
-
-def _sha256(*arrays) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
-
-
-def _fn_name(fn) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
-
-
-def _json_normalize(obj):
-    return json.loads(json.dumps(jsonable(obj), sort_keys=True, default=str))
-
-
-def _key(seed: int, purpose: str) -> jax.Array:
-    """The experiment pipeline's per-sampler key derivation, also used for sample()'s auxiliary streams."""
-    return sampler_key(seed, purpose)
-
-
-def observable_indices(seed: int, n: int, size: int) -> np.ndarray:
-    """`size` sorted distinct indices of an n-point observable, from the seed and n only (numpy, host side).
-
-    Not keyed by the observable's name: identical datasets get identical points, so their BIF is
-    an exact symmetric matrix.
-    """
-    rng = np.random.default_rng([seed, 0x0B5E7AB1E, n])
-    return np.sort(rng.permutation(n)[:size]).astype(np.int32)
-
-
-# ---------------------------------------------------------------------------------------------
-# sample()
-# ---------------------------------------------------------------------------------------------
-
-# SG methods evaluate the full-data L_n about every FULL_LOSS_STEPS · n/m steps by default. An L_n
-# costs ≈ n/m forward passes of a batch and an SG step ≈ 3 (forward, backward, noise), so the
-# full-data draws cost ≈ 1/(3 · FULL_LOSS_STEPS) ≈ 8% of the steps, while a 2,000-step run at
-# n/m = 39 still gets 10 of them per chain: λ̂ with a between-chain SE, the trace and the
-# cross-check. Measured there (scripts/bench_sample.py, a loaded 2-core CPU): sample() at most 14%
-# above the bare SG scan, everything included, and λ̂ with about the SE of the per-step λ̂.
-FULL_LOSS_STEPS = 4
-
-
-def default_full_loss_every(method: str, n: int, batch_size: int, full_batch: bool, num_steps_bw_draws: int,
-                            num_draws: int) -> int:
-    """full_loss_every=None: 1 for full-batch methods, else the draw interval nearest FULL_LOSS_STEPS · n/m
-    steps, at most num_draws; a divisor of num_draws within 25% of it when there is one (the runner
-    then needs no padded steps after the last full-data draw)."""
-    if method not in _minibatch_methods():
-        return 1
-    m = n if full_batch else batch_size
-    target = FULL_LOSS_STEPS * n / (m * num_steps_bw_draws)
-    every = int(min(max(1, round(target)), num_draws))
-    divisors = [j for j in range(max(1, math.ceil(target / 1.25)), min(num_draws, math.floor(target * 1.25)) + 1)
-                if num_draws % j == 0]
-    return min(divisors, key=lambda j: abs(j - target)) if divisors else every
-
+__all__ = [
+    "FORMAT_VERSION", "FULL_LOSS_STEPS", "METHOD_ALIASES", "V1_NAMES", "LLCResult", "LossFn", "Restriction",
+    "SamplingPosterior", "chain_result", "compute_bif", "compute_llc", "compute_susceptibilities",
+    "default_full_loss_every", "free_mask", "observable_indices", "param_paths", "run_chains", "sample",
+    "_check_lr", "_sampler_settings", "_wrap_algorithm",
+]
 
 _CACHE_SET = False
 _PREFETCHED = False
@@ -401,8 +97,8 @@ def _enable_cache_once() -> None:
 
 
 def _prefetch_imports_once() -> None:
-    """Import what the tree and compute_llc need (xarray; the health checks with arviz-stats and
-    scipy.stats: about 1 s) in a background thread while the chains compile and run: JAX releases the
+    """Import what the tree and compute_llc need (xarray; the health checks and the ArviZ groups with
+    arviz-stats, arviz-base and scipy.stats: about 1 s) in a background thread while the chains compile and run: JAX releases the
     interpreter lock there. Started after every import sample() itself needs, so the two threads
     never wait on each other's module locks. Once per process."""
     global _PREFETCHED
@@ -413,7 +109,7 @@ def _prefetch_imports_once() -> None:
 
 
 def _import_later_modules() -> None:
-    for module in ("xarray", "llc_bench.health"):
+    for module in ("xarray", "llc_bench.health", "llc_bench.diagnostics"):
         try:
             importlib.import_module(module)
         except Exception:  # noqa: BLE001 - the main thread's own import reports any real error
@@ -520,6 +216,16 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
       metrics_{accept,energy_change,diverging}(chain, step)  more per-step sampler info (save_metrics)
     Root attrs: `options` (every resolved option plus fingerprints of params, masks and data),
     `run` (sampler settings, d, timings, work).
+    Groups, as in the experiment pipeline's trees (llc_bench.diagnostics.to_datatree):
+      posterior(chain, full_draw)         L_n (= full_loss), llc = nβ (L_n − full_loss_at_wstar),
+                                          theta_proj(chain, full_draw, proj): w − w* on 4 fixed random
+                                          unit directions. Its draws are the full-data draws, so its
+                                          sample dims are (chain, full_draw) (attrs["sample_dims"]; pass
+                                          sample_dims=["chain", "full_draw"] to ArviZ functions)
+      sample_stats(chain, step)           loss (= metrics_loss), grad_evals, warmup_grad_evals,
+                                          diverged_at; accept, energy_change, diverging with save_metrics
+    llc_bench.diagnostics.convergence(tree) reads them; chain_result(tree) is the run as a ChainResult
+    for llc_bench.health.check_health and the llc_bench.plots figures.
 
     output_path: the tree is written as a Zarr store atomically (temp dir, then rename) and the
     returned tree is read back from it. If a store already exists there, it is reused (no
@@ -532,555 +238,146 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     Every argument is checked before any work, and a ValueError names it. devinterp v1's names
     (nbeta, optimizer_kwargs, grad_accum_steps, ...) raise a TypeError that gives the name used here.
     """
-    # ---- validate and resolve ---------------------------------------------------------------
     _refuse_v1_names(devinterp_v1)
-    method = METHOD_ALIASES.get(sampling_method, sampling_method)
-    if method not in SAMPLER_NAMES:
-        raise ValueError(f"unknown sampling_method {sampling_method!r}; allowed: "
-                         f"{list(SAMPLER_NAMES + tuple(METHOD_ALIASES))}")
-    minibatch = get_spec(method).minibatch
-    for name, value, low in (("num_chains", num_chains, 1), ("num_draws", num_draws, 1),
-                             ("num_burnin_steps", num_burnin_steps, 0), ("num_steps_bw_draws", num_steps_bw_draws, 1),
-                             ("batch_size", batch_size, 1), ("gradient_accumulation_steps", gradient_accumulation_steps, 1),
-                             ("batches_per_draw", batches_per_draw, 1)):
-        if not isinstance(value, int | np.integer) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    for name, value, ok, rule in (("n_beta", n_beta, lambda v: v > 0, "> 0"),
-                                  ("localization", localization, lambda v: v >= 0, ">= 0"),
-                                  ("noise_level", noise_level, lambda v: v > 0, "> 0"),
-                                  ("weight_decay", weight_decay, lambda v: v >= 0, ">= 0"),
-                                  ("bounding_box_size", bounding_box_size, lambda v: v > 0, "> 0 or None"),
-                                  ("init_noise", init_noise, lambda v: v >= 0, ">= 0 or None")):
-        required = name in ("n_beta", "localization", "noise_level", "weight_decay")
-        if (value is not None or required) and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
-                                      and math.isfinite(value) and ok(value)):
-            raise ValueError(f"{name} must be {rule}, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < SEED_LIMIT:
-        raise ValueError(f"seed must be an integer in [0, 2^32), got {seed!r}")
-    if full_loss_every is not None and (isinstance(full_loss_every, bool) or not isinstance(full_loss_every, int | np.integer)
-                                        or not 1 <= full_loss_every <= num_draws):
-        raise ValueError(f"full_loss_every must be None or an integer in [1, num_draws = {num_draws}], "
-                         f"got {full_loss_every!r}")
-    _check_lr(lr)
-    if full_batch and not minibatch:
-        raise ValueError(f"full_batch applies to {_minibatch_methods()}; {method!r} always uses the full batch")
-    if bounding_box_size is not None and not minibatch:
-        raise ValueError(f"bounding_box_size is only supported for {_minibatch_methods()}, not {method!r}")
-    spec, settings = _sampler_settings(
-        method, lr=lr, batch_size=batch_size, accumulation=gradient_accumulation_steps,
-        noise_level=float(noise_level), kwargs=sampling_method_kwargs,
-        aliased={"rmsprop_eps": rmsprop_eps, "rmsprop_alpha": rmsprop_alpha})
+    request = _validate(apply_fn, params, loss_fn, dataset, SampleArgs.of(locals()))
+    if request.path is not None and request.path.exists():
+        reused = _reuse_store(request.path, request.options, request.args.overwrite)
+        if reused is not None:
+            return reused
+    _enable_cache_once()
+    built = _build(apply_fn, loss_fn, request)
+    result = _run(request, built)
+    return _assemble(request, built, result)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages: validate → build → run → assemble
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate(apply_fn: Callable, params, loss_fn: LossFn, dataset, args: SampleArgs) -> Request:
+    """Every argument checked and resolved, before any work; a ValueError names the first bad one."""
+    method, spec, settings = check_method(args)
     x, y = _as_dataset(dataset, "dataset")
-    n = int(x.shape[0])
-    if full_loss_every is None:
-        full_loss_every = default_full_loss_every(method, n, batch_size * gradient_accumulation_steps, full_batch,
-                                                  num_steps_bw_draws, num_draws)
-    if full_batch and n % gradient_accumulation_steps:
-        raise ValueError(f"full_batch: gradient_accumulation_steps = {gradient_accumulation_steps} must divide "
-                         f"the dataset size n = {n}")
-    if minibatch and not full_batch and batch_size * gradient_accumulation_steps > n:
-        raise ValueError(f"batch_size × gradient_accumulation_steps = {batch_size * gradient_accumulation_steps} "
-                         f"must be <= the dataset size n = {n}")
-    path = _check_output_path(output_path)
-    obs = _observable_specs(observables, batches_per_draw, batch_size)
-    restriction = Restriction.build(params, param_masks)
+    full_loss_every = check_dataset_sizes(args, method, int(x.shape[0]))
+    path = _check_output_path(args.output_path)
+    obs = _observable_specs(args.observables, args.batches_per_draw, args.batch_size)
+    restriction = Restriction.build(params, args.param_masks)
     if not jnp.issubdtype(restriction.w_all.dtype, jnp.floating):
         raise ValueError(f"params must be floating point, got {restriction.w_all.dtype}")
 
     def per_sample_loss(w, xb, yb):
         return loss_fn(apply_fn, restriction.params(w), xb, yb)
 
+    n = int(x.shape[0])
     out_shape = jax.eval_shape(per_sample_loss, restriction.w_star, x[:2], y[:2])
     if getattr(out_shape, "shape", None) != (min(2, n),):
         raise ValueError(f"loss_fn must return per-sample losses of shape (m,), got {getattr(out_shape, 'shape', out_shape)} "
                          f"for a batch of {min(2, n)}")
+    options = options_record(args, method=method, settings=settings, full_loss_every=full_loss_every,
+                             apply_fn=apply_fn, loss_fn=loss_fn, params=params, restriction=restriction,
+                             x=x, y=y, obs=obs)
+    return Request(args, method, spec, settings, x, y, full_loss_every, path, obs, restriction, per_sample_loss,
+                   options)
 
-    options = _json_normalize({
-        "format_version": FORMAT_VERSION,
-        "sampling_method": method,
-        "sampler_settings": dataclasses.asdict(settings),
-        "sampling_method_kwargs": sampling_method_kwargs or {},
-        "lr": lr, "n_beta": n_beta, "localization": localization, "num_chains": num_chains,
-        "num_draws": num_draws, "num_burnin_steps": num_burnin_steps, "num_steps_bw_draws": num_steps_bw_draws,
-        "batch_size": batch_size, "gradient_accumulation_steps": gradient_accumulation_steps,
-        "rmsprop_eps": rmsprop_eps, "rmsprop_alpha": rmsprop_alpha, "noise_level": noise_level,
-        "weight_decay": weight_decay, "bounding_box_size": bounding_box_size, "init_noise": init_noise,
-        "batches_per_draw": batches_per_draw, "seed": seed, "save_metrics": save_metrics,
-        "full_batch": bool(full_batch), "per_sample_losses": bool(per_sample_losses),
-        "full_loss_every": int(full_loss_every), "sampling_loss": bool(sampling_loss),
-        "apply_fn": _fn_name(apply_fn), "loss_fn": _fn_name(loss_fn),
-        "params_sha256": _sha256(*jax.tree_util.tree_leaves(params)),
-        "param_paths": param_paths(params),
-        "free_sha256": _sha256(restriction.free_index),
-        "num_params_free": int(restriction.free_index.size),
-        "dataset": {"n": n, "sha256": _sha256(x, y)},
-        "observables": {name: {"n": int(ox.shape[0]), "batches_per_draw": k, "sha256": _sha256(ox, oy)}
-                        for name, (ox, oy, k) in obs.items()},
-    })
 
-    if path is not None and path.exists():
-        reused = _reuse_store(path, options, overwrite)
-        if reused is not None:
-            return reused
-    _enable_cache_once()
+@dataclass(frozen=True)
+class _Built:
+    """What the run needs: the posterior, the wrapped sampler, the draw functions and the compiled chunks."""
 
-    # ---- posterior, sampler, draws -----------------------------------------------------------
-    temper = float(noise_level) ** 2
-    w_star = restriction.w_star
-    executables = _executables_for(apply_fn, loss_fn, options)
+    posterior: SamplingPosterior
+    algorithm: Any  # llc_bench.samplers.Algorithm
+    init_loss: jax.Array  # (n,) per-sample losses at w*
+    executables: dict
+    draw_fn: Callable | None
+    draw_data: dict
+    obs_index: dict  # name -> (k, b) the observable's fixed points
+
+
+def _build(apply_fn: Callable, loss_fn: LossFn, request: Request) -> _Built:
+    """The posterior at the tempered nβ, γ, λ (divided by σ²), its sampler and the draw functions."""
+    args, x, y = request.args, request.x, request.y
+    temper = float(args.noise_level) ** 2
+    w_star = request.restriction.w_star
+    executables = _executables_for(apply_fn, loss_fn, request.options)
     if "init_loss" not in executables:
-        executables["init_loss"] = jax.jit(per_sample_loss)(w_star, x, y)
+        executables["init_loss"] = jax.jit(request.per_sample_loss)(w_star, x, y)
     init_loss = executables["init_loss"]
     loss_at_wstar = float(jnp.mean(init_loss))
-    posterior = SamplingPosterior(per_sample_loss, x, y, w_star, float(n_beta) / temper,
-                                  float(localization) / temper, loss_at_wstar,
-                                  weight_decay=float(weight_decay) / temper,
-                                  accumulation_steps=gradient_accumulation_steps)
+    posterior = SamplingPosterior(request.per_sample_loss, x, y, w_star, float(args.n_beta) / temper,
+                                  float(args.localization) / temper, loss_at_wstar,
+                                  weight_decay=float(args.weight_decay) / temper,
+                                  accumulation_steps=args.gradient_accumulation_steps)
+    algorithm = build_algorithm(request.spec, posterior, request.settings, full_batch=args.full_batch)
+    algorithm = _wrap_algorithm(algorithm, w_star, args.init_noise, args.bounding_box_size)
+    if args.full_batch:
+        algorithm = full_batch(algorithm, x, y)
+    draw_fn, draw_data, obs_index = _draw_functions(request)
+    return _Built(posterior, algorithm, init_loss, executables, draw_fn, draw_data, obs_index)
 
-    algorithm = _wrap_algorithm(build_algorithm(spec, posterior, settings, full_batch=full_batch), w_star,
-                                init_noise, bounding_box_size)
-    if full_batch:
-        algorithm = _full_batch(algorithm, x, y)
 
-    fixed = {}
-    obs_index = {}
-    for name, (ox, oy, k) in obs.items():
-        idx = observable_indices(seed, int(ox.shape[0]), k * batch_size)
+def _wrap_algorithm(algorithm, w_star: jax.Array, init_noise: float | None, box: float | None):
+    """initial_noise(clip_to_box(algorithm, w*, box), init_noise), each only when set: w ← w* +
+    init_noise · N(0, I) once per chain before warm-up, clipped into the box, and every step's
+    position clipped to [w* − box, w* + box] (both on the free entries only)."""
+    if box is not None:
+        algorithm = clip_to_box(algorithm, w_star, box)
+    return initial_noise(algorithm, init_noise or 0.0)
+
+
+def _draw_functions(request: Request):
+    """(draw_fn or None, draw_data, obs_index): what run_chains evaluates at every draw (the
+    observables' fixed points and, with sampling_loss, fresh random sampling batches)."""
+    args, per_sample_loss = request.args, request.per_sample_loss
+    batch_size, k_sampling, n = args.batch_size, args.batches_per_draw, request.n
+    fixed, obs_index = {}, {}
+    for name, (ox, oy, k) in request.obs.items():
+        idx = observable_indices(args.seed, int(ox.shape[0]), k * batch_size)
         obs_index[name] = idx.reshape(k, batch_size)
         fixed[name] = tuple(jnp.asarray(np.asarray(a)[idx].reshape(k, batch_size, *a.shape[1:])) for a in (ox, oy))
-    draw_data = {"x": x, "y": y, "w_star": w_star, "key": _key(seed, "sample:sampling_batches"), "obs": fixed}
-    k_sampling = batches_per_draw
+    draw_data = {"x": request.x, "y": request.y, "w_star": request.restriction.w_star,
+                 "key": _key(args.seed, "sample:sampling_batches"), "obs": fixed}
 
     def batch_losses(w, xs, ys):
         # One batch at a time: the memory of a batch, not of all k.
         losses = jax.lax.map(lambda xy: per_sample_loss(w, *xy), (xs, ys))
-        return losses if per_sample_losses else jnp.mean(losses, axis=-1)
-
-    def distance(w, chain, draw, data):
-        return {"distance": jnp.linalg.norm(w - data["w_star"])}
+        return losses if args.per_sample_losses else jnp.mean(losses, axis=-1)
 
     def draw_fn(w, chain, draw, data):
         out = {}
-        if sampling_loss:
+        if args.sampling_loss:
             key = jax.random.fold_in(jax.random.fold_in(data["key"], chain), draw)
             idx = jax.random.randint(key, (k_sampling, batch_size), 0, n)
             out["sampling_loss"] = batch_losses(w, data["x"][idx], data["y"][idx])
-            if per_sample_losses:
+            if args.per_sample_losses:
                 out["sampling_index"] = idx.astype(jnp.int32)
         for name, (xs, ys) in data["obs"].items():
             out[f"loss_{name}"] = batch_losses(w, xs, ys)
         return out
 
+    return (draw_fn if request.obs or args.sampling_loss else None), draw_data, obs_index
+
+
+def _distance(w, chain, draw, data):
+    """‖w − w*‖ at the full-data draws."""
+    return {"distance": jnp.linalg.norm(w - data["w_star"])}
+
+
+def _run(request: Request, built: _Built) -> ChainResult:
+    """The chains, on the pipeline's runner with the pipeline's key for this sampler."""
+    args = request.args
     _prefetch_imports_once()
-    result = run_chains(method, algorithm, posterior, _key(seed, method), num_chains=num_chains,
-                        num_burnin_steps=num_burnin_steps, num_draws=num_draws,
-                        num_steps_bw_draws=num_steps_bw_draws, progress=progress,
-                        draw_fn=draw_fn if obs or sampling_loss else None, draw_data=draw_data,
-                        full_loss_every=full_loss_every, full_draw_fn=distance,
-                        executables=executables)
+    return run_chains(request.method, built.algorithm, built.posterior, _key(args.seed, request.method),
+                      num_chains=args.num_chains, num_burnin_steps=args.num_burnin_steps, num_draws=args.num_draws,
+                      num_steps_bw_draws=args.num_steps_bw_draws, progress=args.progress,
+                      draw_fn=built.draw_fn, draw_data=built.draw_data,
+                      full_loss_every=request.full_loss_every, full_draw_fn=_distance,
+                      executables=built.executables)
 
-    # ---- the tree ----------------------------------------------------------------------------
-    import xarray as xr  # deferred: loaded in the background while the chains run (_prefetch_imports_once)
 
-    draws = result.draw_outputs
-    chain_dim = np.arange(num_chains)
-    data_vars = {
-        "init_loss": (("chain", "sample_init"), np.broadcast_to(np.asarray(init_loss), (num_chains, n))),
-        "full_loss": (("chain", "full_draw"), result.draw_loss),
-        "metrics_loss": (("chain", "step"), result.loss_trace),
-        "distance": (("chain", "full_draw"), result.full_draw_outputs["distance"]),
-        "diverged_at": (("chain",), result.diverged_at),
-        "full_loss_at_wstar": ((), np.float64(result.loss_at_wstar)),
-        "n_beta": ((), np.float64(n_beta)),
-    }
-    if sampling_loss:
-        data_vars["sampling_loss"] = (("chain", "draw", "batch", "sample")[:draws["sampling_loss"].ndim],
-                                      draws["sampling_loss"])
-        if per_sample_losses:
-            data_vars["sampling_index"] = (("chain", "draw", "batch", "sample"), draws["sampling_index"])
-    for name in obs:
-        dims = ("chain", "draw", f"batch_{name}", "sample")[:draws[f"loss_{name}"].ndim]
-        data_vars[f"loss_{name}"] = (dims, draws[f"loss_{name}"])
-        data_vars[f"index_{name}"] = ((f"batch_{name}", "sample"), obs_index[name])
-    if save_metrics:
-        for field in ("accept", "energy_change", "diverging"):
-            data_vars[f"metrics_{field}"] = (("chain", "step"), getattr(result, field))
-    draw_steps = num_burnin_steps + (np.arange(num_draws) + 1) * num_steps_bw_draws - 1
-    coords = {"chain": chain_dim, "draw": np.arange(num_draws), "draw_step": ("draw", draw_steps),
-              "full_draw_step": ("full_draw", result.draw_steps),
-              "full_draw_index": ("full_draw", np.arange(full_loss_every - 1, num_draws, full_loss_every)),
-              "step": np.arange(result.loss_trace.shape[1])}
-    ds = xr.Dataset(data_vars, coords=coords)
-    run_info = {
-        "sampler_description": spec.description,
-        "num_params": int(restriction.w_all.size),
-        "num_params_free": int(restriction.free_index.size),
-        "n": n,
-        "loss_at_wstar": result.loss_at_wstar,
-        "grad_evals": float(np.sum(result.grad_evals)),
-        "wall_s": result.wall_s, "warmup_s": result.warmup_s, "compile_s": result.compile_s,
-        "tuned": result.tuned,
-        # ε of the tempered run (σ² lr) and, for lr="auto", what chose it
-        **step_size_summary(settings, algorithm.notes),
-    }
-    run_info["grad_evals"] += auto_step_grad_evals(algorithm.notes, n)
-    ds.attrs = {"options": options, "run": _json_normalize(run_info)}
-    tree = xr.DataTree(ds)
-    if path is None:
+def _assemble(request: Request, built: _Built, result: ChainResult):
+    """The tree, written to and read back from output_path when one is given."""
+    tree = sample_tree(request, result, built.init_loss, built.obs_index, built.algorithm.notes)
+    if request.path is None:
         return tree
-    write_datatree_atomic(tree, path)
-    return xr.open_datatree(path, engine="zarr", consolidated=False)
-
-
-# devinterp v1 keyword -> how sample() spells it
-V1_NAMES = {
-    "nbeta": "n_beta",
-    "optimizer_kwargs": "sampling_method_kwargs (lr, n_beta, localization, noise_level, weight_decay and "
-                        "bounding_box_size are sample() arguments)",
-    "grad_accum_steps": "gradient_accumulation_steps",
-    "temperature": "n_beta",
-    "loader": "dataset",
-    "callbacks": "observables and compute_llc / compute_bif / compute_susceptibilities on the returned tree",
-    "device": "JAX's default device (no argument)",
-    "cores": "num_chains (chains run vectorized)",
-    "verbose": "progress",
-}
-
-
-def _refuse_v1_names(extra: dict) -> None:
-    """Unknown keywords get a TypeError; devinterp v1 names get one that says how to spell them here."""
-    for name in extra:
-        if name in V1_NAMES:
-            raise TypeError(f"sample(): {name!r} is devinterp v1's name; use {V1_NAMES[name]}")
-        known = [p for p in inspect.signature(sample).parameters if p != "devinterp_v1"]
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise TypeError(f"sample() got an unexpected keyword argument {name!r}{hint}")
-
-
-def _check_lr(lr) -> None:
-    """lr: None (samplers that tune their own step), a finite number > 0 or "auto"; _sampler_settings says which is needed."""
-    if lr is None or (isinstance(lr, str) and lr == "auto"):
-        return
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
-        raise ValueError(f'lr must be a finite number > 0 or "auto" (or None for self-tuning samplers), got {lr!r}')
-
-
-def _check_output_path(output_path) -> Path | None:
-    """Refuse, before any sampling, an output_path that could not take the store."""
-    if output_path is None:
-        return None
-    path = Path(output_path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output_path {path} is a file, not a Zarr store; remove it or choose another path")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path.parent).close()
-    except OSError as err:
-        raise ValueError(f"output_path {path}: its directory cannot be written ({err.strerror or err})") from None
-    return path
-
-
-def _reuse_store(path: Path, options: dict, overwrite: bool):
-    """The stored tree if its options equal `options`; None if it is to be (re)written."""
-    import xarray as xr  # deferred: loaded in the background while the chains run (_prefetch_imports_once)
-
-    try:
-        stored = xr.open_datatree(path, engine="zarr", consolidated=False)
-        stored_options = stored.attrs.get("options")
-    except Exception as err:  # not a store sample() wrote
-        stored, stored_options = None, None
-        if not overwrite:
-            raise ValueError(f"{path} exists and is not a readable sample() store ({err}); "
-                             "pass overwrite=True to replace it") from err
-    if stored_options == options:
-        return stored
-    if overwrite:
-        # Replaced only once the new tree is complete (write_datatree_atomic): a failed run keeps the old store.
-        if stored is not None:
-            stored.close()
-        return None
-    stored_options = stored_options or {}
-    differ = sorted(k for k in set(options) | set(stored_options) if options.get(k) != stored_options.get(k))
-    raise ValueError(f"{path} holds a sample() run with different options ({', '.join(differ)}); "
-                     "pass overwrite=True to replace it or choose another output_path")
-
-
-# ---------------------------------------------------------------------------------------------
-# Post-processing
-# ---------------------------------------------------------------------------------------------
-
-
-def _dataset(tree):
-    import xarray as xr  # deferred: loaded in the background while the chains run (_prefetch_imports_once)
-
-    if isinstance(tree, xr.DataTree):
-        return tree.to_dataset()
-    if isinstance(tree, xr.Dataset):
-        return tree
-    raise TypeError(f"expected the DataTree returned by sample(), got {type(tree).__name__}")
-
-
-def _burnin(num_burnin_draws: int, num_draws: int, need: int = 1) -> int:
-    if not 0 <= num_burnin_draws <= num_draws - need:
-        raise ValueError(f"num_burnin_draws must be in [0, {num_draws - need}] (leaving >= {need} draws), "
-                         f"got {num_burnin_draws}")
-    return num_burnin_draws
-
-
-@dataclass(frozen=True)
-class LLCResult:
-    """λ̂ from a sample() tree: pooled over usable chains, with the experiment pipeline's health checks.
-
-    status: "ok", "warnings" (health flags fired), "not_converged" (a trend flag: the draws are not
-    yet stationary), "diverged" (chains excluded), "failed" (none usable).
-    cross_check: SG methods, the per-step λ̂ beside the full-data draws' (llc_bench.estimator.
-    cross_check; a disagreement is the flag `estimates_disagree`); None otherwise.
-    """
-
-    llc_mean: float
-    llc_se: float
-    per_chain: np.ndarray  # (C,) NaN for excluded chains
-    status: str
-    flags: tuple  # llc_bench.health.HealthFlag
-    estimate: Any  # llc_bench.estimator.LLCEstimate (running estimate, SEs, excluded chains)
-    loss_at_wstar: float
-    n_beta: float
-    source: str
-    num_burnin_draws: int
-    cross_check: dict | None = None
-
-
-def _resolve_llc_source(ds, source: str) -> str:
-    """source="auto": "minibatch" (the per-step loss) for SG methods, "full" for full-batch ones."""
-    if source != "auto":
-        return source
-    return resolve_source("auto", str(ds.attrs.get("options", {}).get("sampling_method", "")))
-
-
-def _full_draws(ds, burn: int) -> tuple[np.ndarray, np.ndarray]:
-    """((C, F') full-data L_n, (F',) their steps) of the full-data draws at or after draw `burn`."""
-    keep = np.asarray(ds["full_draw_index"]) >= burn
-    return (np.asarray(ds["full_loss"], np.float64)[:, keep], np.asarray(ds["full_draw_step"])[keep])
-
-
-def _llc_draws(ds, source: str, burn: int) -> tuple[np.ndarray, int]:
-    """(C, N) loss series for λ̂ and the number of leading steps of metrics_loss to skip."""
-    k = int(ds.attrs.get("options", {}).get("num_steps_bw_draws", 1))
-    burn_steps = int(ds.attrs.get("options", {}).get("num_burnin_steps", 0)) + burn * k
-    if source == "full":
-        return _full_draws(ds, burn)[0], burn_steps
-    if source == "sampling":  # batches have equal sizes: the mean of batch means is the mean of all
-        if "sampling_loss" not in ds:
-            raise ValueError("source='sampling' needs the sampling batches: sample(..., sampling_loss=True)")
-        s = np.asarray(ds["sampling_loss"], np.float64)
-        return s.reshape(*s.shape[:2], -1).mean(axis=2)[:, burn:], burn_steps
-    if source == "minibatch":
-        return np.asarray(ds["metrics_loss"], np.float64)[:, burn_steps:], burn_steps
-    raise ValueError(f"source must be 'auto', 'full', 'sampling' or 'minibatch', got {source!r}")
-
-
-def _baseline(ds) -> float:
-    """L_n(w*) as the draws' L_n is computed (stores without it: the float64 mean of init_loss)."""
-    if "full_loss_at_wstar" in ds:
-        return float(ds["full_loss_at_wstar"])
-    return float(np.mean(np.asarray(ds["init_loss"], np.float64)[0]))
-
-
-def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCResult:
-    """λ̂ = nβ ( mean over usable chains and post-burn-in draws of L(w) − L_n(w*) ).
-
-    L_n(w*) = full_loss_at_wstar: the FULL-data loss at w* (the mean of init_loss, computed the way the
-    draws' full_loss is, so a chain that never moves gives exactly 0), never a minibatch average. Draws
-    before `num_burnin_draws` are dropped (on top of the sampler's num_burnin_steps; for the per-step
-    source, the steps up to that draw). L(w):
-      source="full"      (default) full-data L_n(w) at the full-data draws (full_loss)
-      source="minibatch" the sampler's own per-step loss at every post-burn-in step (metrics_loss;
-                         SG methods: L_m of each step's independent minibatch, unbiased for L_n at
-                         that step's position; free, noisier) = the pipeline's estimate_from="minibatch"
-      source="auto"      "minibatch" for SG methods, "full" for full-batch ones
-      source="sampling"  mean of the k fresh random batches at each draw (sampling_loss, needs
-                         sample(..., sampling_loss=True); unbiased, noisier: devinterp's estimate)
-    Per-chain values, SEs and exclusion of diverged / non-finite chains follow
-    llc_bench.estimator.estimate_llc; health flags follow llc_bench.health.check_health on the
-    same post-burn-in series and the full-data draws. For SG methods the per-step and the
-    full-data λ̂ check each other (LLCResult.cross_check; flag `estimates_disagree`), as in the
-    pipeline.
-    """
-    # deferred: arviz-stats and scipy.stats, loaded in the background while the chains run
-    from llc_bench.health import check_health
-
-    ds = _dataset(tree)
-    source = _resolve_llc_source(ds, source)
-    num_chains, num_draws = ds.sizes["chain"], ds.sizes["draw"]
-    burn = _burnin(num_burnin_draws, num_draws)
-    draws, burn_steps = _llc_draws(ds, source, burn)
-    loss_at_wstar = _baseline(ds)
-    n_beta = float(ds["n_beta"])
-    diverged_at = np.asarray(ds["diverged_at"], np.int64)
-    estimate = estimate_llc(draws, loss_at_wstar, n_beta, diverged_at)
-    full, full_steps = _full_draws(ds, burn)
-    check = None
-    if _resolve_llc_source(ds, "auto") == "minibatch" and full.shape[1] >= 1:  # SG: the two check each other
-        per_step = estimate if source == "minibatch" else estimate_llc(
-            _llc_draws(ds, "minibatch", burn)[0], loss_at_wstar, n_beta, diverged_at)
-        full_est = estimate if source == "full" else estimate_llc(full, loss_at_wstar, n_beta, diverged_at)
-        check = cross_check(per_step, full_est)
-
-    def per_step(name, fill, dtype=float):
-        return np.asarray(ds[name], dtype) if name in ds else np.full(ds["metrics_loss"].shape, fill, dtype)
-
-    health_input = ChainResult(
-        sampler=str(ds.attrs.get("options", {}).get("sampling_method", "")),
-        loss_trace=np.asarray(ds["metrics_loss"], np.float64),
-        accept=per_step("metrics_accept", np.nan),
-        energy_change=per_step("metrics_energy_change", np.nan),
-        diverging=per_step("metrics_diverging", False, bool),
-        draw_loss=draws if source in ("full", "sampling") else full,
-        draw_steps=np.asarray(ds["draw_step"])[burn:] if source == "sampling" else full_steps,
-        projections=np.zeros((num_chains, full.shape[1], 0)),
-        diverged_at=diverged_at,
-        grad_evals=np.zeros(num_chains), warmup_grad_evals=np.zeros(num_chains),
-        num_burnin_steps=burn_steps,
-        loss_at_wstar=loss_at_wstar, n_beta=n_beta, wall_s=0.0, warmup_s=0.0, compile_s=0.0, tuned={},
-        draw_spread=None if source == "sampling" or "distance" not in ds else
-        np.asarray(ds["distance"], np.float64)[:, np.asarray(ds["full_draw_index"]) >= burn] ** 2,
-    )
-    flags = check_health(health_input, estimate_from="minibatch" if source == "minibatch" else "full")
-    if cross_check_flag(check) is not None:
-        flags.append(cross_check_flag(check))
-    status = run_status(estimate.status, flags)
-    return LLCResult(estimate.mean, estimate.se, estimate.per_chain, status, tuple(flags), estimate,
-                     loss_at_wstar, n_beta, source, burn, check)
-
-
-def _usable(ds, *series: np.ndarray) -> np.ndarray:
-    return usable_chains(*series, diverged_at=np.asarray(ds["diverged_at"]))
-
-
-def _pooled_cov(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(C, N, I), (C, N, J) -> (I, J): Σ_c Σ_t (a − ā_c)(b − b̄_c) / (C (N − 1)), each chain centered on its own mean."""
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    return np.einsum("cti,ctj->ij", a, b) / (a.shape[0] * (a.shape[1] - 1))
-
-
-def _per_sample(ds) -> bool:
-    return bool(ds.attrs.get("options", {}).get("per_sample_losses", True))
-
-
-def _obs_losses(ds, name: str, burn) -> np.ndarray:
-    """(C, N, I) per-sample losses, or (C, N, k) batch means when the tree stores only means, of the
-    draws from `burn` on (an int) or of the draws listed in `burn` (an index array)."""
-    var = f"loss_{name}"
-    if var not in ds:
-        have = [v[5:] for v in ds.data_vars if v.startswith("loss_")]
-        raise ValueError(f"no observable {name!r} in this tree; observables: {have}")
-    x = np.asarray(ds[var], np.float64)
-    x = x[:, burn:] if isinstance(burn, int) else x[:, burn]
-    return x.reshape(x.shape[0], x.shape[1], -1)
-
-
-def compute_bif(tree, obs_a: str, obs_b: str | None = None, *, num_burnin_draws: int = 0,
-                normalize: str = "covariance"):
-    """Bayesian influence function: posterior covariance between per-sample losses of two observables.
-
-        BIF[i, j] = Cov_β( ℓ_i(w), ℓ_j(w) ),   i over obs_a's points, j over obs_b's (obs_b = obs_a if None)
-
-    pooled over usable chains and post-burn-in draws, each chain centered on its own means
-    (Σ_c Σ_t (ℓ_i − ℓ̄_ic)(ℓ_j − ℓ̄_jc) / (C (D − 1))); normalize="correlation" divides by the
-    pooled standard deviations. Interpretation: raising training point i's weight in the tempered
-    likelihood exp(−β Σ_k ℓ_k), β = nβ/n, by ε changes E_β[ℓ_j] by −β · BIF[i, j] · ε to first
-    order; devinterp reports the covariance (or correlation) itself, as here.
-
-    Returns an xarray.DataArray (sample_a, sample_b) with coords index_a / index_b (the points'
-    indices in each observable's dataset); NaN if no chain is usable.
-    """
-    import xarray as xr  # deferred: loaded in the background while the chains run (_prefetch_imports_once)
-
-    if normalize not in ("covariance", "correlation"):
-        raise ValueError(f"normalize must be 'covariance' or 'correlation', got {normalize!r}")
-    obs_b = obs_a if obs_b is None else obs_b
-    ds = _dataset(tree)
-    if not _per_sample(ds):
-        raise ValueError("compute_bif needs per-sample losses; this tree has batch means only "
-                         "(sample(..., per_sample_losses=True))")
-    burn = _burnin(num_burnin_draws, ds.sizes["draw"], need=2)
-    a, b = _obs_losses(ds, obs_a, burn), _obs_losses(ds, obs_b, burn)
-    ok = _usable(ds, a, b)
-    if ok.any():
-        cov = _pooled_cov(a[ok], b[ok])
-        if normalize == "correlation":
-            sd_a = np.sqrt(np.diag(_pooled_cov(a[ok], a[ok])))
-            sd_b = np.sqrt(np.diag(_pooled_cov(b[ok], b[ok])))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                cov = cov / np.outer(sd_a, sd_b)
-    else:
-        cov = np.full((a.shape[2], b.shape[2]), np.nan)
-    return xr.DataArray(
-        cov, dims=("sample_a", "sample_b"),
-        coords={"index_a": ("sample_a", np.asarray(ds[f"index_{obs_a}"]).reshape(-1)),
-                "index_b": ("sample_b", np.asarray(ds[f"index_{obs_b}"]).reshape(-1))},
-        attrs={"obs_a": obs_a, "obs_b": obs_b, "normalize": normalize, "num_chains_used": int(ok.sum()),
-               "num_draws_used": int(a.shape[1])},
-        name="bif",
-    )
-
-
-def compute_susceptibilities(tree, *, num_burnin_draws: int = 0, source: str = "full"):
-    """Susceptibility of each observable: its linear response to the weight of the sampling data.
-
-        χ_obs = −nβ · Cov_β( L(w), φ_obs(w) ) = nβ · ∂E_β[φ_obs] / ∂(nβ)
-
-    φ_obs = mean loss on the observable's fixed points, L = the sampling dataset's loss
-    (source="full": full-data L_n, at the draws that have it: every one with sample(...,
-    full_loss_every=1), else every full_loss_every-th; "sampling": the mean of that draw's fresh
-    random batches (sample(..., sampling_loss=True)), an unbiased but noisier proxy: batch noise is
-    independent of w, so the covariance is unchanged in expectation). The identity follows from ∂/∂(nβ) E[φ] = −Cov(φ, L_n) for
-    p ∝ exp(−nβ L_n − …). Sign: χ < 0 means the observable's expected loss falls when the
-    sampling data are weighted more (a relative increase of nβ); χ > 0 means it rises.
-
-    Covariances are pooled over usable chains and post-burn-in draws, each chain centered on its
-    own means. Returns an xarray.Dataset with, per observable: `<obs>` (χ), `<obs>_se` (between-
-    chain standard error of χ; NaN with one usable chain) and `<obs>_per_sample`
-    (batch_<obs>, sample): χ_i = −nβ Cov(L, ℓ_i) for each of its points (only when the tree holds
-    per-sample losses; with per_sample_losses=False χ comes from the batch means, which average to φ).
-    """
-    import xarray as xr  # deferred: loaded in the background while the chains run (_prefetch_imports_once)
-
-    ds = _dataset(tree)
-    burn = _burnin(num_burnin_draws, ds.sizes["draw"], need=2)
-    if source not in ("full", "sampling"):
-        raise ValueError(f"source must be 'full' or 'sampling', got {source!r}")
-    loss, _ = _llc_draws(ds, source, burn)
-    rows = burn
-    if source == "full":  # the draws with a full-data L_n
-        index = np.asarray(ds["full_draw_index"])
-        rows = index[index >= burn]
-        if rows.size < 2:
-            raise ValueError(f"source='full' has {rows.size} full-data draw(s) after burn-in, fewer than 2; "
-                             "sample(..., full_loss_every=1) evaluates L_n at every draw")
-    n_beta = float(ds["n_beta"])
-    names = [v[5:] for v in ds.data_vars if v.startswith("loss_")]
-    out = {}
-    for name in names:
-        per_sample = _obs_losses(ds, name, rows)  # (C, N, I)
-        ok = _usable(ds, loss, per_sample)
-        shape = ds[f"index_{name}"].shape
-        dims = ds[f"index_{name}"].dims
-        if not ok.any():
-            out[name] = ((), np.nan)
-            out[f"{name}_se"] = ((), np.nan)
-            if _per_sample(ds):
-                out[f"{name}_per_sample"] = (dims, np.full(shape, np.nan))
-            continue
-        L = loss[ok][:, :, None]
-        phi = per_sample[ok].mean(axis=2, keepdims=True)
-        chi = -n_beta * float(_pooled_cov(L, phi)[0, 0])
-        per_chain = [-n_beta * float(_pooled_cov(L[c : c + 1], phi[c : c + 1])[0, 0]) for c in range(L.shape[0])]
-        se = float(np.std(per_chain, ddof=1) / math.sqrt(len(per_chain))) if len(per_chain) > 1 else math.nan
-        out[name] = ((), chi)
-        out[f"{name}_se"] = ((), se)
-        if _per_sample(ds):
-            out[f"{name}_per_sample"] = (dims, (-n_beta * _pooled_cov(L, per_sample[ok])[0]).reshape(shape))
-    return xr.Dataset(out, attrs={"n_beta": n_beta, "source": source, "num_burnin_draws": burn})
+    return write_and_reopen(tree, request.path)

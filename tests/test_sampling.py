@@ -89,6 +89,29 @@ def test_import_llc_bench_is_lazy():
     assert llc_bench.compute_bif is compute_bif
 
 
+def test_sample_is_split_into_short_stages_in_short_modules():
+    """sample() = validate → build → run → assemble, no function body (docstring aside) of 80 lines or
+    more, no module of 600 lines or more."""
+    import ast
+    from pathlib import Path
+
+    package = Path(llc_bench.__file__).parent
+    modules = ["sampling", "sampling_options", "sampling_posterior", "sampling_store", "sampling_estimates",
+               "samplers/wrappers"]
+    for module in modules:
+        text = (package / f"{module}.py").read_text()
+        assert text.count("\n") < 600, module
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef):
+                body = node.body[1:] if isinstance(node.body[0], ast.Expr) and len(node.body) > 1 else node.body
+                length = body[-1].end_lineno - body[0].lineno + 1
+                assert length < 80, f"{module}.{node.name}: {length} lines"
+    calls = [n.func.id for n in ast.walk(ast.parse((package / "sampling.py").read_text()))
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    stages = [c for c in calls if c in ("_validate", "_build", "_run", "_assemble")]
+    assert stages == ["_validate", "_build", "_run", "_assemble"]
+
+
 def test_free_mask_paths_nested_dicts_and_groups(problem):
     params, _, _ = problem
     # flattening order: bias (1) then kernel (3)
@@ -138,6 +161,46 @@ def test_zarr_round_trip_and_same_seed_identical_tree(stored, problem):
     assert not np.array_equal(idx[0, 0], idx[0, 1]) and not np.array_equal(idx[0, 0], idx[1, 0])
     held = np.asarray(tree["index_held"]).reshape(-1)
     assert np.all(np.diff(held) > 0) and held.size == 64
+
+
+def test_arviz_groups_and_the_pipeline_checks_and_plots_on_a_sample_tree(stored, tmp_path):
+    """The tree (read back from Zarr) carries diagnostics.to_datatree's groups; convergence, ArviZ,
+    check_health and plot_all run on it and agree with the root variables and compute_llc."""
+    import arviz_stats as azs
+
+    from llc_bench.diagnostics import convergence
+    from llc_bench.health import check_health
+    from llc_bench.plots import plot_all, running_llc
+    from llc_bench.sampling import chain_result
+    from llc_bench.sampling_store import ARVIZ_SAMPLE_DIMS
+
+    tree, _ = stored
+    post, stats = tree["posterior"], tree["sample_stats"]
+    full = np.asarray(tree["full_loss"], np.float64)
+    assert post["L_n"].dims == ARVIZ_SAMPLE_DIMS and post.attrs["sample_dims"] == list(ARVIZ_SAMPLE_DIMS)
+    np.testing.assert_array_equal(post["L_n"], full)
+    np.testing.assert_allclose(post["llc"], N_BETA * (full - float(tree["full_loss_at_wstar"])), rtol=1e-12)
+    np.testing.assert_array_equal(stats["loss"], np.asarray(tree["metrics_loss"], np.float64))
+    np.testing.assert_array_equal(stats["diverged_at"], tree["diverged_at"])
+    assert np.all(np.isnan(stats["accept"])) and stats["accept"].dims == ("chain", "step")  # save_metrics, SGLD
+    # θ projections: w − w* on unit directions, so |projection| <= ‖w − w*‖ (distance)
+    proj, dist = np.asarray(post["theta_proj"]), np.asarray(tree["distance"])
+    assert proj.shape == (C, D, 4) and np.all(np.abs(proj) <= dist[..., None] * (1 + 1e-5))
+    assert np.all(np.abs(proj).max(axis=-1) > 0.05 * dist)
+    conv = convergence(tree)
+    assert conv["chains_used"] == [0, 1, 2, 3] and conv["L_n"]["mean"] == pytest.approx(full.mean(), rel=1e-12)
+    ess = azs.ess(tree, group="posterior", sample_dims=list(ARVIZ_SAMPLE_DIMS))
+    assert float(ess["L_n"]) == pytest.approx(conv["L_n"]["ess_bulk"], rel=1e-9)
+    # the pipeline's health checks and figures on the tree's ChainResult
+    result = compute_llc(tree, num_burnin_draws=BURNIN_DRAWS)
+    run = chain_result(tree, num_burnin_draws=BURNIN_DRAWS)
+    assert run.num_burnin_steps == BURNIN_DRAWS * K and run.draw_loss.shape == (C, D - BURNIN_DRAWS)
+    assert [f.code for f in check_health(run)] == [f.code for f in result.flags if f.code != "estimates_disagree"]
+    np.testing.assert_allclose(running_llc(run)[:, -1], result.per_chain, rtol=1e-9)
+    paths = plot_all(run, tmp_path)
+    assert sorted(p.name for p in paths) == [f"sgld_{name}.png" for name in
+                                             ("autocorr", "ess_evolution", "loss_trace", "running_llc", "trace_rank")]
+    assert all(p.stat().st_size > 10_000 for p in paths)
 
 
 def test_store_reused_only_when_options_match(stored, problem, monkeypatch):
