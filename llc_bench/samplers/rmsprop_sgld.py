@@ -21,6 +21,7 @@ from llc_bench.samplers.base import (
     Range,
     SamplerSpec,
     StepSizeParams,
+    bind,
     is_auto,
     minibatch_step_info,
     setting,
@@ -167,7 +168,11 @@ def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
         from llc_bench.curvature import build_algorithm
 
         return build_algorithm(SPEC, posterior, settings)
-    epsilon = settings.step_size
+    return bind(make, posterior, settings, StepSizeParams(settings.step_size))
+
+
+def make(posterior: Posterior, settings: RMSPropSGLDSettings, hyper: StepSizeParams) -> Algorithm:
+    """`build`'s algorithm with ε = hyper.step_size (a float, or traced inside the runner)."""
     n_beta = posterior.n_beta
     n = posterior.n
     precond_init, precond_update, precond_freeze = rmsprop_preconditioner(
@@ -177,7 +182,7 @@ def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
     def warmup(rng_key, position):
         del rng_key  # nothing to tune; v starts at zero as in RMSProp
         state = RMSPropSGLDState(position, precond_init(position))
-        return state, StepSizeParams(jnp.asarray(epsilon, position.dtype)), jnp.zeros((), position.dtype)
+        return state, StepSizeParams(jnp.asarray(hyper.step_size, position.dtype)), jnp.zeros((), position.dtype)
 
     def end_burnin(state):
         if settings.adapt == "always":
