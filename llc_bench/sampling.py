@@ -10,7 +10,7 @@ import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +18,9 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from llc_bench.config import SEED_LIMIT
-from llc_bench.posterior import Posterior
+from llc_bench.posterior import Posterior, register_posterior
 from llc_bench.runner import key_name
-from llc_bench.samplers.base import STEP_EPSILON
+from llc_bench.samplers.base import STEP_EPSILON, wrap
 
 # Format of the stored tree; bump when variables change meaning so old stores are not reused.
 FORMAT_VERSION = 2
@@ -140,6 +140,7 @@ class Restriction:
 # ---------------------------------------------------------------------------------------------
 
 
+@register_posterior
 @dataclass(frozen=True, eq=False)
 class SamplingPosterior(Posterior):
     """Posterior plus devinterp's extras on the free vector w:
@@ -150,6 +151,9 @@ class SamplingPosterior(Posterior):
     accumulation_steps sequential chunks of b whose loss gradients are averaged (the same
     gradient as one batch, at the memory of one chunk).
     """
+
+    # static: weight_decay = 0 drops its term from the compiled code, and the chunk count is a shape
+    STATIC: ClassVar[tuple[str, ...]] = ("per_sample_loss", "weight_decay", "accumulation_steps")
 
     weight_decay: float = 0.0
     accumulation_steps: int = 1
@@ -188,20 +192,29 @@ def _set_position(state, position):
     raise ValueError(f"bounding_box_size: cannot set the position of a {type(state).__name__} state")
 
 
-def _full_batch(algorithm, x: jax.Array, y: jax.Array):
+def _full_batch(algorithm, posterior: Posterior):
     """An SG algorithm whose every step gets all n points: the runner draws no indices (batch_size None)."""
-    inner_step = algorithm.step
 
-    def step(rng_key, state, params, batch):
-        del batch  # None: the runner treats batch_size None as a full-batch sampler
-        return inner_step(rng_key, state, params, (x, y))
+    def transform(algorithm, posterior):
+        inner_step = algorithm.step
 
-    return algorithm._replace(step=step, batch_size=None)
+        def step(rng_key, state, params, batch):
+            del batch  # None: the runner treats batch_size None as a full-batch sampler
+            return inner_step(rng_key, state, params, (posterior.x, posterior.y))
+
+        return algorithm._replace(step=step, batch_size=None)
+
+    return wrap(algorithm, posterior, transform, "full_batch")
 
 
-def _wrap_algorithm(algorithm, w_star: jax.Array, init_noise: float | None, box: float | None):
+def _wrap_algorithm(algorithm, posterior: Posterior, init_noise: float | None, box: float | None):
     """init_noise: w ← w* + init_noise · N(0, I) once per chain before warm-up; box: clip every
     step's position to [w* − box, w* + box] (both on the free entries only)."""
+    return wrap(algorithm, posterior, lambda a, p: _noise_and_box(a, p.w_star, init_noise, box),
+                ("init_noise_box", init_noise, box))
+
+
+def _noise_and_box(algorithm, w_star: jax.Array, init_noise: float | None, box: float | None):
     inner_warmup, inner_step = algorithm.warmup, algorithm.step
     clip = (lambda w: jnp.clip(w, w_star - box, w_star + box)) if box is not None else (lambda w: w)
     warmup, step = inner_warmup, inner_step
@@ -370,8 +383,30 @@ _EXECUTABLES: dict = {}
 _EXECUTABLES_KEPT = 4
 
 
+# Options that reach the compiled code only as argument values (the posterior's data, w*, nβ and
+# γ, ε, keys from the seed, the observables' rows): runs differing only in these share executables.
+_TRACED_OPTIONS = frozenset({"lr", "n_beta", "localization", "noise_level", "weight_decay", "seed",
+                             "params_sha256", "dataset", "observables"})
+
+
+def _code_options(options: dict, params, all_free: bool, weight_decay: float) -> dict:
+    """The options the compiled code depends on: `options` less the traced ones, plus the shapes
+    those leave out. weight_decay is static (0 drops its term), so its tempered value stays; the
+    values of masked-out parameters are constants of the loss unless every entry is free."""
+    code = {k: v for k, v in options.items() if k not in _TRACED_OPTIONS}
+    code["sampler_settings"] = {k: v for k, v in options["sampler_settings"].items() if k != "step_size"}
+    code["weight_decay_tempered"] = weight_decay
+    code["param_shapes"] = [[list(np.shape(leaf)), str(jnp.result_type(leaf))] for leaf in jax.tree_util.tree_leaves(params)]
+    code["dataset_n"] = options["dataset"]["n"]
+    code["observables"] = {k: {"n": v["n"], "batches_per_draw": v["batches_per_draw"]}
+                           for k, v in options["observables"].items()}
+    if not all_free:
+        code["params_sha256"] = options["params_sha256"]
+    return code
+
+
 def _executables_for(apply_fn, loss_fn, options: dict) -> dict:
-    """The executables dict of this (apply_fn, loss_fn, options, JAX set-up), new if never seen."""
+    """The executables dict of this (apply_fn, loss_fn, code options (`_code_options`), JAX set-up), new if never seen."""
     setup = (str(jax.devices()), jax.config.jax_enable_x64, jax.config.jax_threefry_partitionable,
              str(jax.config.jax_default_prng_impl))
     key = (id(apply_fn), id(loss_fn), json.dumps(options, sort_keys=True), setup)
@@ -632,10 +667,15 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     # ---- posterior, sampler, draws -----------------------------------------------------------
     temper = float(noise_level) ** 2
     w_star = restriction.w_star
-    executables = _executables_for(apply_fn, loss_fn, options)
+    executables = _executables_for(apply_fn, loss_fn, _json_normalize(_code_options(
+        options, params, restriction.all_free, float(weight_decay) / temper)))
     if "init_loss" not in executables:
-        executables["init_loss"] = jax.jit(per_sample_loss)(w_star, x, y)
-    init_loss = executables["init_loss"]
+        # The first call's per_sample_loss, kept: a later one with the same code options computes the
+        # same function, and keeping the object keeps the posterior's static part (and pytree) equal.
+        executables["per_sample_loss"] = per_sample_loss
+        executables["init_loss"] = jax.jit(per_sample_loss)
+    per_sample_loss = executables["per_sample_loss"]
+    init_loss = executables["init_loss"](w_star, x, y)
     loss_at_wstar = float(jnp.mean(init_loss))
     posterior = SamplingPosterior(per_sample_loss, x, y, w_star, float(n_beta) / temper,
                                   float(localization) / temper, loss_at_wstar,
@@ -644,10 +684,10 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
     from llc_bench.curvature import build_algorithm
     from llc_bench.experiment import auto_step_grad_evals, step_size_summary
 
-    algorithm = _wrap_algorithm(build_algorithm(spec, posterior, settings, full_batch=full_batch), w_star,
+    algorithm = _wrap_algorithm(build_algorithm(spec, posterior, settings, full_batch=full_batch), posterior,
                                 init_noise, bounding_box_size)
     if full_batch:
-        algorithm = _full_batch(algorithm, x, y)
+        algorithm = _full_batch(algorithm, posterior)
 
     fixed = {}
     obs_index = {}
