@@ -126,15 +126,16 @@ def preconditioner_at_wstar(posterior: Posterior, settings: RMSPropSGLDSettings,
     num_batches = num_batches or PRECONDITIONER_BATCHES
     n = posterior.n
     idx = jax.random.randint(jax.random.key(0), (num_batches, settings.batch_size), 0, n)
+    return 1.0 / (jnp.sqrt(_mean_square_grad(posterior, w, idx)) + settings.eps)
 
-    @jax.jit
-    def mean_square_grad(idx):
-        def one(i):
-            return posterior.minibatch_loss_and_grads(w, posterior.x[i], posterior.y[i])[1] ** 2
 
-        return jnp.mean(jax.lax.map(one, idx), axis=0)
+@jax.jit
+def _mean_square_grad(posterior: Posterior, w, idx):
+    # the posterior an argument: one compilation for every posterior of these shapes
+    def one(i):
+        return posterior.minibatch_loss_and_grads(w, posterior.x[i], posterior.y[i])[1] ** 2
 
-    return 1.0 / (jnp.sqrt(mean_square_grad(idx)) + settings.eps)
+    return jnp.mean(jax.lax.map(one, idx), axis=0)
 
 
 def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
