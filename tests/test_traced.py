@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llc_bench.compiled import as_arrays
 from llc_bench.posterior import Posterior
 from llc_bench.runner import clear_executables, run_chains
-from llc_bench.samplers import get_spec
-from llc_bench.samplers.base import Algorithm, wrap
+from llc_bench.samplers import SAMPLER_NAMES, get_spec
+from llc_bench.samplers.base import Algorithm, current_binding, rebind, wrap
 
 N, DIM = 64, 3
 RUN = dict(num_chains=2, num_burnin_steps=20, num_draws=5, num_steps_bw_draws=4, num_projections=2,
@@ -118,3 +119,27 @@ def test_a_wrapper_without_wrap_runs_as_given_and_wrap_keeps_the_binding():
     assert not traces
     np.testing.assert_array_equal(again.draw_spread, 0.0)
     assert np.all(again.loss_trace != moving.loss_trace)  # at the other w*
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_every_registered_sampler_binds_and_traces_its_posterior(name):
+    """Each registry build returns an algorithm whose binding is current and keyed, and whose warm-up
+    and step trace with the posterior and hyper abstract (no Python branch on nβ, γ or ε)."""
+    from sampler_utils import gaussian_posterior
+    from test_sampler_contract import contract_settings
+
+    post = gaussian_posterior()[0]
+    algorithm = get_spec(name).build(post, contract_settings(name))
+    binding = current_binding(algorithm)
+    assert binding is not None and hash(binding.key) is not None
+    keys = jax.random.split(jax.random.key(0), 2)
+    positions = jnp.broadcast_to(post.w_star, (2, post.dim))
+
+    def warmup_then_step(posterior, hyper):
+        rebound = rebind(algorithm, posterior, hyper)
+        state, params, _ = jax.vmap(rebound.warmup)(keys, positions)
+        batch = None if rebound.batch_size is None else (posterior.x[:rebound.batch_size], posterior.y[:rebound.batch_size])
+        return jax.vmap(rebound.step, in_axes=(0, 0, 0, None))(keys, state, params, batch)
+
+    state, info = jax.eval_shape(warmup_then_step, as_arrays(post), as_arrays(binding.hyper))
+    assert info.loss.shape == (2,)

@@ -182,6 +182,11 @@ class SamplerSpec(NamedTuple):
     """Registry entry: a settings dataclass (frozen, with defaults, validating itself), a builder,
     and what the sampler is, so that drivers ask the spec instead of checking names.
 
+    build(posterior, settings) -> Algorithm returns `bind(make, posterior, settings, hyper)` (host-side
+    work such as step_size = "auto" first): the runner then compiles one executable for every
+    posterior of the same shapes and every hyper value. An algorithm without a binding still runs,
+    its posterior and settings constants of its executables.
+
     minibatch   True: each step takes a minibatch of settings.batch_size rows (Algorithm.batch_size);
                 False: full batch, exact gradients (batch None)
     metropolis  True: each step has an accept/reject test and StepInfo.accept is its acceptance
