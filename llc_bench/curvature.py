@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import NamedTuple
@@ -55,15 +56,30 @@ class AutoStepSize(NamedTuple):
         return dict(self._asdict())
 
 
+# The operator products below are jitted once as functions of the posterior (a pytree): every
+# posterior of the same shapes and loss, whatever its data, w*, nβ and γ, reuses the compilation.
+
+
+@jax.jit
+def _loss_hvp(posterior: Posterior, w, v):
+    return jax.jvp(jax.grad(posterior.full_loss), (w,), (v,))[1]
+
+
 def loss_hvp(posterior: Posterior):
     """(w, v) -> ∇²L_n(w) v on the full data (forward-over-reverse: jax.jvp of jax.grad), jitted."""
-    grad = jax.grad(posterior.full_loss)
+    return functools.partial(_loss_hvp, posterior)
 
-    @jax.jit
-    def hvp(w, v):
-        return jax.jvp(grad, (w,), (v,))[1]
 
-    return hvp
+@jax.jit
+def _gradient_cvp(posterior: Posterior, w, v):
+    def per_sample(w):
+        return posterior.per_sample_loss(w, posterior.x, posterior.y)
+
+    losses, jv = jax.jvp(per_sample, (w,), (v,))
+    pullback = jax.vjp(per_sample, w)[1]
+    n = losses.shape[0]
+    mean_grad = pullback(jnp.full((n,), 1.0 / n, losses.dtype))[0]
+    return pullback(jv / n)[0] - mean_grad * jnp.vdot(mean_grad, v)
 
 
 def gradient_cvp(posterior: Posterior):
@@ -71,18 +87,7 @@ def gradient_cvp(posterior: Posterior):
 
     C v = Jᵀ(J v)/n − ḡ (ḡ·v) with J the (n, d) per-sample Jacobian: one jvp and one vjp.
     """
-    def per_sample(w):
-        return posterior.per_sample_loss(w, posterior.x, posterior.y)
-
-    @jax.jit
-    def cvp(w, v):
-        losses, jv = jax.jvp(per_sample, (w,), (v,))
-        pullback = jax.vjp(per_sample, w)[1]
-        n = losses.shape[0]
-        mean_grad = pullback(jnp.full((n,), 1.0 / n, losses.dtype))[0]
-        return pullback(jv / n)[0] - mean_grad * jnp.vdot(mean_grad, v)
-
-    return cvp
+    return functools.partial(_gradient_cvp, posterior)
 
 
 def top_eigenvalue(matvec, dim: int, dtype=np.float32, seed: int = 0) -> tuple[float, int]:
@@ -130,14 +135,14 @@ def hessian_products(posterior: Posterior, num_rows: int | None = None, chunk: i
     call on this posterior: one compilation per basis width instead of one per call."""
     n = posterior.n if num_rows is None else min(num_rows, posterior.n)
     x, y = jnp.asarray(posterior.x[:n]), jnp.asarray(posterior.y[:n])
+    return lambda w, basis: _hessian_products(posterior, x, y, w, basis, chunk=chunk)
+
+
+@functools.partial(jax.jit, static_argnames="chunk")
+def _hessian_products(posterior: Posterior, x, y, w, basis, chunk: int):
     grad = jax.grad(lambda v: posterior.batch_loss(v, x, y))
-
-    @jax.jit
-    def products(w, basis):
-        hv = jax.lax.map(lambda v: jax.jvp(grad, (w,), (v,))[1], basis.T, batch_size=chunk)
-        return hv.T
-
-    return products
+    hv = jax.lax.map(lambda v: jax.jvp(grad, (w,), (v,))[1], basis.T, batch_size=chunk)
+    return hv.T
 
 
 def top_eigenpairs(posterior: Posterior, k: int, num_rows: int | None = None, power_iters: int = 4,

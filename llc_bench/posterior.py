@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +25,33 @@ def gamma_from_radius(d: int, prior_radius: float) -> float:
     return d / prior_radius**2
 
 
+def register_posterior(cls: type) -> type:
+    """Register a Posterior dataclass (or subclass) as a JAX pytree: every field not named in
+    cls.STATIC is a leaf, the STATIC ones (per_sample_loss, flags that choose code paths) are
+    static data compared by value (functions by identity).
+
+    As a pytree the posterior is an ordinary argument of a jitted function: a compiled chunk
+    then serves every posterior of the same shapes, dtypes and static data, whatever its
+    data, w*, nβ and γ are (closed over instead, they would be constants of the executable).
+    """
+    names = [f.name for f in dataclasses.fields(cls)]
+    static = [name for name in names if name in cls.STATIC]
+    return jax.tree_util.register_dataclass(
+        cls, data_fields=[name for name in names if name not in static], meta_fields=static)
+
+
+@register_posterior
 @dataclass(frozen=True, eq=False)
 class Posterior:
     """Everything a sampler needs: the data, the loss, w*, nβ and γ. Positions are flat (d,) vectors.
 
     `loss_at_wstar` is the full-data L_n(w*), computed once here and never from minibatches.
+    A pytree (`register_posterior`): x, y, w_star, n_beta, gamma and loss_at_wstar are leaves
+    (Python floats stay floats on the host; traced they are scalars), per_sample_loss is static.
+    `n` and `dim` come from shapes, so they stay Python ints under tracing.
     """
+
+    STATIC: ClassVar[tuple[str, ...]] = ("per_sample_loss",)
 
     per_sample_loss: PerSampleLoss
     x: jax.Array

@@ -12,9 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llc_bench.compiled import as_arrays as _as_arrays
+from llc_bench.compiled import clear_executables  # noqa: F401 - part of the runner's interface
+from llc_bench.compiled import compile_once as _compile
+from llc_bench.compiled import shared_executables as _shared_executables
 from llc_bench.posterior import Posterior
 from llc_bench.progress import Bar, progress_enabled
-from llc_bench.samplers.base import Algorithm, StepInfo
+from llc_bench.samplers.base import Algorithm, StepInfo, current_binding, rebind
 from llc_bench.types import ChainResult
 
 # --------------------------------------------------------------------------------------------
@@ -41,9 +45,8 @@ class _Consts(NamedTuple):
     step_keys: jax.Array  # (C,) ChainKeys.step
     batch_keys: jax.Array  # (C,) ChainKeys.batch
     params: Any  # tuned parameters, leading axis = chains
-    x: jax.Array  # (n, in_dim)
-    y: jax.Array  # (n, out_dim)
-    w_star: jax.Array  # (d,)
+    posterior: Posterior  # the pytree: data, w*, nβ, γ as arrays
+    hyper: Any  # the algorithm's Binding.hyper (() without a binding)
     directions: jax.Array  # (d, P) random unit columns
     chain_index: jax.Array  # (C,) int32 0..C-1, for draw_fn
     draw_data: Any  # run_chains' draw_data pytree (None without one)
@@ -117,7 +120,8 @@ def _step_chains(algorithm: Algorithm, consts: _Consts, carry: _Carry, t: jax.Ar
     finite state from then on; its reported loss/accept/energy are NaN from that step.
     """
     minibatch = algorithm.batch_size is not None
-    n = consts.x.shape[0]
+    x, y = consts.posterior.x, consts.posterior.y
+    n = x.shape[0]
 
     def one_chain(step_key, batch_key, state, params, diverged_at):
         # Keys by fold_in on the global step index: results do not depend on how steps are chunked.
@@ -129,7 +133,7 @@ def _step_chains(algorithm: Algorithm, consts: _Consts, carry: _Carry, t: jax.Ar
             # With replacement: independent uniform indices, so each step's batch gradient is an
             # unbiased estimate of the full-data gradient and chains never share batches.
             idx = jax.random.randint(batch_key, (algorithm.batch_size,), 0, n)
-            batch = (consts.x[idx], consts.y[idx])
+            batch = (x[idx], y[idx])
         new_state, info = algorithm.step(step_key, state, params, batch)
         finite = jnp.isfinite(info.loss) & jnp.all(jnp.isfinite(algorithm.position(new_state)))
         was_alive = diverged_at < 0
@@ -170,8 +174,8 @@ def _draw(algorithm: Algorithm, posterior: Posterior, consts: _Consts, carry: _C
         return jax.tree.map(lambda a: _nan_where(dead, a), out)
 
     def full_data(positions):
-        loss = full_data_loss(posterior, positions, consts.x, consts.y)
-        offset = positions - consts.w_star
+        loss = full_data_loss(posterior, positions, posterior.x, posterior.y)
+        offset = positions - posterior.w_star
         proj = offset @ consts.directions
         spread = jnp.sum(offset**2, axis=1)
         extra = None if full_draw_fn is None else per_chain(full_draw_fn, positions)
@@ -200,15 +204,17 @@ def _burnin_chunk_fn(algorithm: Algorithm, length: int, num_burnin_steps: int):
     """carry, first step -> carry, StepInfo (length, C): `length` plain steps."""
 
     def chunk(carry: _Carry, t0: jax.Array, consts: _Consts):
+        algorithm_here = rebind(algorithm, consts.posterior, consts.hyper)
+
         def body(carry, i):
-            return _step_chains(algorithm, consts, carry, t0 + i, num_burnin_steps)
+            return _step_chains(algorithm_here, consts, carry, t0 + i, num_burnin_steps)
 
         return jax.lax.scan(body, carry, jnp.arange(length, dtype=jnp.int32))
 
     return chunk
 
 
-def _draw_chunk_fn(algorithm: Algorithm, posterior: Posterior, blocks: int, k: int, num_burnin_steps: int, total_steps: int,
+def _draw_chunk_fn(algorithm: Algorithm, blocks: int, k: int, num_burnin_steps: int, total_steps: int,
                    draw_fn: DrawFn | None = None, full_loss_every: int = 1, full_draw_fn: DrawFn | None = None):
     """carry, first block -> carry, (StepInfo (blocks, k, C), draw loss (blocks, C), projections (blocks, C, P),
     ‖w − w*‖² (blocks, C), draw_fn outputs (blocks, C, ...) or None, full_draw_fn outputs (blocks, C, ...) or None).
@@ -218,34 +224,37 @@ def _draw_chunk_fn(algorithm: Algorithm, posterior: Posterior, blocks: int, k: i
     """
 
     def chunk(carry: _Carry, block0: jax.Array, consts: _Consts):
+        algorithm_here = rebind(algorithm, consts.posterior, consts.hyper)
+
         def block(carry, j):
             t_start = num_burnin_steps + (block0 + j) * k
 
             def body(carry, i):
-                return _step_chains(algorithm, consts, carry, t_start + i, total_steps)
+                return _step_chains(algorithm_here, consts, carry, t_start + i, total_steps)
 
             carry, infos = jax.lax.scan(body, carry, jnp.arange(k, dtype=jnp.int32))
             d = block0 + j
             full = True if full_loss_every == 1 else (d + 1) % full_loss_every == 0
-            return carry, (infos, *_draw(algorithm, posterior, consts, carry, draw_fn, d, full, full_draw_fn))
+            return carry, (infos, *_draw(algorithm_here, consts.posterior, consts, carry, draw_fn, d, full,
+                                         full_draw_fn))
 
         return jax.lax.scan(block, carry, jnp.arange(blocks, dtype=jnp.int32))
 
     return chunk
 
 
-def _compile(fn, *args, executables: dict | None = None, name: str = ""):
-    """(compiled executable, seconds): lowered and compiled once; calling it can never retrace.
+def _warmup_fn(algorithm: Algorithm):
+    def warmup(posterior: Posterior, hyper, rng_keys: jax.Array, positions: jax.Array):
+        return jax.vmap(rebind(algorithm, posterior, hyper).warmup)(rng_keys, positions)
 
-    With `executables` (see run_chains_with_state), an executable stored under `name` is reused.
-    """
-    start = time.perf_counter()
-    if executables is not None and name in executables:
-        return executables[name], time.perf_counter() - start
-    compiled = jax.jit(fn).lower(*args).compile()
-    if executables is not None:
-        executables[name] = compiled
-    return compiled, time.perf_counter() - start
+    return warmup
+
+
+def _end_burnin_fn(algorithm: Algorithm):
+    def end_burnin(posterior: Posterior, hyper, states):
+        return jax.vmap(rebind(algorithm, posterior, hyper).end_burnin)(states)
+
+    return end_burnin
 
 
 def _stack(chunks: list[StepInfo], length: int) -> StepInfo:
@@ -274,17 +283,18 @@ def baseline_loss(posterior: Posterior, num_chains: int) -> float:
     λ̂ subtracts this from the draws' L_n: evaluated by another path (eager, or in float64) it differs
     in the last bits, and nβ times that difference is what a chain that never moves would report.
     """
+    return _baseline(_as_arrays(posterior), num_chains, None)[0]
+
+
+def _baseline_fn(posterior: Posterior, w: jax.Array) -> jax.Array:
+    return full_data_loss(posterior, w, posterior.x, posterior.y)
+
+
+def _baseline(posterior: Posterior, num_chains: int, executables: dict | None) -> tuple[float, float]:
+    """(baseline_loss, compile seconds), the compiled function kept in `executables`."""
     w = jnp.broadcast_to(posterior.w_star, (num_chains, posterior.dim))
-    losses = jax.jit(lambda w: full_data_loss(posterior, w, posterior.x, posterior.y))(w)
-    return float(losses[0])
-
-
-def _baseline_once(posterior: Posterior, num_chains: int, executables: dict | None) -> float:
-    if executables is None:
-        return baseline_loss(posterior, num_chains)
-    if "baseline" not in executables:
-        executables["baseline"] = baseline_loss(posterior, num_chains)
-    return executables["baseline"]
+    fn, seconds = _compile(_baseline_fn, posterior, w, executables=executables, name="baseline")
+    return float(fn(posterior, w)[0]), seconds
 
 
 def run_chains(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: jax.Array, *,
@@ -338,7 +348,7 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
     wall_s and warmup_s exclude compile time, reported as compile_s.
 
     devices: shard the chain axis over these devices (num_chains must be a multiple of their
-    number); data, w* and directions are replicated. None = JAX's default device. Results equal
+    number); the posterior, hyper and directions are replicated. None = JAX's default device. Results equal
     the unsharded run's: chains never interact.
 
     draw_fn(position (d,), chain_index () int32, draw_index () int32, draw_data) -> pytree of
@@ -356,25 +366,132 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
     outputs stacked as ChainResult.full_draw_outputs (C, ⌊num_draws / full_loss_every⌋, ...).
     Without draw_fn, a draw that is not a full-data draw adds no work.
 
-    executables: a dict the compiled chunks (and L_n(w*)) are stored in and, when present, taken
-    from, skipping their tracing and lowering. Only for a rerun with the very same algorithm,
-    posterior, draw functions and schedule (the caller's responsibility: sample() keys it by all
-    of its options).
+    Traced inputs: the posterior (a pytree: data, w*, nβ, γ, L_n(w*)) and the algorithm's
+    Binding.hyper (an SG sampler's ε) are arguments of every compiled function, which makes the
+    algorithm again from them inside its trace (`samplers.base.rebind`). An algorithm without a
+    current binding (hand-built, or wrapped without `samplers.base.wrap`) runs as given: its
+    functions close over their posterior, which is then a constant of its executables.
+
+    executables: a dict the compiled functions are stored in and, when present, taken from,
+    skipping their tracing and lowering; each under its name, static lengths and the types of its
+    arguments (`_compile`). The caller answers for everything else its code depends on: the
+    algorithm's code (settings other than hyper), per_sample_loss and the draw functions (sample()
+    keys its dicts by its static options). None: the runner's own dict for this algorithm's
+    Binding.key, posterior structure and draw functions (`_shared_executables`), or no reuse
+    when the algorithm has no keyed binding. Either way two runs that differ only in traced
+    values (nβ, γ, w*, data of the same shapes, ε) share one compilation.
     """
     if num_chains < 1 or num_draws < 1 or num_steps_bw_draws < 1 or num_burnin_steps < 0:
         raise ValueError("need num_chains, num_draws, num_steps_bw_draws >= 1 and num_burnin_steps >= 0")
     if not 1 <= full_loss_every <= num_draws:
         raise ValueError(f"full_loss_every must be in [1, num_draws = {num_draws}], got {full_loss_every}")
 
-    def reuse(name: str) -> dict:
-        return {"executables": executables, "name": name}
+    plan = _plan(num_burnin_steps, num_draws, num_steps_bw_draws, full_loss_every, chunk_size, draw_fn is None)
+    total_steps, k = plan.total_steps, plan.k
+    if executables is None:
+        executables = _shared_executables(algorithm, posterior, draw_fn, full_draw_fn, devices)
+    binding = current_binding(algorithm)
+    hyper = () if binding is None else _as_arrays(binding.hyper)
+    n_beta = float(posterior.n_beta)  # as given, not rounded to the data's precision
+    posterior = _as_arrays(posterior)
 
+    keys = chain_keys(rng_key, num_chains)
+    w_star = posterior.w_star
+    positions0 = jnp.broadcast_to(w_star, (num_chains, w_star.shape[0]))
+    directions = random_directions(keys.projection, w_star.shape[0], num_projections, w_star.dtype)
+    chain_index = jnp.arange(num_chains, dtype=jnp.int32)
+    if devices is not None:
+        # The compiled chunks inherit these placements, so chains stay on their devices throughout.
+        per_chain, replicated = chain_shardings(devices, num_chains)
+        *per_chain_keys, positions0, chain_index = jax.device_put(
+            (keys.warmup, keys.step, keys.batch, positions0, chain_index), per_chain)
+        keys = ChainKeys(*per_chain_keys, keys.projection)
+        posterior, hyper, directions, draw_data = jax.device_put((posterior, hyper, directions, draw_data), replicated)
+
+    def compiled(fn, *args, name):
+        return _compile(fn, *args, executables=executables, name=name)
+
+    with Bar(f"{name}: warm-up", total_steps, progress_enabled(progress)) as bar:
+        warmup, compile_s = compiled(_warmup_fn(algorithm), posterior, hyper, keys.warmup, positions0, name="warmup")
+        (state, params, warmup_work), warmup_s = _timed(warmup, posterior, hyper, keys.warmup, positions0)
+        bar.describe(f"{name}: sampling")
+
+        consts = _Consts(keys.step, keys.batch, params, posterior, hyper, directions, chain_index, draw_data)
+        # A warm-up that already left the finite region counts as diverged at step 0.
+        finite0 = jnp.all(jnp.isfinite(jax.vmap(algorithm.position)(state)), axis=1)
+        carry = _Carry(state, jnp.where(finite0, -1, 0).astype(jnp.int32))
+
+        burn_infos, wall_s = [], 0.0
+        if plan.burn_count:
+            burn, seconds = compiled(_burnin_chunk_fn(algorithm, plan.burn_len, num_burnin_steps), carry, jnp.int32(0),
+                                     consts, name=("burnin", plan.burn_len, num_burnin_steps))
+            compile_s += seconds
+            carry, burn_infos, wall_s = _run_chunks(burn, carry, consts, plan.burn_count, plan.burn_len, 1,
+                                                    num_burnin_steps, bar)
+
+        if algorithm.end_burnin is not None:
+            # e.g. RMSProp-SGLD freezes its preconditioner: the draws see a constant sampler
+            end_burnin, seconds = compiled(_end_burnin_fn(algorithm), posterior, hyper, carry.state, name="end_burnin")
+            compile_s += seconds
+            carry = carry._replace(state=end_burnin(posterior, hyper, carry.state))
+        if algorithm.retune is not None:
+            # host-side, e.g. step_size = "auto" re-measured where the chains are (its own timing)
+            params = algorithm.retune(carry.state, params, np.asarray(carry.diverged_at) < 0)
+            if devices is not None:
+                params = jax.device_put(params, per_chain)
+            consts = consts._replace(params=params)
+
+        blocks = plan.blocks
+        draw, seconds = compiled(
+            _draw_chunk_fn(algorithm, blocks, k, num_burnin_steps, total_steps, draw_fn, plan.every, full_draw_fn),
+            carry, jnp.int32(0), consts,
+            name=("draw", blocks, k, num_burnin_steps, total_steps, plan.every, draw_fn is None, full_draw_fn is None))
+        compile_s += seconds
+        carry, outputs, seconds = _run_chunks(draw, carry, consts, plan.draw_count, blocks, k,
+                                              total_steps - num_burnin_steps, bar)
+        wall_s += seconds
+
+    baseline, _ = _baseline(posterior, num_chains, executables)
+    result = _assemble(name, plan, num_chains, num_burnin_steps, num_draws, burn_infos, outputs, carry, warmup_work,
+                       loss_at_wstar=baseline, n_beta=n_beta, wall_s=wall_s, warmup_s=warmup_s,
+                       compile_s=compile_s, tuned=summarize_tuned(params), draw_fn=draw_fn, full_draw_fn=full_draw_fn)
+    return result, carry.state
+
+
+def _run_chunks(fn, carry: _Carry, consts: _Consts, count: int, length: int, steps_per_item: int, steps: int,
+                bar: Bar) -> tuple[_Carry, list, float]:
+    """Call chunk `fn` `count` times (chunk c starts at item c · length; an item is steps_per_item
+    steps of the phase's `steps`): (carry, host copies of each chunk's outputs, seconds)."""
+    outputs, wall_s = [], 0.0
+    for c in range(count):
+        (carry, out), seconds = _timed(fn, carry, jnp.int32(c * length), consts)
+        wall_s += seconds
+        outputs.append(jax.tree.map(np.asarray, out))
+        bar.advance(min(length * steps_per_item, steps - c * length * steps_per_item))
+    return carry, outputs, wall_s
+
+
+class _Plan(NamedTuple):
+    """How run_chains_with_state cuts its steps: chunks of burn-in steps, then chunks of draw blocks."""
+
+    total_steps: int
+    k: int  # steps per draw block
+    every: int  # full-data draw every `every` blocks
+    kept: np.ndarray  # the blocks whose draw is returned
+    burn_len: int
+    burn_count: int
+    blocks: int  # draw blocks per chunk
+    draw_count: int
+
+
+def _plan(num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int, full_loss_every: int, chunk_size: int,
+          no_draw_fn: bool) -> _Plan:
     total_steps = num_burnin_steps + num_draws * num_steps_bw_draws
     # The draw loop runs blocks of k steps, each followed by a draw; `every` = full_loss_every of
     # those blocks. Without draw_fn nothing happens between full-data draws, so a block becomes
     # the k · full_loss_every steps up to one (no branch in the loop; a last, partial block is
     # padded with masked steps and its draw dropped). kept: the blocks whose draw is returned.
-    if draw_fn is None and full_loss_every > 1:
+    if no_draw_fn and full_loss_every > 1:
         k, every = num_steps_bw_draws * full_loss_every, 1
         num_blocks = -(-num_draws // full_loss_every)
         kept = np.arange(num_draws // full_loss_every)
@@ -384,99 +501,36 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
     target = chunk_size if chunk_size > 0 else max(1, math.ceil(total_steps / _AUTO_CHUNKS))
     burn_len, burn_count = chunk_plan(num_burnin_steps, target)
     blocks, draw_count = chunk_plan(num_blocks, max(1, target // k))
+    return _Plan(total_steps, k, every, kept, burn_len, burn_count, blocks, draw_count)
 
-    keys = chain_keys(rng_key, num_chains)
-    w_star = jnp.asarray(posterior.w_star)
-    positions0 = jnp.broadcast_to(w_star, (num_chains, w_star.shape[0]))
-    x, y = jnp.asarray(posterior.x), jnp.asarray(posterior.y)
-    directions = random_directions(keys.projection, w_star.shape[0], num_projections, w_star.dtype)
-    if devices is not None:
-        # The compiled chunks inherit these placements, so chains stay on their devices throughout.
-        per_chain, replicated = chain_shardings(devices, num_chains)
-        *per_chain_keys, positions0 = jax.device_put((keys.warmup, keys.step, keys.batch, positions0), per_chain)
-        keys = ChainKeys(*per_chain_keys, keys.projection)
-        w_star, x, y, directions = jax.device_put((w_star, x, y, directions), replicated)
 
-    with Bar(f"{name}: warm-up", total_steps, progress_enabled(progress)) as bar:
-        warmup, compile_s = _compile(jax.vmap(algorithm.warmup), keys.warmup, positions0, **reuse("warmup"))
-        (state, params, warmup_work), warmup_s = _timed(warmup, keys.warmup, positions0)
-        bar.describe(f"{name}: sampling")
-
-        chain_index = jnp.arange(num_chains, dtype=jnp.int32)
-        if devices is not None:
-            chain_index = jax.device_put(chain_index, per_chain)
-            draw_data = jax.device_put(draw_data, replicated)
-        consts = _Consts(keys.step, keys.batch, params, x, y, w_star, directions, chain_index, draw_data)
-        # A warm-up that already left the finite region counts as diverged at step 0.
-        finite0 = jnp.all(jnp.isfinite(jax.vmap(algorithm.position)(state)), axis=1)
-        carry = _Carry(state, jnp.where(finite0, -1, 0).astype(jnp.int32))
-
-        burn_infos, draw_infos, wall_s = [], [], 0.0
-        if burn_count:
-            burn, seconds = _compile(_burnin_chunk_fn(algorithm, burn_len, num_burnin_steps), carry, jnp.int32(0), consts,
-                                     **reuse("burnin"))
-            compile_s += seconds
-            for c in range(burn_count):
-                (carry, info), seconds = _timed(burn, carry, jnp.int32(c * burn_len), consts)
-                wall_s += seconds
-                burn_infos.append(jax.tree.map(np.asarray, info))
-                bar.advance(min(burn_len, num_burnin_steps - c * burn_len))
-
-        if algorithm.end_burnin is not None:
-            # e.g. RMSProp-SGLD freezes its preconditioner: the draws see a constant sampler
-            end_burnin, seconds = _compile(jax.vmap(algorithm.end_burnin), carry.state, **reuse("end_burnin"))
-            compile_s += seconds
-            carry = carry._replace(state=end_burnin(carry.state))
-        if algorithm.retune is not None:
-            # host-side, e.g. step_size = "auto" re-measured where the chains are (its own timing)
-            params = algorithm.retune(carry.state, params, np.asarray(carry.diverged_at) < 0)
-            if devices is not None:
-                params = jax.device_put(params, per_chain)
-            consts = consts._replace(params=params)
-
-        draw, seconds = _compile(_draw_chunk_fn(algorithm, posterior, blocks, k, num_burnin_steps, total_steps, draw_fn,
-                                                every, full_draw_fn), carry, jnp.int32(0), consts, **reuse("draw"))
-        compile_s += seconds
-        draw_loss, projections, spreads, extras, full_extras = [], [], [], [], []
-        for c in range(draw_count):
-            (carry, (info, loss, proj, spread, extra, full_extra)), seconds = _timed(draw, carry, jnp.int32(c * blocks), consts)
-            wall_s += seconds
-            draw_infos.append(jax.tree.map(lambda a: np.asarray(a).reshape(blocks * k, num_chains), info))
-            draw_loss.append(np.asarray(loss))
-            projections.append(np.asarray(proj))
-            spreads.append(np.asarray(spread))
-            extras.append(jax.tree.map(np.asarray, extra))
-            full_extras.append(jax.tree.map(np.asarray, full_extra))
-            bar.advance(min(blocks * k, total_steps - num_burnin_steps - c * blocks * k))
-
-    # Host side: drop each phase's padding, concatenate the phases, put chains first.
+def _assemble(name: str, plan: _Plan, num_chains: int, num_burnin_steps: int, num_draws: int, burn_infos: list,
+              outputs: list, carry: _Carry, warmup_work, *, draw_fn, full_draw_fn, **timings) -> ChainResult:
+    """Host side: drop each phase's padding, concatenate the phases and chunks, put chains first."""
+    total_steps, k, kept, blocks = plan.total_steps, plan.k, plan.kept, plan.blocks
+    infos, loss, proj, spread, extras, full_extras = zip(*outputs, strict=True)
+    draw_infos = [jax.tree.map(lambda a: a.reshape(blocks * k, num_chains), info) for info in infos]
     phases = ([_stack(burn_infos, num_burnin_steps)] if burn_infos else []) + [
         _stack(draw_infos, total_steps - num_burnin_steps)]
     trace = StepInfo(*(np.concatenate(arrays).T for arrays in zip(*phases, strict=True)))
     warmup_work = np.asarray(warmup_work, np.float64).reshape(num_chains)
-    result = ChainResult(
+    return ChainResult(
         sampler=name,
         loss_trace=trace.loss,
         accept=trace.accept,
         energy_change=trace.energy_change,
         diverging=trace.diverging.astype(bool),
-        draw_loss=np.concatenate(draw_loss)[kept].T,
+        draw_loss=np.concatenate(loss)[kept].T,
         draw_steps=num_burnin_steps + (kept + 1) * k - 1,
-        projections=np.concatenate(projections)[kept].transpose(1, 0, 2),
+        projections=np.concatenate(proj)[kept].transpose(1, 0, 2),
         diverged_at=np.asarray(carry.diverged_at, np.int64),
         grad_evals=warmup_work + trace.grad_evals.astype(np.float64).sum(axis=1),
         warmup_grad_evals=warmup_work,
         num_burnin_steps=num_burnin_steps,
-        loss_at_wstar=_baseline_once(posterior, num_chains, executables),
-        n_beta=float(posterior.n_beta),
-        wall_s=wall_s,
-        warmup_s=warmup_s,
-        compile_s=compile_s,
-        tuned=summarize_tuned(params),
         draw_outputs=None if draw_fn is None else jax.tree.map(
             lambda *a: np.swapaxes(np.concatenate(a)[:num_draws], 0, 1), *extras),
         full_draw_outputs=None if full_draw_fn is None else jax.tree.map(
             lambda *a: np.swapaxes(np.concatenate(a)[kept], 0, 1), *full_extras),
-        draw_spread=np.concatenate(spreads)[kept].T,
+        draw_spread=np.concatenate(spread)[kept].T,
+        **timings,
     )
-    return result, carry.state

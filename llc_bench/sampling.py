@@ -9,6 +9,7 @@ Post-processing of the tree is in llc_bench.sampling_estimates; every name is im
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import threading
@@ -24,6 +25,7 @@ import numpy as np
 from llc_bench.curvature import build_algorithm
 from llc_bench.jaxcache import enable_compilation_cache
 from llc_bench.runner import run_chains
+from llc_bench.samplers.base import wrap
 from llc_bench.samplers.wrappers import clip_to_box, full_batch, initial_noise
 from llc_bench.sampling_estimates import (
     LLCResult,
@@ -42,6 +44,7 @@ from llc_bench.sampling_options import (
     SampleArgs,
     _as_dataset,
     _check_lr,
+    _json_normalize,
     _key,
     _observable_specs,
     _refuse_v1_names,
@@ -70,9 +73,30 @@ _PREFETCHED = False
 _EXECUTABLES: dict = {}
 _EXECUTABLES_KEPT = 4
 
+# Options that reach the compiled code only as argument values (the posterior's data, w*, nβ and
+# γ, ε, keys from the seed, the observables' rows): runs differing only in these share executables.
+_TRACED_OPTIONS = frozenset({"lr", "n_beta", "localization", "noise_level", "weight_decay", "seed",
+                             "params_sha256", "dataset", "observables"})
+
+
+def _code_options(options: dict, params, all_free: bool, weight_decay: float) -> dict:
+    """The options the compiled code depends on: `options` less the traced ones, plus the shapes
+    those leave out. weight_decay is static (0 drops its term), so its tempered value stays; the
+    values of masked-out parameters are constants of the loss unless every entry is free."""
+    code = {k: v for k, v in options.items() if k not in _TRACED_OPTIONS}
+    code["sampler_settings"] = {k: v for k, v in options["sampler_settings"].items() if k != "step_size"}
+    code["weight_decay_tempered"] = weight_decay
+    code["param_shapes"] = [[list(np.shape(leaf)), str(jnp.result_type(leaf))] for leaf in jax.tree_util.tree_leaves(params)]
+    code["dataset_n"] = options["dataset"]["n"]
+    code["observables"] = {k: {"n": v["n"], "batches_per_draw": v["batches_per_draw"]}
+                           for k, v in options["observables"].items()}
+    if not all_free:
+        code["params_sha256"] = options["params_sha256"]
+    return code
+
 
 def _executables_for(apply_fn, loss_fn, options: dict) -> dict:
-    """The executables dict of this (apply_fn, loss_fn, options, JAX set-up), new if never seen."""
+    """The executables dict of this (apply_fn, loss_fn, code options (`_code_options`), JAX set-up), new if never seen."""
     setup = (str(jax.devices()), jax.config.jax_enable_x64, jax.config.jax_threefry_partitionable,
              str(jax.config.jax_default_prng_impl))
     key = (id(apply_fn), id(loss_fn), json.dumps(options, sort_keys=True), setup)
@@ -245,7 +269,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         if reused is not None:
             return reused
     _enable_cache_once()
-    built = _build(apply_fn, loss_fn, request)
+    built = _build(apply_fn, params, loss_fn, request)
     result = _run(request, built)
     return _assemble(request, built, result)
 
@@ -294,35 +318,44 @@ class _Built:
     obs_index: dict  # name -> (k, b) the observable's fixed points
 
 
-def _build(apply_fn: Callable, loss_fn: LossFn, request: Request) -> _Built:
+def _build(apply_fn: Callable, params, loss_fn: LossFn, request: Request) -> _Built:
     """The posterior at the tempered nβ, γ, λ (divided by σ²), its sampler and the draw functions."""
     args, x, y = request.args, request.x, request.y
     temper = float(args.noise_level) ** 2
     w_star = request.restriction.w_star
-    executables = _executables_for(apply_fn, loss_fn, request.options)
+    executables = _executables_for(apply_fn, loss_fn, _json_normalize(_code_options(
+        request.options, params, request.restriction.all_free, float(args.weight_decay) / temper)))
     if "init_loss" not in executables:
-        executables["init_loss"] = jax.jit(request.per_sample_loss)(w_star, x, y)
-    init_loss = executables["init_loss"]
+        # The first call's per_sample_loss, kept: a later one with the same code options computes the
+        # same function, and keeping the object keeps the posterior's static part (and pytree) equal.
+        executables["per_sample_loss"] = request.per_sample_loss
+        executables["init_loss"] = jax.jit(request.per_sample_loss)
+    request = dataclasses.replace(request, per_sample_loss=executables["per_sample_loss"])
+    init_loss = executables["init_loss"](w_star, x, y)
     loss_at_wstar = float(jnp.mean(init_loss))
     posterior = SamplingPosterior(request.per_sample_loss, x, y, w_star, float(args.n_beta) / temper,
                                   float(args.localization) / temper, loss_at_wstar,
                                   weight_decay=float(args.weight_decay) / temper,
                                   accumulation_steps=args.gradient_accumulation_steps)
     algorithm = build_algorithm(request.spec, posterior, request.settings, full_batch=args.full_batch)
-    algorithm = _wrap_algorithm(algorithm, w_star, args.init_noise, args.bounding_box_size)
+    algorithm = _wrap_algorithm(algorithm, posterior, args.init_noise, args.bounding_box_size)
     if args.full_batch:
-        algorithm = full_batch(algorithm, x, y)
+        algorithm = wrap(algorithm, posterior, lambda a, p: full_batch(a, p.x, p.y), "full_batch")
     draw_fn, draw_data, obs_index = _draw_functions(request)
     return _Built(posterior, algorithm, init_loss, executables, draw_fn, draw_data, obs_index)
 
 
-def _wrap_algorithm(algorithm, w_star: jax.Array, init_noise: float | None, box: float | None):
+def _wrap_algorithm(algorithm, posterior, init_noise: float | None, box: float | None):
     """initial_noise(clip_to_box(algorithm, w*, box), init_noise), each only when set: w ← w* +
     init_noise · N(0, I) once per chain before warm-up, clipped into the box, and every step's
-    position clipped to [w* − box, w* + box] (both on the free entries only)."""
-    if box is not None:
-        algorithm = clip_to_box(algorithm, w_star, box)
-    return initial_noise(algorithm, init_noise or 0.0)
+    position clipped to [w* − box, w* + box] (both on the free entries only). Applied through
+    `wrap`, so the runner can repeat them on a traced posterior (w* an argument, not a constant)."""
+    def transform(algorithm, posterior):
+        if box is not None:
+            algorithm = clip_to_box(algorithm, posterior.w_star, box)
+        return initial_noise(algorithm, init_noise or 0.0)
+
+    return wrap(algorithm, posterior, transform, ("init_noise_box", init_noise, box))
 
 
 def _draw_functions(request: Request):

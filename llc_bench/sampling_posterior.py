@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from llc_bench.posterior import Posterior
+from llc_bench.posterior import Posterior, register_posterior
 from llc_bench.runner import key_name
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +117,7 @@ class Restriction:
 # ---------------------------------------------------------------------------------------------
 
 
+@register_posterior
 @dataclass(frozen=True, eq=False)
 class SamplingPosterior(Posterior):
     """Posterior plus devinterp's extras on the free vector w:
@@ -127,6 +128,9 @@ class SamplingPosterior(Posterior):
     accumulation_steps sequential chunks of b whose loss gradients are averaged (the same
     gradient as one batch, at the memory of one chunk).
     """
+
+    # static: weight_decay = 0 drops its term from the compiled code, and the chunk count is a shape
+    STATIC: ClassVar[tuple[str, ...]] = ("per_sample_loss", "weight_decay", "accumulation_steps")
 
     weight_decay: float = 0.0
     accumulation_steps: int = 1

@@ -152,7 +152,10 @@ def test_target_rel_se_doubles_the_draws_until_reached(regular):
     short = run_sampler(replace(cfg, **{"run.target_rel_se": 0.0}), "hmc", posterior)
     np.testing.assert_array_equal(short.result.draw_loss, run.result.draw_loss[:, :25])
     assert short.summary["target_rel_se"] is None
-    assert run.estimate.mean == pytest.approx(4.0, rel=0.05)
+    # The final SE is up to 3% of λ̂ (≈ 0.1): a 5% band rejects about one realization in ten (six
+    # other run.seed values gave 3.77-4.12), so the band is the 10% of the test above, and 4 SE.
+    assert run.estimate.mean == pytest.approx(4.0, rel=0.10)
+    assert abs(run.estimate.mean - 4.0) < 4 * run.estimate.se
 
 
 @pytest.mark.slow

@@ -140,8 +140,12 @@ def test_cross_check_flags_a_disagreement_beyond_the_combined_se():
     assert cross_check(same, estimate_llc(base[:1, :1], 0.0, 10.0)) is None  # one draw of one chain: no SE
 
 
-def test_a_rerun_reuses_the_compiled_chunks_only_for_the_same_options(monkeypatch):
+def test_a_rerun_reuses_the_compiled_chunks_unless_a_static_option_changes(monkeypatch):
+    """lr, nβ, γ, the seed, w* and the data's values are arguments of the compiled chunks: a run that
+    changes only those reuses them and gets the numbers a fresh compilation gives; a new batch size
+    (a shape) compiles again."""
     import llc_bench.runner
+    import llc_bench.sampling
 
     compiled = []
     real = llc_bench.runner._compile
@@ -155,10 +159,24 @@ def test_a_rerun_reuses_the_compiled_chunks_only_for_the_same_options(monkeypatc
     params, x, y = regression_problem(seed=3)
     kwargs = {**RUN, "num_burnin_steps": 10, "num_draws": 20, "num_steps_bw_draws": 2}
     first = sample(affine, params, squared_error, (x, y), **kwargs)
-    n_first = len(compiled)
+    n_first = len(compiled)  # warm-up, burn-in chunk, draw chunk, L_n(w*)
     second = sample(affine, params, squared_error, (x, y), **kwargs)
-    assert n_first == 3 and compiled[n_first:] == compiled[:n_first]  # the same objects: not lowered again
+    assert n_first == 4 and compiled[n_first:] == compiled[:n_first]  # the same objects: not lowered again
     np.testing.assert_array_equal(first["metrics_loss"], second["metrics_loss"])
-    other = sample(affine, params, squared_error, (x, y), **{**kwargs, "lr": 2e-3})
-    assert all(new is not old for new, old in zip(compiled[2 * n_first:], compiled[:n_first], strict=True))
+
+    params2, x2, y2 = regression_problem(seed=4)  # other data and w*, same shapes
+    traced = {**kwargs, "lr": 2e-3, "n_beta": 30.0, "localization": 5.0, "seed": 12}
+    other = sample(affine, params2, squared_error, (x2, y2), **traced)
+    assert compiled[2 * n_first:] == compiled[:n_first]
     assert not np.array_equal(other["metrics_loss"], first["metrics_loss"])
+    llc_bench.sampling._EXECUTABLES.clear()
+    fresh = sample(affine, params2, squared_error, (x2, y2), **traced)
+    assert all(new is not old for new, old in zip(compiled[3 * n_first:], compiled[:n_first], strict=True))
+    for name in ("metrics_loss", "full_loss", "init_loss"):
+        np.testing.assert_array_equal(other[name], fresh[name])
+    assert float(other["full_loss_at_wstar"]) == float(fresh["full_loss_at_wstar"])
+
+    n_before = len(compiled)
+    sample(affine, params2, squared_error, (x2, y2), **{**traced, "batch_size": 128})
+    assert len(compiled) == n_before + n_first
+    assert all(new is not old for new, old in zip(compiled[n_before:], compiled[:n_first], strict=True))

@@ -450,7 +450,7 @@ def test_init_noise_and_bounding_box():
     post = _regression_posterior(10.0, 1.0, 0.0)
     spec, settings = _sampler_settings("rmsprop_sgld", lr=10.0, batch_size=64, accumulation=1, noise_level=1.0,
                                        kwargs={}, aliased={})
-    algorithm = _wrap_algorithm(spec.build(post, settings), post.w_star, init_noise=0.02, box=0.03)
+    algorithm = _wrap_algorithm(spec.build(post, settings), post, init_noise=0.02, box=0.03)
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(4000))
     state, params, _ = jax.vmap(algorithm.warmup, in_axes=(0, None))(keys, post.w_star)
     start = np.asarray(algorithm.position(state)) - np.asarray(post.w_star)

@@ -19,6 +19,7 @@ from llc_bench.samplers.base import (
     Algorithm,
     SamplerSpec,
     StepInfo,
+    bind,
     setting,
     validate_settings,
 )
@@ -79,6 +80,12 @@ def build(posterior: Posterior, settings: AdjustedMCLMCSettings) -> Algorithm:
     step; warm-up 1 + scale-probe gradients + 2·(integration steps of every tuning proposal, as
     the tuner sums them). energy_change is NaN: BlackJAX's info keeps only the potential part of ΔE.
     """
+    return bind(make, posterior, settings)
+
+
+def make(posterior: Posterior, settings: AdjustedMCLMCSettings, hyper=()) -> Algorithm:
+    """`build`'s algorithm on `posterior` (concrete, or traced inside the runner); nothing in hyper."""
+    del hyper
     kernel = blackjax.adjusted_mclmc_dynamic.build_kernel(
         integration_steps_fn=make_random_trajectory_length_fn(random_trajectory_length=True),
         integrator=INTEGRATOR,
@@ -92,7 +99,7 @@ def build(posterior: Posterior, settings: AdjustedMCLMCSettings) -> Algorithm:
         init_key, tune_key, probe_key = jax.random.split(rng_key, 3)
         # random_generator_arg: the key that draws each transition's number of integration steps
         state = blackjax.adjusted_mclmc_dynamic.init(position - w_star, logdensity, init_key)
-        floor_curv = max(gamma, 1e-8)
+        floor_curv = jnp.maximum(gamma, 1e-8)  # γ may be traced
         if settings.scale_probe:
             lam = curvature_probe(logdensity, state.position, state.logdensity_grad, probe_key,
                                   settings.scale_probe_iters, floor_curv)

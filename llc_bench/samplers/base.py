@@ -57,6 +57,29 @@ def minibatch_step_info(loss: jax.Array, batch_size: int, n: int) -> StepInfo:
                     grad_evals=jnp.asarray(batch_size / n, loss.dtype))
 
 
+class Binding(NamedTuple):
+    """How to make an Algorithm's functions again on another posterior and hyper of the same shapes.
+
+    The runner passes the posterior and `hyper` to its compiled chunks as arguments and calls
+    make(posterior, hyper) inside the trace, so nβ, γ, w*, the data and the hyper values (an SG
+    sampler's ε) are inputs of the executable, not constants: one compilation serves them all.
+    make  (posterior, hyper) -> Algorithm; only its traced functions (warmup, step, position,
+          end_burnin) are used
+    hyper pytree of arrays or floats the functions read besides the posterior (an SG sampler's
+          StepSizeParams), () if none
+    key   hashable, equal for two bindings whose make gives the same code for equal shapes (the
+          runner's executable cache); None: never shared between algorithms
+    functions  the (warmup, step, position, end_burnin, batch_size) make gave: the binding applies
+          only while the Algorithm still has these (a wrapper that replaced one without `wrap`
+          leaves an Algorithm the runner runs as it is, posterior closed over)
+    """
+
+    make: Callable[[Posterior, Any], Algorithm]
+    hyper: Any
+    key: Any
+    functions: tuple
+
+
 class Algorithm(NamedTuple):
     """A sampler bound to one posterior and its settings. All functions act on ONE chain.
 
@@ -72,6 +95,9 @@ class Algorithm(NamedTuple):
         Called once on the host after end_burnin, before the first draw, with every chain's state:
         step_size = "auto" re-measures the curvature where the chains are (llc_bench.curvature).
     notes: what the sampler measured on the host (step_size = "auto": a curvature.AutoStep), or None.
+    binding: how the runner makes warmup/step/position/end_burnin again on a traced posterior
+        (`Binding`, set by `bind`); None: they close over their posterior and run as they are.
+        retune and notes are host-side and always used as given.
     """
 
     warmup: Callable[[jax.Array, jax.Array], tuple[Any, Any, jax.Array]]
@@ -81,6 +107,56 @@ class Algorithm(NamedTuple):
     end_burnin: Callable[[Any], Any] | None = None
     retune: Callable[[Any, Any, Any], Any] | None = None
     notes: Any = None
+    binding: Binding | None = None
+
+
+def _functions(algorithm: Algorithm) -> tuple:
+    return (algorithm.warmup, algorithm.step, algorithm.position, algorithm.end_burnin, algorithm.batch_size)
+
+
+def bind(make: Callable[[Posterior, Any, Any], Algorithm], posterior: Posterior, settings, hyper=()) -> Algorithm:
+    """make(posterior, settings, hyper) with the Binding that lets the runner repeat it on traced inputs.
+
+    make: a module-level function (its identity is part of the cache key); settings: the frozen
+    settings dataclass; hyper: a NamedTuple of the numbers make reads instead of the settings
+    fields of the same names (StepSizeParams: step_size), or (). The cache key is make and every
+    other settings field: settings that differ only in hyper's fields share executables.
+    """
+    traced = getattr(hyper, "_fields", ())
+    static = tuple((f.name, getattr(settings, f.name)) for f in dataclasses.fields(settings) if f.name not in traced)
+    algorithm = make(posterior, settings, hyper)
+    binding = Binding(lambda p, h: make(p, settings, h), hyper, (make, static), _functions(algorithm))
+    return algorithm._replace(binding=binding)
+
+
+def wrap(algorithm: Algorithm, posterior: Posterior, transform: Callable[[Algorithm, Posterior], Algorithm],
+         key=None) -> Algorithm:
+    """transform(algorithm, posterior), the binding kept: inside the runner's trace the transform is
+    applied to the rebound algorithm with the traced posterior. transform must read the posterior
+    only through its argument. key: hashable description of the transform (None: the result's
+    executables are never shared)."""
+    out = transform(algorithm, posterior)
+    inner = current_binding(algorithm)
+    if inner is None:
+        return out._replace(binding=None)
+    binding = Binding(lambda p, h: transform(inner.make(p, h), p), inner.hyper,
+                      None if key is None or inner.key is None else (inner.key, key), _functions(out))
+    return out._replace(binding=binding)
+
+
+def current_binding(algorithm: Algorithm) -> Binding | None:
+    """The algorithm's Binding if its functions are still the ones it made, else None."""
+    binding = algorithm.binding
+    if binding is None or binding.functions != _functions(algorithm):
+        return None
+    return binding
+
+
+def rebind(algorithm: Algorithm, posterior: Posterior, hyper) -> Algorithm:
+    """The algorithm made again on `posterior` and `hyper` (traced, inside the runner), or itself
+    when it has no current binding (its functions then ignore both)."""
+    binding = current_binding(algorithm)
+    return algorithm if binding is None else binding.make(posterior, hyper)
 
 
 # Step-size conventions a sampler can declare (SamplerSpec.step_size).
@@ -105,6 +181,11 @@ class FinalCheck(NamedTuple):
 class SamplerSpec(NamedTuple):
     """Registry entry: a settings dataclass (frozen, with defaults, validating itself), a builder,
     and what the sampler is, so that drivers ask the spec instead of checking names.
+
+    build(posterior, settings) -> Algorithm returns `bind(make, posterior, settings, hyper)` (host-side
+    work such as step_size = "auto" first): the runner then compiles one executable for every
+    posterior of the same shapes and every hyper value. An algorithm without a binding still runs,
+    its posterior and settings constants of its executables.
 
     minibatch   True: each step takes a minibatch of settings.batch_size rows (Algorithm.batch_size);
                 False: full batch, exact gradients (batch None)

@@ -21,6 +21,7 @@ from llc_bench.samplers.base import (
     Algorithm,
     Range,
     SamplerSpec,
+    bind,
     is_auto,
     minibatch_step_info,
     setting,
@@ -137,7 +138,6 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
     products = hessian_products(posterior, settings.hessian_rows)
     vectors, scales, setup = curvature_preconditioner(posterior, settings, products=products)
     seconds = time.perf_counter() - start
-    n_beta, n = posterior.n_beta, posterior.n
     auto = None
     epsilon = settings.step_size
     if is_auto(settings.step_size):
@@ -146,11 +146,21 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
         auto = AutoStep(posterior, settings, root=lambda v: apply_preconditioner(vectors, scales, v, 0.5),
                         setup_products=setup, setup_seconds=seconds)
         epsilon = auto.step_size
+    algorithm = bind(make, posterior, settings, CurvatureParams(epsilon, vectors, scales))
+    if auto is None:
+        return algorithm
+    return algorithm._replace(retune=_retune(posterior, settings, auto, vectors, products), notes=auto)
+
+
+def make(posterior: Posterior, settings: CurvatureSGLDSettings, hyper: CurvatureParams) -> Algorithm:
+    """`build`'s algorithm with ε and P from hyper (measured on the host; traced inside the runner)."""
+    n = posterior.n
+    n_beta = posterior.n_beta
 
     def warmup(rng_key, position):
         del rng_key  # nothing to tune
-        return position, CurvatureParams(jnp.asarray(epsilon, position.dtype), vectors, scales), \
-            jnp.zeros((), position.dtype)
+        return position, CurvatureParams(jnp.asarray(hyper.step_size, position.dtype), hyper.vectors,
+                                         hyper.scales), jnp.zeros((), position.dtype)
 
     def step(rng_key, state, params: CurvatureParams, batch):
         x_b, y_b = batch
@@ -165,9 +175,12 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
     def position(state):
         return state
 
-    algorithm = Algorithm(warmup=warmup, step=step, position=position, batch_size=settings.batch_size)
-    if auto is None:
-        return algorithm
+    return Algorithm(warmup=warmup, step=step, position=position, batch_size=settings.batch_size)
+
+
+def _retune(posterior: Posterior, settings: CurvatureSGLDSettings, auto, vectors, products):
+    """Algorithm.retune of step_size = "auto": P rebuilt where each chain is (rebuild_at_burnin), ε
+    re-measured under it (host-side, on the concrete posterior)."""
 
     def retune(states, params, alive):
         live = np.flatnonzero(np.asarray(alive, bool))
@@ -191,7 +204,7 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
         return CurvatureParams(jnp.full_like(params.step_size, eps), jnp.asarray(chain_vectors),
                                jnp.asarray(chain_scales))
 
-    return algorithm._replace(retune=retune, notes=auto)
+    return retune
 
 
 SPEC = SamplerSpec(

@@ -20,6 +20,7 @@ from llc_bench.samplers.base import (
     Range,
     SamplerSpec,
     StepInfo,
+    bind,
     setting,
     validate_settings,
 )
@@ -109,6 +110,12 @@ def build(posterior: Posterior, settings: HMCSettings) -> Algorithm:
     M⁻¹ = windowed sample variances; no jitter during warm-up). Work: L gradients per draw;
     warm-up 1 + num_warmup·L.
     """
+    return bind(make, posterior, settings)
+
+
+def make(posterior: Posterior, settings: HMCSettings, hyper=()) -> Algorithm:
+    """`build`'s algorithm on `posterior` (concrete, or traced inside the runner); nothing in hyper."""
+    del hyper
     kernel = blackjax.hmc.build_kernel()
     n_leapfrog = settings.num_integration_steps
 

@@ -21,6 +21,7 @@ from llc_bench.samplers.base import (
     Algorithm,
     SamplerSpec,
     StepInfo,
+    bind,
     setting,
     validate_settings,
 )
@@ -135,7 +136,7 @@ def curvature_probe(logdensity_fn, position, logdensity_grad, rng_key, num_iters
     return lam
 
 
-def initial_params(dim: int, gamma: float, max_curvature: jax.Array, step_factor: float = 0.25):
+def initial_params(dim: int, gamma: float | jax.Array, max_curvature: jax.Array, step_factor: float = 0.25):
     """Tuner start scaled to the posterior, in place of BlackJAX's unit-scale ε₀ = ¼√d, L₀ = √d.
 
     MCLMC's velocity has unit norm, so a coordinate of scale σ moves ~ε/√d per step: the unit-
@@ -145,7 +146,8 @@ def initial_params(dim: int, gamma: float, max_curvature: jax.Array, step_factor
     PSD (√d/√λ_max when γ = 0). Returns (L₀, ε₀).
     """
     sigma_min = 1.0 / jnp.sqrt(max_curvature)
-    sigma_max = 1.0 / jnp.sqrt(gamma) if gamma > 0 else sigma_min
+    # γ may be traced: a select, not a Python branch (1/√0 = inf on the side not taken)
+    sigma_max = jnp.where(gamma > 0, 1.0 / jnp.sqrt(gamma), sigma_min)
     step_size = step_factor * jnp.sqrt(dim) * sigma_min
     return jnp.sqrt(dim) * jnp.maximum(sigma_max, sigma_min), step_size
 
@@ -167,7 +169,7 @@ class _StepSizeAdaptation(NamedTuple):
     step_size_max: jax.Array  # lowered by 0.8 after every NaN step (BlackJAX's rule)
 
 
-def tune_mclmc(kernel, logdensity_fn, state, rng_key, settings: MCLMCSettings, gamma: float):
+def tune_mclmc(kernel, logdensity_fn, state, rng_key, settings: MCLMCSettings, gamma: float | jax.Array):
     """BlackJAX's MCLMC tuning phases, started at the posterior's scale and kept stable.
 
     Same phases, lengths and step-size rule as blackjax.mclmc_find_L_and_step_size (num_steps =
@@ -198,7 +200,7 @@ def tune_mclmc(kernel, logdensity_fn, state, rng_key, settings: MCLMCSettings, g
     n2b = round(n2 / 3) if precondition else 0
     probe_key, probe2_key, run_key, run2_key, l_key = jax.random.split(rng_key, 5)
     iters, factor = settings.scale_probe_iters, settings.stability_factor
-    floor = max(gamma, 1e-8)
+    floor = jnp.maximum(gamma, 1e-8)
     decay = (150 - 1.0) / (150 + 1.0)  # BlackJAX's num_effective_samples = 150
     trust = 1.5
 
@@ -277,6 +279,12 @@ def build(posterior: Posterior, settings: MCLMCSettings) -> Algorithm:
     the energy-variance target (or, on stiff posteriors, the stability cap) controls it. Work: 2 gradients per step; warm-up
     mclmc_warmup_grad_evals(settings). `diverging` flags steps BlackJAX rejected for NaNs.
     """
+    return bind(make, posterior, settings)
+
+
+def make(posterior: Posterior, settings: MCLMCSettings, hyper=()) -> Algorithm:
+    """`build`'s algorithm on `posterior` (concrete, or traced inside the runner); nothing in hyper."""
+    del hyper
     kernel = blackjax.mclmc.build_kernel(integrator=INTEGRATOR,
                                          desired_energy_var=settings.desired_energy_var)
     warmup_grad_evals = mclmc_warmup_grad_evals(settings)

@@ -13,6 +13,7 @@ from llc_bench.samplers.base import (
     STEP_TUNED,
     Algorithm,
     SamplerSpec,
+    bind,
     setting,
     validate_settings,
 )
@@ -45,6 +46,12 @@ def build(posterior: Posterior, settings: NUTSSettings) -> Algorithm:
     `accept` is NUTS' trajectory-averaged acceptance statistic; `energy_change` is H(selected
     state) − H(start).
     """
+    return bind(make, posterior, settings)
+
+
+def make(posterior: Posterior, settings: NUTSSettings, hyper=()) -> Algorithm:
+    """`build`'s algorithm on `posterior` (concrete, or traced inside the runner); nothing in hyper."""
+    del hyper
     kernel = blackjax.nuts.build_kernel()
     doublings = settings.max_num_doublings
 

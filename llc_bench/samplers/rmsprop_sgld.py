@@ -21,6 +21,7 @@ from llc_bench.samplers.base import (
     Range,
     SamplerSpec,
     StepSizeParams,
+    bind,
     is_auto,
     minibatch_step_info,
     setting,
@@ -125,15 +126,16 @@ def preconditioner_at_wstar(posterior: Posterior, settings: RMSPropSGLDSettings,
     num_batches = num_batches or PRECONDITIONER_BATCHES
     n = posterior.n
     idx = jax.random.randint(jax.random.key(0), (num_batches, settings.batch_size), 0, n)
+    return 1.0 / (jnp.sqrt(_mean_square_grad(posterior, w, idx)) + settings.eps)
 
-    @jax.jit
-    def mean_square_grad(idx):
-        def one(i):
-            return posterior.minibatch_loss_and_grads(w, posterior.x[i], posterior.y[i])[1] ** 2
 
-        return jnp.mean(jax.lax.map(one, idx), axis=0)
+@jax.jit
+def _mean_square_grad(posterior: Posterior, w, idx):
+    # the posterior an argument: one compilation for every posterior of these shapes
+    def one(i):
+        return posterior.minibatch_loss_and_grads(w, posterior.x[i], posterior.y[i])[1] ** 2
 
-    return 1.0 / (jnp.sqrt(mean_square_grad(idx)) + settings.eps)
+    return jnp.mean(jax.lax.map(one, idx), axis=0)
 
 
 def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
@@ -172,7 +174,11 @@ def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
         from llc_bench.curvature import build_algorithm
 
         return build_algorithm(SPEC, posterior, settings)
-    epsilon = settings.step_size
+    return bind(make, posterior, settings, StepSizeParams(settings.step_size))
+
+
+def make(posterior: Posterior, settings: RMSPropSGLDSettings, hyper: StepSizeParams) -> Algorithm:
+    """`build`'s algorithm with ε = hyper.step_size (a float, or traced inside the runner)."""
     n_beta = posterior.n_beta
     n = posterior.n
     precond_init, precond_update, precond_freeze = rmsprop_preconditioner(
@@ -182,7 +188,7 @@ def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
     def warmup(rng_key, position):
         del rng_key  # nothing to tune; v starts at zero as in RMSProp
         state = RMSPropSGLDState(position, precond_init(position))
-        return state, StepSizeParams(jnp.asarray(epsilon, position.dtype)), jnp.zeros((), position.dtype)
+        return state, StepSizeParams(jnp.asarray(hyper.step_size, position.dtype)), jnp.zeros((), position.dtype)
 
     def end_burnin(state):
         if settings.adapt == "always":

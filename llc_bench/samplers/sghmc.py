@@ -20,6 +20,7 @@ from llc_bench.samplers.base import (
     SamplerSpec,
     SettingError,
     StepSizeParams,
+    bind,
     is_auto,
     minibatch_step_info,
     setting,
@@ -88,13 +89,17 @@ def build(posterior: Posterior, settings: SGHMCSettings) -> Algorithm:
         from llc_bench.curvature import build_algorithm
 
         return build_algorithm(SPEC, posterior, settings)
-    epsilon = settings.step_size
+    return bind(make, posterior, settings, StepSizeParams(settings.step_size))
+
+
+def make(posterior: Posterior, settings: SGHMCSettings, hyper: StepSizeParams) -> Algorithm:
+    """`build`'s algorithm with ε = hyper.step_size (a float, or traced inside the runner)."""
     a, noise_estimate = settings.alpha, settings.noise_estimate
     n_beta, n = posterior.n_beta, posterior.n
 
     def warmup(rng_key, position):
         state = initial_state(rng_key, position)
-        return state, StepSizeParams(jnp.asarray(epsilon, position.dtype)), jnp.zeros((), position.dtype)
+        return state, StepSizeParams(jnp.asarray(hyper.step_size, position.dtype)), jnp.zeros((), position.dtype)
 
     def step(rng_key, state: MomentumState, params: StepSizeParams, batch):
         x_b, y_b = batch

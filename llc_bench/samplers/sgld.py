@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import blackjax
+import jax
 import jax.numpy as jnp
 
 from llc_bench.posterior import Posterior
@@ -18,6 +20,7 @@ from llc_bench.samplers.base import (
     FinalCheck,
     SamplerSpec,
     StepSizeParams,
+    bind,
     is_auto,
     minibatch_step_info,
     setting,
@@ -63,14 +66,18 @@ def build(posterior: Posterior, settings: SGLDSettings) -> Algorithm:
         from llc_bench.curvature import build_algorithm
 
         return build_algorithm(SPEC, posterior, settings)
+    return bind(make, posterior, settings, StepSizeParams(settings.step_size))
+
+
+def make(posterior: Posterior, settings: SGLDSettings, hyper: StepSizeParams) -> Algorithm:
+    """`build`'s algorithm with ε = hyper.step_size (a float, or traced inside the runner)."""
     kernel = blackjax.sgld.build_kernel()
-    epsilon = settings.step_size
     n_beta = posterior.n_beta
     n = posterior.n
 
     def warmup(rng_key, position):
         del rng_key  # nothing to tune
-        return position, StepSizeParams(jnp.asarray(epsilon, position.dtype)), jnp.zeros((), position.dtype)
+        return position, StepSizeParams(jnp.asarray(hyper.step_size, position.dtype)), jnp.zeros((), position.dtype)
 
     def step(rng_key, state, params: StepSizeParams, batch):
         x_b, y_b = batch
@@ -88,15 +95,18 @@ def build(posterior: Posterior, settings: SGLDSettings) -> Algorithm:
     return Algorithm(warmup=warmup, step=step, position=position, batch_size=settings.batch_size)
 
 
+@jax.jit
+def _logdensity_and_grad(posterior: Posterior, w):
+    # the posterior an argument: one compilation for every posterior of these shapes
+    return jax.value_and_grad(posterior.logdensity)(w)
+
+
 def mala_check(posterior: Posterior, positions, step_size: float, rng_key):
     """MALA-style diagnostic at the chains' final positions: would a Metropolis test accept a
     full-gradient SGLD proposal of this ε? (No accept step is taken; low values mean ε is coarse.)"""
-    import jax
-
     from llc_bench.health import mala_acceptance
 
-    value_and_grad = jax.jit(jax.value_and_grad(posterior.logdensity))
-    check = mala_acceptance(value_and_grad, positions, step_size, rng_key)
+    check = mala_acceptance(functools.partial(_logdensity_and_grad, posterior), positions, step_size, rng_key)
     return check.mean_accept, check.flag
 
 

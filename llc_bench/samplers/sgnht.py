@@ -19,6 +19,7 @@ from llc_bench.samplers.base import (
     Range,
     SamplerSpec,
     StepSizeParams,
+    bind,
     is_auto,
     minibatch_step_info,
     setting,
@@ -73,14 +74,18 @@ def build(posterior: Posterior, settings: SGNHTSettings) -> Algorithm:
         from llc_bench.curvature import build_algorithm
 
         return build_algorithm(SPEC, posterior, settings)
-    epsilon = settings.step_size
+    return bind(make, posterior, settings, StepSizeParams(settings.step_size))
+
+
+def make(posterior: Posterior, settings: SGNHTSettings, hyper: StepSizeParams) -> Algorithm:
+    """`build`'s algorithm with ε = hyper.step_size (a float, or traced inside the runner)."""
     a = settings.alpha
     n_beta, n, dim = posterior.n_beta, posterior.n, posterior.dim
 
     def warmup(rng_key, position):
         momentum = jax.random.normal(rng_key, position.shape, position.dtype)
         state = ThermostatState(position, momentum, jnp.asarray(a, position.dtype))
-        return state, StepSizeParams(jnp.asarray(epsilon, position.dtype)), jnp.zeros((), position.dtype)
+        return state, StepSizeParams(jnp.asarray(hyper.step_size, position.dtype)), jnp.zeros((), position.dtype)
 
     def step(rng_key, state: ThermostatState, params: StepSizeParams, batch):
         x_b, y_b = batch
