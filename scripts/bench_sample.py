@@ -140,7 +140,7 @@ def build_sgld(params, x, y):
     loss_at_wstar = float(jnp.mean(per_sample_loss(restriction.w_star, x, y)))
     posterior = SamplingPosterior(per_sample_loss, x, y, restriction.w_star, N / math.log(N), GAMMA, loss_at_wstar)
     spec, settings = _sampler_settings("sgld", lr=LR, batch_size=BATCH, accumulation=1, noise_level=1.0, kwargs={},
-                                       rmsprop_eps=None, rmsprop_alpha=None)
+                                       aliased={})
     return posterior, spec.build(posterior, settings)
 
 
