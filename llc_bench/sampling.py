@@ -140,6 +140,7 @@ def _import_later_modules() -> None:
             return
 
 
+# Over 80 lines: the docstring documents each keyword (devinterp's names and ours); the body is four stage calls.
 def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=None, lr: float | str | None = None,
            n_beta: float, localization: float, num_chains: int, num_draws: int, num_burnin_steps: int = 0,
            num_steps_bw_draws: int = 1, batch_size: int = 32, gradient_accumulation_steps: int = 1,

@@ -169,6 +169,7 @@ class _StepSizeAdaptation(NamedTuple):
     step_size_max: jax.Array  # lowered by 0.8 after every NaN step (BlackJAX's rule)
 
 
+# Over 80 lines with its docstring; the body follows BlackJAX's three tuning phases in order (73 lines).
 def tune_mclmc(kernel, logdensity_fn, state, rng_key, settings: MCLMCSettings, gamma: float | jax.Array):
     """BlackJAX's MCLMC tuning phases, started at the posterior's scale and kept stable.
 
