@@ -13,6 +13,7 @@ import tomli_w
 
 from llc_bench import artifacts
 from llc_bench.config import Config, _suggest, load_config, read_toml, replace, to_dict, to_toml
+from llc_bench.curvature import build_algorithm
 from llc_bench.estimator import resolve_source
 from llc_bench.experiment import build_posterior, run_sampler
 from llc_bench.progress import Bar, progress_enabled
@@ -73,7 +74,7 @@ def run_cell(cfg: Config, name: str, posterior, step_size: float | None, n_beta:
 def run_control(cfg: Config, name: str, posterior, cell: CellResult) -> np.ndarray:
     """(C,) per-chain loss rise with the recommended ε and γ but nβ = 0 (the loss gradient switched off)."""
     zero = dataclasses.replace(posterior, n_beta=0.0, gamma=cell.gamma)
-    algorithm = get_spec(name).build(zero, _settings_for(cfg, name, cell.step_size))
+    algorithm = build_algorithm(get_spec(name), zero, _settings_for(cfg, name, cell.step_size))
     r = cfg.run
     result = run_chains(name, algorithm, zero, sampler_key(r.seed, name), num_chains=r.num_chains,
                         num_burnin_steps=r.num_burnin_steps, num_draws=r.num_draws,
