@@ -207,3 +207,37 @@ def test_noise_free_target_has_no_noise_term():
         spec = get_spec(name)
         _, auto = resolve_step_size(spec, post, spec.settings(step_size="auto", batch_size=20))
         assert auto.noise < 1e-6 * auto.curvature and auto.h_max > 0
+
+
+def test_build_algorithm_asks_the_spec_for_its_diagonal_preconditioner(problem):
+    """A spec declaring a diagonal G (here a constant G = g·I, so the answer is known): ε at w* is
+    measured under it (h_max scales by g), its cost joins the work, and retune reads every live
+    chain's G from the states through of_chains."""
+    from llc_bench.curvature import auto_step_grad_evals
+    from llc_bench.samplers.base import DiagonalPreconditioner
+
+    post, hess, _ = problem
+    g, cost, seen = 0.25, 1.5, []
+
+    def at_wstar(posterior, settings, full_batch):
+        return jnp.full(posterior.dim, g, jnp.float32), cost
+
+    def of_chains(states, settings):
+        seen.append(np.asarray(states).shape)
+        return np.full(np.asarray(states).shape, g)
+
+    plain_spec = get_spec("sgld")
+    spec = plain_spec._replace(diagonal_preconditioner=DiagonalPreconditioner(at_wstar, of_chains))
+    settings = SGLDSettings(step_size="auto", batch_size=50)
+    plain = build_algorithm(plain_spec, post, settings, full_batch=True).notes
+    alg = build_algorithm(spec, post, settings, full_batch=True)
+    auto = alg.notes
+    h_max = np.linalg.eigvalsh(hess)[-1]
+    assert plain.at_wstar.h_max == pytest.approx(h_max, rel=2e-3)
+    assert auto.at_wstar.h_max == pytest.approx(g * h_max, rel=2e-3) and auto.at_wstar.noise == 0.0
+    assert auto_step_grad_evals(auto) == pytest.approx(auto_step_grad_evals(plain) + cost)
+    states = jnp.stack([post.w_star, post.w_star + 0.01, post.w_star])
+    params = alg.retune(states, jnp.zeros(3), jnp.array([True, True, False]))
+    assert seen == [(3, post.dim)] and len(auto.at_burnin) == 2
+    assert auto.at_burnin[0].h_max == pytest.approx(g * h_max, rel=2e-3)
+    np.testing.assert_array_equal(np.asarray(params), np.float32(auto.step_size))
