@@ -30,6 +30,7 @@ from llc_bench.config import (
     set_dotted,
 )
 from llc_bench.samplers import SAMPLER_NAMES, get_spec
+from llc_bench.samplers.base import AT_LEAST_ONE, OPEN_UNIT, POSITIVE, Range
 from llc_bench.truth import dln_learning_coefficient, dln_num_parameters
 from llc_bench.types import ConfigError
 from llc_bench.wellposed import DEFAULT_MARGIN
@@ -273,10 +274,22 @@ def _names(path: str, key: str, value: Any, known, what: str) -> tuple[str, ...]
     return tuple(value)
 
 
-def _count(path: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{path}: {key}: must be an integer >= 0 (got {value!r})")
+INTEGER, NUMBER = "an integer", "a number"
+NON_NEGATIVE, AT_LEAST_TWO = Range(0, low_closed=True), Range(2, low_closed=True)
+
+
+def _bounded(where: str, value: Any, kind: str, allowed: Range) -> Any:
+    """`value` if it is `kind` (INTEGER, or any finite NUMBER; never a bool) and `allowed` (the Range
+    sampler settings check their fields with) admits it, else one-line ConfigError
+    "<where>: must be <kind> <range> (got value)"."""
+    right_type = isinstance(value, int) if kind == INTEGER else isinstance(value, int | float)
+    if isinstance(value, bool) or not right_type or not allowed.allows(value):
+        raise ConfigError(f"{where}: must be {kind} {allowed.text()} (got {value!r})")
     return value
+
+
+def _count(path: str, key: str, value: Any) -> int:
+    return _bounded(f"{path}: {key}", value, INTEGER, NON_NEGATIVE)
 
 
 def _size_class(path: str, name: str, base: SizeClass, table: Any) -> SizeClass:
@@ -286,22 +299,19 @@ def _size_class(path: str, name: str, base: SizeClass, table: Any) -> SizeClass:
     for key, value in table.items():
         if key not in allowed:
             raise ConfigError(f"{path}: class.{name}.{key}: unknown key; allowed: {', '.join(allowed)}")
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{path}: class.{name}.{key}: must be an integer > 0 (got {value!r})")
-        fields[key] = value
+        # n >= 2: a sample variance needs two points
+        fields[key] = _bounded(f"{path}: class.{name}.{key}", value, INTEGER, AT_LEAST_TWO if key == "n" else POSITIVE)
     for lo, hi in (("min_params", "max_params"), ("min_layers", "max_layers"), ("min_width", "max_width")):
         if fields[lo] > fields[hi] or (lo == "min_params" and fields[lo] == fields[hi]):
             raise ConfigError(f"{path}: class.{name}: {lo} = {fields[lo]} must be below {hi} = {fields[hi]}")
-    if fields["n"] < 2:
-        raise ConfigError(f"{path}: class.{name}.n: must be >= 2 (got {fields['n']})")
     return SizeClass(**fields)
 
 
 def _suite_counts(path: str, bench: dict, class_names: tuple[str, ...], instances: int | None
                   ) -> tuple[tuple[str, ...] | dict[str, int], dict[str, int]]:
     """(generators, instances per class) from bench.generators / bench.instances and --instances."""
-    if instances is not None and (isinstance(instances, bool) or not isinstance(instances, int) or instances < 1):
-        raise ConfigError(f"--instances: must be an integer >= 1 (got {instances!r})")
+    if instances is not None:
+        _bounded("--instances", instances, INTEGER, AT_LEAST_ONE)
     generators = bench.get("generators", ["rand_rank", "deepest"])
     if isinstance(generators, dict):
         if "instances" in bench:
@@ -373,20 +383,11 @@ def parse_recipe(raw: dict, path: str = "<recipe>", profile: str | None = None,
                       "samplers")
     audit_sampler = bench.get("audit_sampler", "hmc")
     _names(path, "bench.audit_sampler", [audit_sampler], full_batch_samplers(), "full-batch samplers")
-    margin = _want(path, "bench.visibility_margin", bench.get("visibility_margin", DEFAULT_MARGIN),
-                   (int, float), "a number > 0")
-    factor = _want(path, "bench.audit_factor", bench.get("audit_factor", 10), int, "an integer >= 2")
-    threshold = _want(path, "bench.audit_threshold", bench.get("audit_threshold", 0.05), (int, float),
-                      "a number in (0, 1)")
-    if not margin > 0:
-        raise ConfigError(f"{path}: bench.visibility_margin: must be > 0 (got {margin!r})")
-    if factor < 2:
-        raise ConfigError(f"{path}: bench.audit_factor: must be an integer >= 2 (got {factor!r})")
-    if not 0 < threshold < 1:
-        raise ConfigError(f"{path}: bench.audit_threshold: must be in (0, 1) (got {threshold!r})")
-    suite_seed = _want(path, "bench.suite_seed", bench.get("suite_seed", 0), int, "an integer >= 0")
-    if suite_seed < 0:
-        raise ConfigError(f"{path}: bench.suite_seed: must be an integer >= 0 (got {suite_seed!r})")
+    margin = _bounded(f"{path}: bench.visibility_margin", bench.get("visibility_margin", DEFAULT_MARGIN),
+                      NUMBER, POSITIVE)
+    factor = _bounded(f"{path}: bench.audit_factor", bench.get("audit_factor", 10), INTEGER, AT_LEAST_TWO)
+    threshold = _bounded(f"{path}: bench.audit_threshold", bench.get("audit_threshold", 0.05), NUMBER, OPEN_UNIT)
+    suite_seed = _bounded(f"{path}: bench.suite_seed", bench.get("suite_seed", 0), INTEGER, NON_NEGATIVE)
     name = _want(path, "bench.name", bench.get("name", Path(path).stem), str, "a string")
     out = _want(path, "bench.out", bench.get("out", str(DEFAULT_OUT)), str, "a path")
     for section in ("run", "sampler"):

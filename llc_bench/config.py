@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -497,13 +499,19 @@ def from_dict(raw: dict) -> Config:
 
 
 def load_config(preset: str | None = None, config_file: str | Path | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- preset TOML <- --config file <- --set key=value overrides; validated once."""
+                overrides: Sequence[str] = (), layers: Sequence[dict] = ()) -> Config:
+    """Defaults <- preset TOML <- --config file <- layers <- --set key=value overrides; validated once.
+
+    layers: nested dicts in the TOML layout, merged in order as if each were one more file (copied:
+    the caller's dicts are not changed); a bad value in one is the same ConfigError as in a file.
+    """
     raw: dict = {}
     if preset is not None:  # "" is refused by preset_path, not read as "no preset"
         raw = deep_merge(raw, read_toml(preset_path(preset)))
     if config_file is not None:
         raw = deep_merge(raw, read_toml(config_file))
+    for layer in layers:
+        raw = deep_merge(raw, copy.deepcopy(layer))
     for text in overrides:
         key, value = parse_override(text)
         set_dotted(raw, key, value)

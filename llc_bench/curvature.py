@@ -16,7 +16,7 @@ from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator
 from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import AUTO, AUTO_STEP_CONSTANT, is_auto
 
-__all__ = ["AUTO", "AUTO_STEP_CONSTANT", "AutoStep", "AutoStepSize", "auto_step_size",
+__all__ = ["AUTO", "AUTO_STEP_CONSTANT", "AutoStep", "AutoStepSize", "auto_step", "auto_step_size",
            "build_algorithm", "gradient_cvp", "hessian_products", "is_auto", "loss_hvp", "resolve_step_size", "top_eigenpairs",
            "top_eigenvalue"]
 
@@ -27,8 +27,6 @@ DENSE_MAX_DIM = 32
 LANCZOS_TOL = 1e-3
 LANCZOS_NCV = 16
 LANCZOS_MAX_RESTARTS = 8
-# Minibatch gradients at w* averaged for RMSProp's preconditioner estimate.
-PRECONDITIONER_BATCHES = 32
 
 
 class AutoStepSize(NamedTuple):
@@ -212,8 +210,9 @@ def auto_step_size(posterior: Posterior, preconditioner=None, batch_size: int | 
 
     h_max: largest eigenvalue of ∇²L_n (Hessian-vector products, jax.jvp of jax.grad); s²_max:
     of the per-sample gradient covariance (`gradient_cvp`); both by Lanczos (`top_eigenvalue`).
-    With a diagonal preconditioner G (RMSProp-SGLD: w ← w − ε/2 G ∇U + √(εG) η, i.e. SGLD in
-    u = G^{-1/2} w) both operators are taken as G^{1/2} · G^{1/2}, and the localization's part is
+    With a diagonal preconditioner G (a sampler's SamplerSpec.diagonal_preconditioner:
+    w ← w − ε/2 G ∇U + √(εG) η, i.e. the Langevin step in u = G^{-1/2} w) both operators are
+    taken as G^{1/2} · G^{1/2}, and the localization's part is
     bounded by c_loc · max G, reached along the flat directions where G is largest. A callable
     preconditioner applies P^{1/2} of a symmetric P with eigenvalues <= 1 (c_loc · 1). batch_size
     None: no gradient-noise term. constant: c (None = AUTO_STEP_CONSTANT). products: the
@@ -247,58 +246,58 @@ def auto_step_size(posterior: Posterior, preconditioner=None, batch_size: int | 
     return AutoStepSize(constant / (curvature + noise), h_max, curvature, noise, num_hvp, num_cvp, constant)
 
 
-def resolve_step_size(posterior: Posterior, settings, full_batch: bool = False):
+def resolve_step_size(spec, posterior: Posterior, settings, full_batch: bool = False):
     """(settings with ε at w*, AutoStepSize or None): settings unchanged unless step_size == "auto".
 
-    RMSProp-SGLD is measured with its preconditioner estimated at w*
-    (llc_bench.samplers.rmsprop_sgld.preconditioner_at_wstar). full_batch: every step uses the
-    exact full-data gradient (sample(full_batch=True)), so there is no gradient-noise term.
+    ε is measured as `build_algorithm` measures it before burn-in: under the spec's diagonal
+    preconditioner estimated at w*, or by the spec's own build_auto. full_batch: every step uses
+    the exact full-data gradient (sample(full_batch=True)), so there is no gradient-noise term.
     """
     if not is_auto(getattr(settings, "step_size", None)):
         return settings, None
-    auto = AutoStep(posterior, settings, full_batch)
+    if spec.build_auto is not None:
+        auto = spec.build_auto(posterior, settings, full_batch).notes
+    else:
+        auto = auto_step(spec, posterior, settings, full_batch)
     return dataclasses.replace(settings, step_size=auto.at_wstar.step_size), auto.at_wstar
 
 
 class AutoStep:
     """step_size = "auto" for one SG sampler: ε at w* before the run, re-measured after burn-in.
 
-    Before the run: `auto_step_size` at w* (RMSProp-SGLD with G estimated at w*). After burn-in
-    (`retune`, called by the runner through Algorithm.retune): the same measurement at every live
-    chain's position (RMSProp-SGLD with the chain's own, frozen, G), and the draws use
+    Before the run: `auto_step_size` at w* under the sampler's preconditioner there (a diagonal
+    G estimated at w*, a constant P^{1/2} map, or none). After burn-in (`retune`, called by the
+    runner through Algorithm.retune): the same measurement at every live chain's position (under
+    each chain's own, frozen, preconditioner when given), and the draws use
     ε = min(ε at w*, min over chains of ε there). Singular models need this: where the chains go
     the curvature can be several times that at w* (measured: 2–7× on deep linear networks with
     γ = 1, where ε from w* alone biased λ̂ by +7% at c = 0.1 and +35% at c = 0.2).
     """
 
-    def __init__(self, posterior: Posterior, settings, full_batch: bool = False, root=None,
-                 setup_products: float = 0.0, setup_seconds: float = 0.0):
-        """root: the P^{1/2} map of a sampler's constant preconditioner P (eigenvalues <= 1), e.g.
-        curvature_sgld's; setup_products / setup_seconds: the cost of building it, in full-data
-        Hessian-vector products and seconds, added to what is reported."""
-        from llc_bench.samplers.rmsprop_sgld import RMSPropSGLDSettings, preconditioner_at_wstar
-
+    def __init__(self, posterior: Posterior, settings, full_batch: bool = False, preconditioner=None,
+                 setup_products: float = 0.0, setup_seconds: float = 0.0, setup_grad_evals: float = 0.0):
+        """preconditioner: what `auto_step_size` takes, at w* and (unless `retune` is given others)
+        at the chains: a (d,) diagonal G, or the P^{1/2} map of a constant P (eigenvalues <= 1), or
+        None. setup_products / setup_seconds / setup_grad_evals: the cost of building it, in
+        full-data Hessian-vector products, seconds and full-data gradients, added to what is reported."""
         start = time.perf_counter()
-        self.posterior, self.settings, self.root = posterior, settings, root
+        self.posterior, self.settings, self.preconditioner = posterior, settings, preconditioner
         self.batch_size = None if full_batch else settings.batch_size
-        self.rmsprop = isinstance(settings, RMSPropSGLDSettings)
-        self.setup_products = setup_products
+        self.setup_products, self.setup_grad_evals = setup_products, setup_grad_evals
         self.products = (loss_hvp(posterior), gradient_cvp(posterior))
-        precond = preconditioner_at_wstar(posterior, settings, full_batch=full_batch) if self.rmsprop else root
-        self.precond_batches = 0 if not self.rmsprop or full_batch else PRECONDITIONER_BATCHES
-        self.at_wstar = auto_step_size(posterior, precond, self.batch_size, settings.auto_constant,
+        self.at_wstar = auto_step_size(posterior, preconditioner, self.batch_size, settings.auto_constant,
                                        products=self.products)
         self.at_burnin: tuple[AutoStepSize, ...] = ()
         self.step_size = self.at_wstar.step_size
         self.seconds = setup_seconds + time.perf_counter() - start
 
     def retune(self, positions: np.ndarray, preconditioners=None, rebuilt: bool = False) -> float:
-        """ε for the draws from the (C, d) live chain positions. preconditioners: per chain, RMSProp's
-        (d,) G or a P^{1/2} map; None: the root given at construction (or none). rebuilt: the chains'
+        """ε for the draws from the (C, d) live chain positions. preconditioners: per chain, a (d,)
+        diagonal G or a P^{1/2} map; None: the one given at construction. rebuilt: the chains'
         preconditioners differ from the one ε at w* was measured under, which then no longer bounds ε."""
         start = time.perf_counter()
         self.at_burnin = tuple(
-            auto_step_size(self.posterior, self.root if preconditioners is None else preconditioners[c],
+            auto_step_size(self.posterior, self.preconditioner if preconditioners is None else preconditioners[c],
                            self.batch_size, self.settings.auto_constant, at=positions[c], products=self.products)
             for c in range(positions.shape[0]))
         floor = [] if rebuilt else [self.at_wstar.step_size]
@@ -329,26 +328,39 @@ class AutoStep:
         }
 
 
+def auto_step(spec, posterior: Posterior, settings, full_batch: bool = False) -> AutoStep:
+    """The AutoStep at w* of a sampler without build_auto: under G at w* when its spec declares a
+    diagonal_preconditioner (its estimate's cost counted), else with no preconditioner."""
+    start = time.perf_counter()
+    diagonal = spec.diagonal_preconditioner
+    g, cost = (None, 0.0) if diagonal is None else diagonal.at_wstar(posterior, settings, full_batch)
+    return AutoStep(posterior, settings, full_batch, g, setup_seconds=time.perf_counter() - start,
+                    setup_grad_evals=cost)
+
+
 def build_algorithm(spec, posterior: Posterior, settings, full_batch: bool = False):
     """spec.build(posterior, settings), with step_size = "auto" resolved: ε at w* for burn-in, and
-    Algorithm.retune re-measuring it where the chains are before the first draw (`AutoStep`).
+    Algorithm.retune re-measuring it where the chains are before the first draw (`AutoStep`), under
+    each chain's frozen G when the spec declares a diagonal_preconditioner. A spec with build_auto
+    resolves "auto" itself: build_auto(posterior, settings, full_batch).
 
     The AutoStep is the algorithm's `notes`. full_batch: the steps will see exact full-data
     gradients (no gradient-noise term).
     """
-    if not is_auto(getattr(settings, "step_size", None)) or getattr(settings, "AUTO_IN_BUILD", False):
+    if not is_auto(getattr(settings, "step_size", None)):
         return spec.build(posterior, settings)
-    auto = AutoStep(posterior, settings, full_batch)
+    if spec.build_auto is not None:
+        return spec.build_auto(posterior, settings, full_batch)
+    auto = auto_step(spec, posterior, settings, full_batch)
     algorithm = spec.build(posterior, dataclasses.replace(settings, step_size=auto.step_size))
+    diagonal = spec.diagonal_preconditioner
 
     def retune(states, params, alive):
-        from llc_bench.samplers.rmsprop_sgld import chain_preconditioners
-
         alive = np.asarray(alive, bool)
         positions = np.asarray(jax.vmap(algorithm.position)(states))[alive]
         if positions.shape[0] == 0:
             return params
-        precond = chain_preconditioners(states, settings)[alive] if auto.rmsprop else None
+        precond = None if diagonal is None else np.asarray(diagonal.of_chains(states, settings))[alive]
         eps = auto.retune(positions, precond)
         return jax.tree.map(lambda p: jnp.full_like(p, eps), params)
 
@@ -359,12 +371,12 @@ def build_algorithm(spec, posterior: Posterior, settings, full_batch: bool = Fal
 HVP_GRAD_EVALS = 2.0
 
 
-def auto_step_grad_evals(auto: AutoStep | None, n: int) -> float:
+def auto_step_grad_evals(auto: AutoStep | None) -> float:
     """Work of step_size = "auto" in full-data gradient equivalents: its operator products, plus
-    RMSProp-SGLD's minibatch gradients at w*."""
+    the gradients that estimated a diagonal preconditioner at w*."""
     if auto is None:
         return 0.0
-    return HVP_GRAD_EVALS * auto.num_products + auto.precond_batches * auto.settings.batch_size / n
+    return HVP_GRAD_EVALS * auto.num_products + auto.setup_grad_evals
 
 
 def step_size_summary(settings, auto: AutoStep | None) -> dict:

@@ -124,7 +124,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     flags.extend(flag for _, flag in checked.values() if flag is not None)
     flags = tuple(flags)
     summary = _summarize(spec, result, estimate, conv, flags, truth, posterior,
-                         extra_grad_evals=auto_step_grad_evals(algorithm.notes, posterior.n), source=source)
+                         extra_grad_evals=auto_step_grad_evals(algorithm.notes), source=source)
     summary.update({key: value for key, (value, _) in checked.items()})
     summary["estimate_from"] = source
     summary["cross_check"] = check

@@ -80,7 +80,7 @@ def _run_info(request: Request, result: ChainResult, notes) -> dict:
         # ε of the tempered run (σ² lr) and, for lr="auto", what chose it
         **step_size_summary(request.settings, notes),
     }
-    run_info["grad_evals"] += auto_step_grad_evals(notes, request.n)
+    run_info["grad_evals"] += auto_step_grad_evals(notes)
     return run_info
 
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import tomli_w
 
 from llc_bench import artifacts
 from llc_bench.config import Config, _suggest, load_config, read_toml, replace, to_dict, to_toml
+from llc_bench.curvature import build_algorithm
 from llc_bench.estimator import resolve_source
 from llc_bench.experiment import build_posterior, run_sampler
 from llc_bench.progress import Bar, progress_enabled
@@ -73,7 +72,7 @@ def run_cell(cfg: Config, name: str, posterior, step_size: float | None, n_beta:
 def run_control(cfg: Config, name: str, posterior, cell: CellResult) -> np.ndarray:
     """(C,) per-chain loss rise with the recommended ε and γ but nβ = 0 (the loss gradient switched off)."""
     zero = dataclasses.replace(posterior, n_beta=0.0, gamma=cell.gamma)
-    algorithm = get_spec(name).build(zero, _settings_for(cfg, name, cell.step_size))
+    algorithm = build_algorithm(get_spec(name), zero, _settings_for(cfg, name, cell.step_size))
     r = cfg.run
     result = run_chains(name, algorithm, zero, sampler_key(r.seed, name), num_chains=r.num_chains,
                         num_burnin_steps=r.num_burnin_steps, num_draws=r.num_draws,
@@ -108,17 +107,13 @@ def load_tune_config(preset: str | None, config_file: str | None, overrides: Seq
     cfg_sets = [o for o in overrides if not _is_tune_override(o)]
     if sampler is not None:
         cfg_sets.append(f"run.samplers={sampler}")
-    tables = []
-    if config_file is not None:
+    tables, layers = [], []
+    if config_file is not None:  # read once: its [tune] table feeds the grid, the rest the config
         raw = read_toml(config_file)
         if "tune" in raw:
             tables.append(raw.pop("tune"))
-            with tempfile.TemporaryDirectory() as tmp:  # load_config reads a file: hand it the rest
-                rest = Path(tmp) / Path(config_file).name
-                rest.write_text(tomli_w.dumps(raw))
-                cfg = load_config(preset, rest, cfg_sets)
-            return cfg, load_grid(tables, tune_sets)
-    cfg = load_config(preset, config_file, cfg_sets)
+        layers.append(raw)
+    cfg = load_config(preset, None, cfg_sets, layers=layers)
     return cfg, load_grid(tables, tune_sets)
 
 

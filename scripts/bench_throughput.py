@@ -28,6 +28,7 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llc_bench.config import from_dict  # noqa: E402
+from llc_bench.curvature import build_algorithm  # noqa: E402
 from llc_bench.experiment import build_posterior  # noqa: E402
 from llc_bench.models import hidden_widths_for_target  # noqa: E402
 from llc_bench.rng import sampler_key  # noqa: E402
@@ -122,7 +123,7 @@ def breakdown_us(posterior, batch_size: int, chains: int, steps: int, repeats: i
 
 def chain_step_us(cfg, posterior, name: str, chains: int, steps: int, repeats: int) -> float:
     """µs per chain-step of the runner's jitted scan (its wall_s: compile and host copies excluded)."""
-    algorithm = get_spec(name).build(posterior, cfg.sampler[name])
+    algorithm = build_algorithm(get_spec(name), posterior, cfg.sampler[name])
     best = float("inf")
     for _ in range(repeats):
         # One burn-in chunk of `steps` steps and a single 1-step draw block: the draw's full-data

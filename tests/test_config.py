@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from llc_bench import cli
 from llc_bench.config import Config, ConfigError, from_dict, load_config, replace, to_dict, to_toml
@@ -107,6 +108,31 @@ def test_layering_defaults_preset_file_overrides(tmp_path):
     assert cfg.run.samplers == ("sgld", "hmc")
     assert cfg.sampler["sgld"].step_size == 3e-5
     assert set(cfg.sampler) >= {"sgld", "hmc"}
+
+
+def test_an_in_memory_layer_is_a_file_without_the_file(tmp_path):
+    """A dict layer gives the Config the same content in a --config file gives, sits between the
+    file and the overrides, is not changed, and a bad value in it is the file's one-line ConfigError."""
+    layer = {"data": {"n": 777, "in_dim": 5}, "sampler": {"sgld": {"step_size": "auto", "num_draws": 30}}}
+    f = tmp_path / "c.toml"
+    f.write_text(tomli_w.dumps(layer))
+    sets = ["data.in_dim=7", "run.samplers=sgld,hmc"]
+    from_file = load_config("quick", f, sets)
+    assert load_config("quick", None, sets, layers=[layer]) == from_file
+    assert from_file.data.in_dim == 7 and from_file.sampler["sgld"].step_size == "auto"
+    assert layer == {"data": {"n": 777, "in_dim": 5}, "sampler": {"sgld": {"step_size": "auto", "num_draws": 30}}}
+    # after the file, in order: the last layer wins
+    later = load_config("quick", f, (), layers=[{"data": {"n": 900}}, {"data": {"n": 901}}])
+    assert later.data.n == 901 and later.data.in_dim == 5
+    for bad in ({"data": {"n": "many"}}, {"sampler": {"sgld": {"step_size": -1.0}}}, {"dta": {"n": 5}},
+                {"data": 5}):
+        f.write_text(tomli_w.dumps(bad))
+        with pytest.raises(ConfigError) as from_file_error:
+            load_config("quick", f)
+        with pytest.raises(ConfigError) as from_layer_error:
+            load_config("quick", layers=[bad])
+        assert str(from_layer_error.value) == str(from_file_error.value)
+        assert "\n" not in str(from_layer_error.value)
 
 
 def test_round_trip_through_toml(tmp_path):

@@ -9,12 +9,14 @@ import pytest
 
 from llc_bench.curvature import (
     auto_step_size,
+    build_algorithm,
     gradient_cvp,
     loss_hvp,
     resolve_step_size,
     top_eigenvalue,
 )
 from llc_bench.posterior import Posterior
+from llc_bench.samplers import get_spec
 from llc_bench.samplers.base import AUTO_STEP_CONSTANT
 from llc_bench.samplers.rmsprop_sgld import RMSPropSGLDSettings, preconditioner_at_wstar
 from llc_bench.samplers.sgld import SGLDSettings
@@ -88,7 +90,7 @@ def test_rmsprop_auto_uses_the_preconditioned_problem(problem):
     assert np.all((g > 0) & (g <= 10.0 + 1e-6))
     # E[(∇L_m)²] at w* = diag(C)/m (the full gradient is 0): G within the Monte Carlo error of 32 batches
     np.testing.assert_allclose(g, 1 / (np.sqrt(np.diag(cov) / 50) + 0.1), rtol=0.15)
-    resolved, auto = resolve_step_size(post, settings)
+    resolved, auto = resolve_step_size(get_spec("rmsprop_sgld"), post, settings)
     s = np.sqrt(g)
     h_pre = np.linalg.eigvalsh(s[:, None] * hess * s[None, :])[-1]
     c_pre = np.linalg.eigvalsh(s[:, None] * cov * s[None, :])[-1]
@@ -101,7 +103,7 @@ def test_rmsprop_auto_uses_the_preconditioned_problem(problem):
 def test_resolve_leaves_numeric_step_sizes_alone(problem):
     post, _, _ = problem
     settings = SGLDSettings(step_size=1e-5)
-    assert resolve_step_size(post, settings) == (settings, None)
+    assert resolve_step_size(get_spec("sgld"), post, settings) == (settings, None)
 
 
 def test_settings_refuse_bad_step_sizes():
@@ -113,14 +115,17 @@ def test_settings_refuse_bad_step_sizes():
     assert SGLDSettings(step_size="auto").step_size == "auto"
 
 
-def test_build_resolves_auto_itself(problem):
-    """A caller that builds directly (no run_sampler) still gets the automatic ε, carried in params."""
-    from llc_bench.samplers import get_spec
-
+def test_build_algorithm_resolves_auto_and_build_refuses_it(problem):
+    """build_algorithm gives the automatic ε, carried in params, and the same step as a build with
+    that number; the sampler's own build, given "auto", says where it is resolved."""
     post, _, _ = problem
     settings = SGLDSettings(step_size="auto", batch_size=50)
-    eps = resolve_step_size(post, settings)[0].step_size
-    alg = get_spec("sgld").build(post, settings)
+    eps = resolve_step_size(get_spec("sgld"), post, settings)[0].step_size
+    for name in ("sgld", "rmsprop_sgld", "sghmc", "sgnht"):
+        spec = get_spec(name)
+        with pytest.raises(ValueError, match=f'^{name}: step_size = "auto" is resolved by llc_bench.curvature.build_algorithm'):
+            spec.build(post, spec.settings(step_size="auto", batch_size=50))
+    alg = build_algorithm(get_spec("sgld"), post, settings)
     assert alg.retune is not None and alg.notes.step_size == eps
     w0 = post.w_star + 0.1
     state, params, _ = alg.warmup(jax.random.key(1), w0)
@@ -160,10 +165,9 @@ def dln_posterior():
 def test_auto_remeasures_where_the_chains_are():
     """After burn-in the draws use min(ε at w*, ε at each live chain): here smaller, as measured."""
     from llc_bench.runner import run_chains
-    from llc_bench.samplers import get_spec
 
     post = dln_posterior()
-    alg = get_spec("sgld").build(post, SGLDSettings(step_size="auto", batch_size=200))
+    alg = build_algorithm(get_spec("sgld"), post, SGLDSettings(step_size="auto", batch_size=200))
     auto = alg.notes
     eps0 = auto.step_size
     result = run_chains("sgld", alg, post, jax.random.key(0), num_chains=3, num_burnin_steps=3000,
@@ -199,6 +203,41 @@ def test_noise_free_target_has_no_noise_term():
 
     w_star = np.linalg.lstsq(x, y, rcond=None)[0]
     post = Posterior.build(per_sample_loss, jnp.asarray(x), jnp.asarray(y[:, None]), jnp.asarray(w_star), gamma=1.0)
-    for settings in (SGLDSettings(step_size="auto", batch_size=20), RMSPropSGLDSettings(step_size="auto", batch_size=20)):
-        _, auto = resolve_step_size(post, settings)
+    for name in ("sgld", "rmsprop_sgld"):
+        spec = get_spec(name)
+        _, auto = resolve_step_size(spec, post, spec.settings(step_size="auto", batch_size=20))
         assert auto.noise < 1e-6 * auto.curvature and auto.h_max > 0
+
+
+def test_build_algorithm_asks_the_spec_for_its_diagonal_preconditioner(problem):
+    """A spec declaring a diagonal G (here a constant G = g·I, so the answer is known): ε at w* is
+    measured under it (h_max scales by g), its cost joins the work, and retune reads every live
+    chain's G from the states through of_chains."""
+    from llc_bench.curvature import auto_step_grad_evals
+    from llc_bench.samplers.base import DiagonalPreconditioner
+
+    post, hess, _ = problem
+    g, cost, seen = 0.25, 1.5, []
+
+    def at_wstar(posterior, settings, full_batch):
+        return jnp.full(posterior.dim, g, jnp.float32), cost
+
+    def of_chains(states, settings):
+        seen.append(np.asarray(states).shape)
+        return np.full(np.asarray(states).shape, g)
+
+    plain_spec = get_spec("sgld")
+    spec = plain_spec._replace(diagonal_preconditioner=DiagonalPreconditioner(at_wstar, of_chains))
+    settings = SGLDSettings(step_size="auto", batch_size=50)
+    plain = build_algorithm(plain_spec, post, settings, full_batch=True).notes
+    alg = build_algorithm(spec, post, settings, full_batch=True)
+    auto = alg.notes
+    h_max = np.linalg.eigvalsh(hess)[-1]
+    assert plain.at_wstar.h_max == pytest.approx(h_max, rel=2e-3)
+    assert auto.at_wstar.h_max == pytest.approx(g * h_max, rel=2e-3) and auto.at_wstar.noise == 0.0
+    assert auto_step_grad_evals(auto) == pytest.approx(auto_step_grad_evals(plain) + cost)
+    states = jnp.stack([post.w_star, post.w_star + 0.01, post.w_star])
+    params = alg.retune(states, jnp.zeros(3), jnp.array([True, True, False]))
+    assert seen == [(3, post.dim)] and len(auto.at_burnin) == 2
+    assert auto.at_burnin[0].h_max == pytest.approx(g * h_max, rel=2e-3)
+    np.testing.assert_array_equal(np.asarray(params), np.float32(auto.step_size))

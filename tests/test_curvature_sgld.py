@@ -118,3 +118,14 @@ def test_apply_preconditioner_powers_compose():
 def test_bad_settings_say_what_is_allowed(field, value):
     with pytest.raises(ValueError, match=field if field != "step_size" else "step_size"):
         CurvatureSGLDSettings(**{field: value})
+
+
+def test_build_auto_drops_the_noise_term_for_full_batch_steps(stiff_gaussian):
+    """curvature_sgld resolves "auto" itself (SPEC.build_auto); build_algorithm hands it full_batch,
+    and exact gradients have no minibatch noise to bound."""
+    post, _, _ = stiff_gaussian
+    settings = CurvatureSGLDSettings(step_size="auto", batch_size=4, kappa=4.0, max_rank=5)
+    minibatch = build_algorithm(get_spec("curvature_sgld"), post, settings).notes.at_wstar
+    full = build_algorithm(get_spec("curvature_sgld"), post, settings, full_batch=True).notes.at_wstar
+    assert full.noise == 0.0 and full.num_cvp == 0 and full.h_max == minibatch.h_max
+    assert full.step_size == pytest.approx(full.constant / full.curvature, rel=1e-12)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from sampler_utils import gaussian_posterior
 
+from llc_bench.curvature import build_algorithm
 from llc_bench.estimator import estimate_from_result
 from llc_bench.experiment import _summarize, sampler_key
 from llc_bench.runner import chain_keys, run_chains
@@ -119,7 +120,7 @@ def run(request) -> Run:
     if name not in _RUNS:
         post, mean, cov = gaussian_posterior()
         spec, settings = get_spec(name), contract_settings(name)
-        algorithm = poison(get_spec(name).build(post, settings))
+        algorithm = poison(build_algorithm(spec, post, settings))
         key = sampler_key(0, name)
         poisoned = np.asarray(jax.vmap(poisoned_chain)(chain_keys(key, CHAINS).warmup))
         r = Run(name, spec, settings, post, mean, cov, algorithm, None, None, poisoned)

@@ -476,7 +476,8 @@ def test_frozen_rmsprop_auto_llc_on_linear_regression():
     from llc_bench.estimator import estimate_from_result
 
     post, hess = regression_llc_posterior()
-    settings, auto = resolve_step_size(post, RMSPropSGLDSettings(step_size="auto", batch_size=post.n))
+    settings, auto = resolve_step_size(get_spec("rmsprop_sgld"), post,
+                                     RMSPropSGLDSettings(step_size="auto", batch_size=post.n))
     assert auto is not None and auto.num_hvp == 8  # d ≤ DENSE_MAX_DIM: the dense Hessian
     result, _, states = run_with_positions("rmsprop_sgld", settings, post, jax.random.key(4),
                                            chains=8, burnin=1500, draws=3000)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from llc_bench.compiled import as_arrays
+from llc_bench.curvature import build_algorithm
 from llc_bench.posterior import Posterior
 from llc_bench.runner import clear_executables, run_chains
 from llc_bench.samplers import SAMPLER_NAMES, get_spec
@@ -129,7 +130,7 @@ def test_every_registered_sampler_binds_and_traces_its_posterior(name):
     from test_sampler_contract import contract_settings
 
     post = gaussian_posterior()[0]
-    algorithm = get_spec(name).build(post, contract_settings(name))
+    algorithm = build_algorithm(get_spec(name), post, contract_settings(name))
     binding = current_binding(algorithm)
     assert binding is not None and hash(binding.key) is not None
     keys = jax.random.split(jax.random.key(0), 2)

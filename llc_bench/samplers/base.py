@@ -178,14 +178,30 @@ class FinalCheck(NamedTuple):
     run: Callable[[Posterior, Any, float, jax.Array], tuple[Any, Any]]
 
 
+class DiagonalPreconditioner(NamedTuple):
+    """A sampler whose steps are scaled by a diagonal G it adapts itself (e.g. RMSProp-SGLD):
+    step_size = "auto" measures the curvature of G^{1/2} ∇²L_n G^{1/2} (llc_bench.curvature).
+
+    at_wstar(posterior, settings, full_batch) -> ((d,) G, grad_evals): the G a chain sitting at w*
+        would hold, and what estimating it cost in full-data gradient equivalents; full_batch:
+        every step will use the exact full-data gradient
+    of_chains(states (C, ...), settings) -> (C, d) the G each chain's state holds (after burn-in)
+    """
+
+    at_wstar: Callable[[Posterior, Any, bool], tuple[Any, float]]
+    of_chains: Callable[[Any, Any], Any]
+
+
 class SamplerSpec(NamedTuple):
     """Registry entry: a settings dataclass (frozen, with defaults, validating itself), a builder,
     and what the sampler is, so that drivers ask the spec instead of checking names.
 
-    build(posterior, settings) -> Algorithm returns `bind(make, posterior, settings, hyper)` (host-side
-    work such as step_size = "auto" first): the runner then compiles one executable for every
-    posterior of the same shapes and every hyper value. An algorithm without a binding still runs,
-    its posterior and settings constants of its executables.
+    build(posterior, settings) -> Algorithm returns `bind(make, posterior, settings, hyper)`: the
+    runner then compiles one executable for every posterior of the same shapes and every hyper
+    value. An algorithm without a binding still runs, its posterior and settings constants of its
+    executables. A STEP_EPSILON sampler's build takes a numeric ε (`numeric_step_size`);
+    step_size = "auto" is resolved by the driver, llc_bench.curvature.build_algorithm, from what
+    the spec declares below.
 
     minibatch   True: each step takes a minibatch of settings.batch_size rows (Algorithm.batch_size);
                 False: full batch, exact gradients (batch None)
@@ -194,6 +210,11 @@ class SamplerSpec(NamedTuple):
     step_size   STEP_EPSILON or STEP_TUNED (see there)
     checks      FinalChecks run after the draws (e.g. SGLD's MALA acceptance)
     aliases     sample() keyword -> settings field, for devinterp's spellings (rmsprop_eps -> eps)
+    diagonal_preconditioner  `DiagonalPreconditioner` of a sampler that adapts a diagonal G, which
+                step_size = "auto" then measures under; None: plain ε (G = I)
+    build_auto  build_auto(posterior, settings, full_batch) -> Algorithm for a sampler that
+                resolves step_size = "auto" itself (its Algorithm.notes the curvature.AutoStep);
+                None: the driver's generic rule. full_batch as for diagonal_preconditioner.
     """
 
     name: str
@@ -205,6 +226,16 @@ class SamplerSpec(NamedTuple):
     step_size: str
     checks: tuple[FinalCheck, ...] = ()
     aliases: dict[str, str] | None = None
+    diagonal_preconditioner: DiagonalPreconditioner | None = None
+    build_auto: Callable[[Posterior, Any, bool], Algorithm] | None = None
+
+
+def numeric_step_size(settings, name: str) -> float:
+    """settings.step_size for a STEP_EPSILON sampler's build; "auto" raises, naming the function that resolves it."""
+    if is_auto(settings.step_size):
+        raise ValueError(f'{name}: step_size = "auto" is resolved by llc_bench.curvature.build_algorithm(spec, '
+                         "posterior, settings); spec.build takes a numeric step size")
+    return settings.step_size
 
 
 # ---------------------------------------------------------------------------------------------

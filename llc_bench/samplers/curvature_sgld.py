@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llc_bench.curvature import AutoStep, hessian_products, top_eigenpairs
 from llc_bench.posterior import Posterior
 from llc_bench.samplers.base import (
     AT_LEAST_ONE,
@@ -43,8 +44,6 @@ class CurvatureSGLDSettings:
     that chain is, and ε measured under it; the stiff directions of a singular model turn as the
     chains leave w*, and a P from w* alone then limits ε (measured: tenfold on a deep linear network).
     """
-
-    AUTO_IN_BUILD: ClassVar[bool] = True  # build() resolves step_size = "auto" itself
 
     step_size: float | str = setting(AUTO, STEP_SIZE)
     batch_size: int = setting(256, AT_LEAST_ONE)
@@ -85,8 +84,6 @@ def curvature_preconditioner(posterior: Posterior, settings: CurvatureSGLDSettin
     (d, k): k is kept (one shape for every chain), the subspace iteration starts from these vectors
     and needs only REBUILD_POWER_ITERS rounds. products: llc_bench.curvature.hessian_products of
     this posterior and hessian_rows, shared by every call (None: built here)."""
-    from llc_bench.curvature import hessian_products, top_eigenpairs
-
     rows = settings.hessian_rows
     products = products if products is not None else hessian_products(posterior, rows)
     limit = min(settings.max_rank, posterior.dim)
@@ -125,15 +122,19 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
     coordinates u = P^{-1/2} w), and lets ε be about kappa times larger than plain SGLD's: what
     limits plain SGLD on a singular model is the ε its stiffest directions allow, while the flat,
     singular directions need many such steps to fill in. ε follows the sgld convention; "auto"
-    measures the curvature of P^{1/2} ∇²L_n P^{1/2} (llc_bench.curvature.AutoStep with its root).
+    measures the curvature of P^{1/2} ∇²L_n P^{1/2} (llc_bench.curvature.AutoStep with its root;
+    `build_auto`, which SPEC declares, so that llc_bench.curvature.build_algorithm leaves it here).
     P is built at w* for burn-in; with "auto" and rebuild_at_burnin each chain's P is rebuilt where
     it is after burn-in and ε re-measured under it (Algorithm.retune); P and ε stay fixed during the
     draws.
     StepInfo.loss is L_m at the position before the step; grad_evals = m/n (building P is counted
     in the auto step's products). State = the position (d,).
     """
-    from llc_bench.curvature import hessian_products
+    return build_auto(posterior, settings, False)
 
+
+def build_auto(posterior: Posterior, settings: CurvatureSGLDSettings, full_batch: bool) -> Algorithm:
+    """`build`, with full_batch: the steps will see exact full-data gradients (no gradient-noise term in "auto")."""
     start = time.perf_counter()
     products = hessian_products(posterior, settings.hessian_rows)
     vectors, scales, setup = curvature_preconditioner(posterior, settings, products=products)
@@ -141,9 +142,8 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
     auto = None
     epsilon = settings.step_size
     if is_auto(settings.step_size):
-        from llc_bench.curvature import AutoStep
-
-        auto = AutoStep(posterior, settings, root=lambda v: apply_preconditioner(vectors, scales, v, 0.5),
+        auto = AutoStep(posterior, settings, full_batch,
+                        preconditioner=lambda v: apply_preconditioner(vectors, scales, v, 0.5),
                         setup_products=setup, setup_seconds=seconds)
         epsilon = auto.step_size
     algorithm = bind(make, posterior, settings, CurvatureParams(epsilon, vectors, scales))
@@ -215,4 +215,5 @@ SPEC = SamplerSpec(
     minibatch=True,
     metropolis=False,
     step_size=STEP_EPSILON,
+    build_auto=build_auto,
 )

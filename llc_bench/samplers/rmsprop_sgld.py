@@ -17,18 +17,21 @@ from llc_bench.samplers.base import (
     STEP_EPSILON,
     STEP_SIZE,
     Algorithm,
+    DiagonalPreconditioner,
     OneOf,
     Range,
     SamplerSpec,
     StepSizeParams,
     bind,
-    is_auto,
     minibatch_step_info,
+    numeric_step_size,
     setting,
     validate_settings,
 )
 
 ADAPT_MODES = ("burnin", "always")
+# Minibatch gradients at w* averaged for the preconditioner that step_size = "auto" measures under.
+PRECONDITIONER_BATCHES = 32
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class RMSPropSGLDSettings:
     bias_correction=True (the default) divides v by 1 − α^t, so the first steps are not
     inflated by a v that starts at zero; False with adapt="always" reproduces devinterp's
     rmsprop_sgld exactly. step_size="auto": llc_bench.curvature.auto_step_size with G estimated
-    at w* (`preconditioner_at_wstar`).
+    at w* (`preconditioner_at_wstar`, declared in SPEC.diagonal_preconditioner).
     """
 
     step_size: float | str = setting(1e-4, STEP_SIZE)
@@ -118,8 +121,6 @@ def preconditioner_at_wstar(posterior: Posterior, settings: RMSPropSGLDSettings,
     The batches (settings.batch_size samples, with replacement, as the runner draws them) come
     from a fixed key; full_batch: v = (∇L_n(w*))², the gradient every step then uses.
     """
-    from llc_bench.curvature import PRECONDITIONER_BATCHES
-
     w = jnp.asarray(posterior.w_star)
     if full_batch:
         return 1.0 / (jnp.abs(jax.grad(posterior.full_loss)(w)) + settings.eps)
@@ -127,6 +128,12 @@ def preconditioner_at_wstar(posterior: Posterior, settings: RMSPropSGLDSettings,
     n = posterior.n
     idx = jax.random.randint(jax.random.key(0), (num_batches, settings.batch_size), 0, n)
     return 1.0 / (jnp.sqrt(_mean_square_grad(posterior, w, idx)) + settings.eps)
+
+
+def _at_wstar(posterior: Posterior, settings: RMSPropSGLDSettings, full_batch: bool) -> tuple[jax.Array, float]:
+    """(G at w*, its cost in full-data gradients: PRECONDITIONER_BATCHES minibatches, or none with full_batch)."""
+    cost = 0.0 if full_batch else PRECONDITIONER_BATCHES * settings.batch_size / posterior.n
+    return preconditioner_at_wstar(posterior, settings, full_batch=full_batch), cost
 
 
 @jax.jit
@@ -148,8 +155,8 @@ def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
         w ← w − ε/2 · G ⊙ ( γ (w − w*) + nβ ∇L_m(w) ) + √(ε G) ⊙ η,   η ~ N(0, I)
 
     ε = settings.step_size, carried per chain in params (StepSizeParams; G = 1 gives SGLD with the
-    same ε); "auto": llc_bench.curvature.build_algorithm (ε at w*, re-measured after burn-in with
-    each chain's frozen G). The largest per-parameter step
+    same ε; a number here: "auto" is resolved by llc_bench.curvature.build_algorithm, ε at w*
+    re-measured after burn-in with each chain's frozen G, both from SPEC.diagonal_preconditioner). The largest per-parameter step
     factor εG is ε/a, reached where v̂ = 0. State = (position, (v, t, frozen)); the runner calls
     Algorithm.end_burnin after the last burn-in step, which freezes (v, t) when adapt="burnin".
     With no burn-in, v stays 0 and G = 1/a. StepInfo.loss is L_m at the position before the step;
@@ -170,11 +177,7 @@ def build(posterior: Posterior, settings: RMSPropSGLDSettings) -> Algorithm:
     √v̂ ≈ 0.2–0.3 vs a = 0.1) α = 0.99 inflates variances by ≈ 10–20% (α = 0.999: ≲ 5%); on a
     one-parameter quadratic (λ = ½, n = 1000, full batch) λ̂ was +45% at ε = 4e-4.
     """
-    if is_auto(settings.step_size):
-        from llc_bench.curvature import build_algorithm
-
-        return build_algorithm(SPEC, posterior, settings)
-    return bind(make, posterior, settings, StepSizeParams(settings.step_size))
+    return bind(make, posterior, settings, StepSizeParams(numeric_step_size(settings, "rmsprop_sgld")))
 
 
 def make(posterior: Posterior, settings: RMSPropSGLDSettings, hyper: StepSizeParams) -> Algorithm:
@@ -223,4 +226,5 @@ SPEC = SamplerSpec(
     metropolis=False,
     step_size=STEP_EPSILON,
     aliases={"rmsprop_eps": "eps", "rmsprop_alpha": "alpha"},
+    diagonal_preconditioner=DiagonalPreconditioner(at_wstar=_at_wstar, of_chains=chain_preconditioners),
 )

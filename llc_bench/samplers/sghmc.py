@@ -21,8 +21,8 @@ from llc_bench.samplers.base import (
     SettingError,
     StepSizeParams,
     bind,
-    is_auto,
     minibatch_step_info,
+    numeric_step_size,
     setting,
     validate_settings,
 )
@@ -85,11 +85,7 @@ def build(posterior: Posterior, settings: SGHMCSettings) -> Algorithm:
     stationary. State = (w, p) with p ~ N(0, I) at warm-up. StepInfo.loss is L_m at the position
     before the step; grad_evals = m/n.
     """
-    if is_auto(settings.step_size):
-        from llc_bench.curvature import build_algorithm
-
-        return build_algorithm(SPEC, posterior, settings)
-    return bind(make, posterior, settings, StepSizeParams(settings.step_size))
+    return bind(make, posterior, settings, StepSizeParams(numeric_step_size(settings, "sghmc")))
 
 
 def make(posterior: Posterior, settings: SGHMCSettings, hyper: StepSizeParams) -> Algorithm:

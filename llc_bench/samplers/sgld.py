@@ -21,8 +21,8 @@ from llc_bench.samplers.base import (
     SamplerSpec,
     StepSizeParams,
     bind,
-    is_auto,
     minibatch_step_info,
+    numeric_step_size,
     setting,
     validate_settings,
 )
@@ -62,11 +62,7 @@ def build(posterior: Posterior, settings: SGLDSettings) -> Algorithm:
     StepInfo.loss is L_m at the position *before* the step (the loss whose gradient drives the step,
     as devinterp's loss traces record it); grad_evals = m/n.
     """
-    if is_auto(settings.step_size):
-        from llc_bench.curvature import build_algorithm
-
-        return build_algorithm(SPEC, posterior, settings)
-    return bind(make, posterior, settings, StepSizeParams(settings.step_size))
+    return bind(make, posterior, settings, StepSizeParams(numeric_step_size(settings, "sgld")))
 
 
 def make(posterior: Posterior, settings: SGLDSettings, hyper: StepSizeParams) -> Algorithm:

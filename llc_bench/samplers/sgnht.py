@@ -20,8 +20,8 @@ from llc_bench.samplers.base import (
     SamplerSpec,
     StepSizeParams,
     bind,
-    is_auto,
     minibatch_step_info,
+    numeric_step_size,
     setting,
     validate_settings,
 )
@@ -70,11 +70,7 @@ def build(posterior: Posterior, settings: SGNHTSettings) -> Algorithm:
     units of √η. State = (w, p, ξ) with p ~ N(0, I) and ξ = A at warm-up. StepInfo.loss is L_m at
     the position before the step; grad_evals = m/n.
     """
-    if is_auto(settings.step_size):
-        from llc_bench.curvature import build_algorithm
-
-        return build_algorithm(SPEC, posterior, settings)
-    return bind(make, posterior, settings, StepSizeParams(settings.step_size))
+    return bind(make, posterior, settings, StepSizeParams(numeric_step_size(settings, "sgnht")))
 
 
 def make(posterior: Posterior, settings: SGNHTSettings, hyper: StepSizeParams) -> Algorithm:
