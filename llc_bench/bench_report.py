@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-# Figures are written to files on headless machines (CI, GPU hosts); never open a window.
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
@@ -317,74 +310,10 @@ def _num(x: float, spec: str) -> str:
 
 def write_figures(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
     """llc_vs_truth.png (log-log, y = x), rel_error.png (per sampler), wnv.png (per sampler)."""
-    out = Path(out_dir)
-    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
-    classes = list(dict.fromkeys(r["class"] for r in rows))
-    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(samplers)}
-    markers = dict(zip(classes, "os^Dvx", strict=False))
-    good = [r for r in rows if math.isfinite(r["llc_mean"]) and r["llc_mean"] > 0]
-    paths = []
+    from llc_bench.plots import (
+        plot_scoreboard,  # deferred: plots imports xarray and the ArviZ stack
+    )
 
-    fig, ax = plt.subplots(figsize=(6.5, 6))
-    for r in good:
-        scored = is_scored(r)
-        ax.scatter(r["aoyagi"], r["llc_mean"], marker=markers.get(r["class"], "o"), s=22,
-                   color=colors[r["sampler"]] if scored else "none", edgecolors=None if scored else colors[r["sampler"]],
-                   alpha=0.75 if scored else 0.5, linewidths=0 if scored else 0.8)
-    values = [r["aoyagi"] for r in rows if math.isfinite(r["aoyagi"])] + [r["llc_mean"] for r in good]
-    lo, hi = (min(values) / 1.5, max(values) * 1.5) if values else (1, 10)
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
-    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="λ (Aoyagi)",
-           ylabel="estimated λ̂", title="DLN scoreboard: estimated vs analytic LLC")
-    handles = [plt.Line2D([], [], color=colors[s], marker="o", ls="", label=s) for s in samplers]
-    handles += [plt.Line2D([], [], color="gray", marker=markers[c], ls="", label=f"class {c}") for c in classes]
-    handles += [plt.Line2D([], [], color="gray", marker="o", ls="", label="well-posed (scored)"),
-                plt.Line2D([], [], color="gray", marker="o", mfc="none", ls="", label="not well-posed")]
-    ax.legend(handles=handles + [plt.Line2D([], [], color="k", ls="--", label="y = x")], fontsize=8)
-    paths.append(_savefig(fig, out / "llc_vs_truth.png"))
-
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(samplers) * max(1, len(classes))), 4.5))
-    data, labels, cols = [], [], []
-    for s in samplers:
-        for c in classes:
-            vals = [r["rel_error"] for r in rows if r["sampler"] == s and r["class"] == c and is_scored(r)
-                    and math.isfinite(r["rel_error"])]
-            data.append(vals or [math.nan])
-            labels.append(f"{s}\n{c}")
-            cols.append(colors[s])
-    positions = np.arange(len(data))
-    bp = ax.boxplot([d for d in data], positions=positions, widths=0.6, showfliers=False, patch_artist=True)
-    for patch, col in zip(bp["boxes"], cols, strict=True):
-        patch.set(facecolor=col, alpha=0.35)
-    jitter = np.random.default_rng(0)
-    for p, vals, col in zip(positions, data, cols, strict=True):
-        ax.scatter(p + jitter.uniform(-0.15, 0.15, len(vals)), vals, color=col, s=10, zorder=3)
-    ax.axhspan(-TARGET_MEDIAN, TARGET_MEDIAN, color="green", alpha=0.1, label=f"±{TARGET_MEDIAN:.0%}")
-    ax.axhline(0, color="k", lw=0.8)
-    ax.set_yscale("symlog", linthresh=0.1)
-    ax.set_xticks(positions, labels, fontsize=8)
-    ax.set(ylabel="relative error (λ̂ − λ)/λ  (symlog)", title="Relative error per sampler and class (well-posed)")
-    ax.legend(fontsize=8)
-    paths.append(_savefig(fig, out / "rel_error.png"))
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "wnv_grad", "WNV = SE² × gradient evaluations"),
-                           (axes[1], "wnv_time", "WNV = SE² × seconds")):
-        vals = [[r[key] for r in rows if r["sampler"] == s and math.isfinite(r[key]) and r[key] > 0]
-                or [math.nan] for s in samplers]
-        bp = ax.boxplot(vals, positions=np.arange(len(samplers)), showfliers=True, patch_artist=True)
-        for patch, s in zip(bp["boxes"], samplers, strict=True):
-            patch.set(facecolor=colors[s], alpha=0.4)
-        ax.set_xticks(np.arange(len(samplers)), samplers, fontsize=8, rotation=20)
-        ax.set(yscale="log", title=label, ylabel="lower is better")
-    fig.suptitle("Work-normalized variance per sampler (all classes)")
-    paths.append(_savefig(fig, out / "wnv.png"))
-    return paths
+    return plot_scoreboard(rows, out_dir, scored=is_scored, band=TARGET_MEDIAN)
 
 
-def _savefig(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)  # a reader never sees a half-written figure
-    return path

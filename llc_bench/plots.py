@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from scipy.ndimage import uniform_filter1d  # noqa: E402
 
 from llc_bench.diagnostics import (  # noqa: E402
     autocorrelation,
@@ -282,3 +285,136 @@ def plot_all(result: ChainResult, out_dir: Path, truth: float | None = None,
     if _has_finite(result.energy_change):
         paths.append(plot_energy_hist(result, out_dir / f"{stem}_energy_hist.png"))
     return paths
+
+
+def plot_scoreboard(rows: list[dict], out_dir: str | Path, scored: Callable[[dict], bool], band: float) -> list[Path]:
+    """The DLN scoreboard's figures from its rows: llc_vs_truth.png (log-log, y = x), rel_error.png (per
+    sampler and class, rows where `scored(row)`; the ±`band` target shaded) and wnv.png (per sampler)."""
+    out = Path(out_dir)
+    samplers = list(dict.fromkeys(r["sampler"] for r in rows))
+    classes = list(dict.fromkeys(r["class"] for r in rows))
+    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(samplers)}
+    markers = dict(zip(classes, "os^Dvx", strict=False))
+    good = [r for r in rows if math.isfinite(r["llc_mean"]) and r["llc_mean"] > 0]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    for r in good:
+        filled = scored(r)
+        ax.scatter(r["aoyagi"], r["llc_mean"], marker=markers.get(r["class"], "o"), s=22,
+                   color=colors[r["sampler"]] if filled else "none", edgecolors=None if filled else colors[r["sampler"]],
+                   alpha=0.75 if filled else 0.5, linewidths=0 if filled else 0.8)
+    values = [r["aoyagi"] for r in rows if math.isfinite(r["aoyagi"])] + [r["llc_mean"] for r in good]
+    lo, hi = (min(values) / 1.5, max(values) * 1.5) if values else (1, 10)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="λ (Aoyagi)",
+           ylabel="estimated λ̂", title="DLN scoreboard: estimated vs analytic LLC")
+    handles = [plt.Line2D([], [], color=colors[s], marker="o", ls="", label=s) for s in samplers]
+    handles += [plt.Line2D([], [], color="gray", marker=markers[c], ls="", label=f"class {c}") for c in classes]
+    handles += [plt.Line2D([], [], color="gray", marker="o", ls="", label="well-posed (scored)"),
+                plt.Line2D([], [], color="gray", marker="o", mfc="none", ls="", label="not well-posed")]
+    ax.legend(handles=handles + [plt.Line2D([], [], color="k", ls="--", label="y = x")], fontsize=8)
+    paths.append(_save(fig, out / "llc_vs_truth.png"))
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(samplers) * max(1, len(classes))), 4.5))
+    data, labels, cols = [], [], []
+    for s in samplers:
+        for c in classes:
+            vals = [r["rel_error"] for r in rows if r["sampler"] == s and r["class"] == c and scored(r)
+                    and math.isfinite(r["rel_error"])]
+            data.append(vals or [math.nan])
+            labels.append(f"{s}\n{c}")
+            cols.append(colors[s])
+    positions = np.arange(len(data))
+    bp = ax.boxplot([d for d in data], positions=positions, widths=0.6, showfliers=False, patch_artist=True)
+    for patch, col in zip(bp["boxes"], cols, strict=True):
+        patch.set(facecolor=col, alpha=0.35)
+    jitter = np.random.default_rng(0)
+    for p, vals, col in zip(positions, data, cols, strict=True):
+        ax.scatter(p + jitter.uniform(-0.15, 0.15, len(vals)), vals, color=col, s=10, zorder=3)
+    ax.axhspan(-band, band, color="green", alpha=0.1, label=f"±{band:.0%}")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_xticks(positions, labels, fontsize=8)
+    ax.set(ylabel="relative error (λ̂ − λ)/λ  (symlog)", title="Relative error per sampler and class (well-posed)")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "rel_error.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "wnv_grad", "WNV = SE² × gradient evaluations"),
+                           (axes[1], "wnv_time", "WNV = SE² × seconds")):
+        vals = [[r[key] for r in rows if r["sampler"] == s and math.isfinite(r[key]) and r[key] > 0]
+                or [math.nan] for s in samplers]
+        bp = ax.boxplot(vals, positions=np.arange(len(samplers)), showfliers=True, patch_artist=True)
+        for patch, s in zip(bp["boxes"], samplers, strict=True):
+            patch.set(facecolor=colors[s], alpha=0.4)
+        ax.set_xticks(np.arange(len(samplers)), samplers, fontsize=8, rotation=20)
+        ax.set(yscale="log", title=label, ylabel="lower is better")
+    fig.suptitle("Work-normalized variance per sampler (all classes)")
+    paths.append(_save(fig, out / "wnv.png"))
+    return paths
+
+
+def plot_tune_grid(cells, recommended, path: Path, title: str, smoothing: Callable[[int], int],
+                   step_label: Callable) -> Path:
+    """The tuning grid: rows γ, columns nβ, one chain-mean loss trace (minus L_n(w*)) per ε with its
+    verdict printed; the recommended cell framed. `cells` carry gamma, n_beta, step_size, traces,
+    mean_trace, loss_at_wstar, num_burnin_steps, codes, verdict and error; `smoothing(length)` is the
+    width of the moving average drawn over each trace."""
+    gammas = sorted({c.gamma for c in cells})
+    n_betas = sorted({c.n_beta for c in cells})
+    steps = sorted({c.step_size for c in cells}, key=lambda e: -1.0 if e is None else e)
+    colors = {eps: plt.cm.tab10(i % 10) for i, eps in enumerate(steps)}
+    fig, axes = plt.subplots(len(gammas), len(n_betas), figsize=(4.2 * len(n_betas), 3.0 * len(gammas)),
+                             squeeze=False, sharex=True)
+    for i, g in enumerate(gammas):
+        for j, nb in enumerate(n_betas):
+            ax = axes[i, j]
+            here = [c for c in cells if c.gamma == g and c.n_beta == nb]
+            shown = []
+            labels = []
+            for c in sorted(here, key=lambda c: -1.0 if c.step_size is None else c.step_size):
+                labels.append((step_label(c.step_size) + ": " + c.verdict, colors[c.step_size]))
+                if c.error is not None or c.traces.size == 0:
+                    continue
+                y = c.mean_trace - c.loss_at_wstar
+                if not np.any(np.isfinite(y)):  # every chain diverged: show the first chain until it did
+                    y = c.traces[0] - c.loss_at_wstar
+                steps_axis = np.arange(y.shape[0])
+                ax.plot(steps_axis, y, lw=0.5, alpha=0.35, color=colors[c.step_size])
+                smooth = uniform_filter1d(y, size=smoothing(y.shape[0]), mode="nearest")
+                ax.plot(steps_axis, smooth, lw=1.2, color=colors[c.step_size], label=step_label(c.step_size))
+                if not ({"nan", "spikes"} & set(c.codes)):
+                    shown.append(y[np.isfinite(y)])
+                if c.num_burnin_steps:
+                    ax.axvline(c.num_burnin_steps, color="0.6", ls=":", lw=0.8)
+            if not shown:  # every trace spiked or diverged: still clip the worst excursions
+                shown = [c.mean_trace[np.isfinite(c.mean_trace)] - c.loss_at_wstar for c in here
+                         if c.error is None and c.traces.size]
+            if shown and sum(v.size for v in shown):  # robust limits: one exploding trace must not flatten the others
+                allv = np.concatenate(shown)
+                lo, hi = min(0.0, float(np.percentile(allv, 0.5))), float(np.percentile(allv, 99.5))
+                if hi > lo:
+                    pad = 0.08 * (hi - lo)
+                    ax.set_ylim(lo - pad, hi + pad)
+            ax.axhline(0.0, color="k", lw=0.6, ls="--")
+            for k, (text, color) in enumerate(labels):
+                ax.text(0.98, 0.04 + 0.1 * k, text, transform=ax.transAxes, ha="right", va="bottom",
+                        fontsize=7, color=color, bbox={"fc": "white", "ec": "none", "alpha": 0.7, "pad": 1})
+            ax.set_title(f"nβ = {nb:.4g}, γ = {g:.4g}", fontsize=9)
+            if recommended is not None and recommended.gamma == g and recommended.n_beta == nb:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("tab:green")
+                    spine.set_linewidth(2.5)
+                ax.set_title(f"nβ = {nb:.4g}, γ = {g:.4g}  ★ {step_label(recommended.step_size)}", fontsize=9,
+                             color="tab:green")
+            if i == len(gammas) - 1:
+                ax.set_xlabel("sampler step")
+            if j == 0:
+                ax.set_ylabel("mean loss − L_n(w*)")
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        axes[0, 0].legend(handles, names, loc="upper left", fontsize=7, framealpha=0.7)
+    fig.suptitle(title or "loss traces (chain mean); dotted: end of burn-in", fontsize=10, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    return _save(fig, path, dpi=100, bbox_inches=None)

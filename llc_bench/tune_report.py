@@ -11,15 +11,6 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-# Figures are written to files on headless machines (CI, GPU hosts); never open a window.
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
-import numpy as np
-from scipy.ndimage import uniform_filter1d
-
 from llc_bench import artifacts
 from llc_bench.config import Config
 from llc_bench.tune_rules import (
@@ -74,66 +65,9 @@ def _fmt_eps(eps: float | str | None) -> str:
 
 def plot_grid(cells: Sequence[CellResult], rec: Recommendation, path: Path, title: str = "") -> Path:
     """The guide's grid figure: rows γ, columns nβ, one mean loss trace (minus L_n(w*)) per ε, verdicts printed."""
-    gammas = sorted({c.gamma for c in cells})
-    n_betas = sorted({c.n_beta for c in cells})
-    steps = sorted({c.step_size for c in cells}, key=lambda e: -1.0 if e is None else e)
-    colors = {eps: plt.cm.tab10(i % 10) for i, eps in enumerate(steps)}
-    fig, axes = plt.subplots(len(gammas), len(n_betas), figsize=(4.2 * len(n_betas), 3.0 * len(gammas)),
-                             squeeze=False, sharex=True)
-    for i, g in enumerate(gammas):
-        for j, nb in enumerate(n_betas):
-            ax = axes[i, j]
-            here = [c for c in cells if c.gamma == g and c.n_beta == nb]
-            shown = []
-            labels = []
-            for c in sorted(here, key=lambda c: -1.0 if c.step_size is None else c.step_size):
-                labels.append((_fmt_eps(c.step_size) + ": " + c.verdict, colors[c.step_size]))
-                if c.error is not None or c.traces.size == 0:
-                    continue
-                y = c.mean_trace - c.loss_at_wstar
-                if not np.any(np.isfinite(y)):  # every chain diverged: show the first chain until it did
-                    y = c.traces[0] - c.loss_at_wstar
-                steps_axis = np.arange(y.shape[0])
-                ax.plot(steps_axis, y, lw=0.5, alpha=0.35, color=colors[c.step_size])
-                smooth = uniform_filter1d(y, size=smoothing_window(y.shape[0]), mode="nearest")
-                ax.plot(steps_axis, smooth, lw=1.2, color=colors[c.step_size], label=_fmt_eps(c.step_size))
-                if not ({"nan", "spikes"} & set(c.codes)):
-                    shown.append(y[np.isfinite(y)])
-                if c.num_burnin_steps:
-                    ax.axvline(c.num_burnin_steps, color="0.6", ls=":", lw=0.8)
-            if not shown:  # every trace spiked or diverged: still clip the worst excursions
-                shown = [c.mean_trace[np.isfinite(c.mean_trace)] - c.loss_at_wstar for c in here
-                         if c.error is None and c.traces.size]
-            if shown and sum(v.size for v in shown):  # robust limits: one exploding trace must not flatten the others
-                allv = np.concatenate(shown)
-                lo, hi = min(0.0, float(np.percentile(allv, 0.5))), float(np.percentile(allv, 99.5))
-                if hi > lo:
-                    pad = 0.08 * (hi - lo)
-                    ax.set_ylim(lo - pad, hi + pad)
-            ax.axhline(0.0, color="k", lw=0.6, ls="--")
-            for k, (text, color) in enumerate(labels):
-                ax.text(0.98, 0.04 + 0.1 * k, text, transform=ax.transAxes, ha="right", va="bottom",
-                        fontsize=7, color=color, bbox={"fc": "white", "ec": "none", "alpha": 0.7, "pad": 1})
-            ax.set_title(f"nβ = {nb:.4g}, γ = {g:.4g}", fontsize=9)
-            if rec.cell is not None and rec.cell.gamma == g and rec.cell.n_beta == nb:
-                for spine in ax.spines.values():
-                    spine.set_edgecolor("tab:green")
-                    spine.set_linewidth(2.5)
-                ax.set_title(f"nβ = {nb:.4g}, γ = {g:.4g}  ★ {_fmt_eps(rec.cell.step_size)}", fontsize=9,
-                             color="tab:green")
-            if i == len(gammas) - 1:
-                ax.set_xlabel("sampler step")
-            if j == 0:
-                ax.set_ylabel("mean loss − L_n(w*)")
-    handles, names = axes[0, 0].get_legend_handles_labels()
-    if handles:
-        axes[0, 0].legend(handles, names, loc="upper left", fontsize=7, framealpha=0.7)
-    fig.suptitle(title or "loss traces (chain mean); dotted: end of burn-in", fontsize=10, x=0.01, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return artifacts.write_bytes_atomic(Path(path), buf.getvalue())
+    from llc_bench.plots import plot_tune_grid  # deferred: plots imports xarray and the ArviZ stack
+
+    return plot_tune_grid(cells, rec.cell, path, title, smoothing=smoothing_window, step_label=_fmt_eps)
 
 
 def set_line(cfg: Config, name: str, cell: CellResult, n: int, sug: Suggestions | None) -> str:
