@@ -8,6 +8,7 @@ from typing import Literal
 import numpy as np
 
 from llc_bench.rules import estimate_status, usable_chains
+from llc_bench.samplers import SAMPLER_NAMES, get_spec
 from llc_bench.types import ChainResult, HealthFlag, LLCEstimate
 
 
@@ -91,10 +92,6 @@ def estimate_llc(draw_loss, loss_at_wstar: float, n_beta: float, diverged_at=Non
     )
 
 
-# Samplers whose StepInfo.loss is the loss of the step's own minibatch (free at every step).
-STEP_LOSS_SAMPLERS = ("sgld", "rmsprop_sgld")
-
-
 def resolve_source(source: str, sampler: str) -> Literal["full", "minibatch"]:
     """estimate_from "auto": the per-step loss ("minibatch") for SG samplers, the full-data draws otherwise.
 
@@ -102,8 +99,8 @@ def resolve_source(source: str, sampler: str) -> Literal["full", "minibatch"]:
     E[L_m(w_t) | w_t] = L_n(w_t): averaging it over every post-burn-in step estimates E[L_n] at no
     cost, from T draws instead of T/k. Full-batch samplers report L_n itself and keep their draws.
     """
-    if source == "auto":
-        return "minibatch" if sampler in STEP_LOSS_SAMPLERS else "full"
+    if source == "auto":  # a minibatch sampler's StepInfo.loss is L_m of the step's own fresh batch
+        return "minibatch" if sampler in SAMPLER_NAMES and get_spec(sampler).minibatch else "full"
     if source not in ("full", "minibatch"):
         raise ValueError(f"source must be 'auto', 'full' or 'minibatch', got {source!r}")
     return source
