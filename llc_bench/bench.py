@@ -61,6 +61,7 @@ import numpy as np
 
 from llc_bench import artifacts
 from llc_bench.bench_report import (
+    ADDED_COLUMNS,
     AUDIT_COLUMNS,
     AUDIT_CSV_NAME,
     COLUMNS,
@@ -194,6 +195,8 @@ def result_row(inst: Instance, sampler: str, summary: dict, *, n_beta: float, da
         "d": inst.d, "n": inst.n, "n_beta": n_beta, "compile_s": summary.get("compile_s"),
         "chains_used": summary.get("chains_used"), "data_rows": data_rows,
         "warnings": ";".join(codes), "recipe": recipe_hash,
+        "restart_llc": (summary.get("restart_check") or {}).get("llc_restart"),
+        "restart_se": (summary.get("restart_check") or {}).get("se_restart"),
     }
     return {k: _fmt(row.get(k)) for k in COLUMNS}
 
@@ -213,6 +216,7 @@ class Scoreboard:
     def __init__(self, path: Path, hashes: dict[str, str], columns: tuple[str, ...] = COLUMNS,
                  rerun_stale: bool = False, log=print):
         self.store = ResultsStore(path, columns, key=("instance", "sampler"),
+                                  added_columns=ADDED_COLUMNS if columns == COLUMNS else (),
                                   foreign="written by another version of the benchmark?")
         self.path = self.store.path
         self.hashes = hashes

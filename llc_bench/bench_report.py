@@ -23,7 +23,11 @@ COLUMNS = ("instance", "class", "widths", "rank", "generator", "truth", "sampler
            "well_posed", "aoyagi", "lambda_r_eff", "local_lower", "r_eff", "sv_min", "sv_max",
            "layer_ranks", "posedness",
            # beyond the scoreboard proper: enough to audit a row without rerunning it
-           "d", "n", "n_beta", "compile_s", "chains_used", "data_rows", "warnings", "recipe")
+           "d", "n", "n_beta", "compile_s", "chains_used", "data_rows", "warnings", "recipe",
+           # the over-dispersed restart (llc_bench.restart), where the recipe asks for it and it ran
+           "restart_llc", "restart_se")
+# columns newer than some committed CSVs: those read with them empty
+ADDED_COLUMNS = ("restart_llc", "restart_se")
 AUDIT_COLUMNS = ("instance", "class", "sampler", "well_posed", "aoyagi", "n", "llc_n", "llc_se_n",
                  "n_audit", "llc_audit", "llc_se_audit", "shift", "flagged", "status_audit", "recipe")
 
@@ -65,7 +69,7 @@ def read_audit(path: str | Path) -> list[dict[str, Any]]:
 
 SCOREBOARD_NUMERIC = {"truth", "llc_mean", "llc_se", "rel_error", "grad_evals", "wall_s", "wnv_time",
                       "wnv_grad", "rank", "d", "n", "n_beta", "compile_s", "chains_used", "data_rows", "aoyagi",
-                      "lambda_r_eff", "local_lower", "r_eff", "sv_min", "sv_max"}
+                      "lambda_r_eff", "local_lower", "r_eff", "sv_min", "sv_max", "restart_llc", "restart_se"}
 
 
 def read_scoreboard(path: str | Path) -> list[dict[str, Any]]:

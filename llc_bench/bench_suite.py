@@ -426,7 +426,8 @@ def load_recipe(path: str | Path | None = None, profile: str | None = None,
 
 def instance_config(recipe: Recipe, inst: Instance, sampler: str, n: int | None = None) -> Config:
     """The validated Config of one (instance, sampler) run: base <- architecture <- sampler's run
-    overrides; `n` replaces the instance's number of samples (the finite-n audit)."""
+    overrides; `n` replaces the instance's number of samples (the finite-n audit). run.restart_scale
+    is 0 (no restart) unless the recipe sets it."""
     raw = copy.deepcopy(recipe.base)
     hidden = list(inst.widths[1:-1])
     for key, value in {
@@ -438,6 +439,9 @@ def instance_config(recipe: Recipe, inst: Instance, sampler: str, n: int | None 
     }.items():
         set_dotted(raw, key, value)
     raw["run"] = deep_merge(raw.get("run", {}), recipe.run.get(sampler, {}))
+    # The over-dispersed restart only where the recipe asks for it: its hash then covers it, and the
+    # rows of recipes written before it existed keep meaning what they meant.
+    raw["run"].setdefault("restart_scale", 0.0)
     if sampler in recipe.sampler:
         raw.setdefault("sampler", {})[sampler] = recipe.sampler[sampler]
     try:

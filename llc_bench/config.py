@@ -126,6 +126,10 @@ class RunConfig:
     # drift test passes (llc_bench.experiment.run_sampler); 0 = one run of num_draws
     target_rel_se: float = 0.0
     max_doublings: int = 3
+    # > 0: when a run is still_spreading, restart its chains at w* + restart_scale·(w_end − w*) and
+    # compare λ̂ (llc_bench.restart): a change flags restart_disagrees, no change withdraws
+    # still_spreading. 0 = no restart (still_spreading then stands).
+    restart_scale: float = 3.0
     out_dir: str = "results"  # each run writes <out_dir>/<run_id>/
 
 
@@ -192,6 +196,7 @@ BOUNDS = {
     "run.seed": "seed", "run.num_chains": "pos", "run.num_burnin_steps": "nonneg",
     "run.num_draws": "pos", "run.num_steps_bw_draws": "pos", "run.num_projections": "nonneg",
     "run.chunk_size": "nonneg", "run.target_rel_se": "nonneg", "run.max_doublings": "nonneg",
+    "run.restart_scale": "nonneg",
 }
 SEED_LIMIT = 2**32
 _BOUND_TEXT = {"pos": "> 0", "nonneg": ">= 0", "unit": "in [0, 1]", "open_unit": "in (0, 1)",

@@ -30,6 +30,7 @@ from llc_bench.health import check_health, step_size_check_summary
 from llc_bench.posterior import Posterior
 from llc_bench.progress import progress_enabled
 from llc_bench.report import print_report
+from llc_bench.restart import run_restart
 from llc_bench.rng import sampler_key, stream_key
 from llc_bench.rules import run_status, usable_chains
 from llc_bench.runner import run_chains_with_state
@@ -73,7 +74,7 @@ def _finite(x) -> float | None:
 
 
 def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | None = None,
-                progress: bool = False, settings=None) -> SamplerRun:
+                progress: bool = False, settings=None, restart: bool = True) -> SamplerRun:
     """Sample one posterior with one sampler and turn the chains into an estimate with diagnostics.
 
     step_size = "auto": llc_bench.curvature.build_algorithm (ε at w*, re-measured where the chains
@@ -83,6 +84,10 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     a longer attempt extends the shorter one's chains exactly. summary["target_rel_se"] records
     every attempt; the summary's work and seconds are those of the final attempt (the cost of
     running it once), summary["target_rel_se"]["grad_evals_all"] the sum over attempts.
+
+    With run.restart_scale > 0 (and `restart`), a run flagged still_spreading is restarted from
+    farther out (llc_bench.restart); summary["restart_check"] records it (None when not run), its cost
+    is not in the summary's grad_evals and seconds.
     """
     spec = get_spec(name)
     settings = settings if settings is not None else cfg.sampler[name]
@@ -115,6 +120,18 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
         check = cross_check(*((estimate, other) if source == "minibatch" else (other, estimate)))
         if cross_check_flag(check) is not None:
             flags.append(cross_check_flag(check))
+    restarted = None
+    if restart and run.restart_scale > 0 and estimate.status != "failed" and any(
+            f.code == "still_spreading" for f in flags):
+        restarted, flag = run_restart(
+            name, algorithm, posterior, states, estimate, seed=run.seed, scale=run.restart_scale,
+            num_chains=run.num_chains, num_burnin_steps=steps.num_burnin_steps, num_draws=num_draws,
+            num_steps_bw_draws=steps.num_steps_bw_draws, num_projections=run.num_projections, source=source,
+            chunk_size=run.chunk_size, devices=chain_devices(run.num_chains), progress=progress)
+        if flag is not None:
+            flags.append(flag)
+        elif restarted["agrees"]:
+            flags = [f for f in flags if f.code != "still_spreading"]
     tree = to_datatree(result, running_at_draws(estimate, result, source))
     conv = convergence(tree)
     if estimate.status != "failed":
@@ -128,6 +145,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     summary.update({key: value for key, (value, _) in checked.items()})
     summary["estimate_from"] = source
     summary["cross_check"] = check
+    summary["restart_check"] = restarted
     summary.update(step)
     summary["target_rel_se"] = None if not attempts else {
         "target": run.target_rel_se, "reached": reached, "num_draws": num_draws, "steps": attempts[-1]["steps"],
@@ -232,7 +250,7 @@ def step_size_check(cfg: Config, name: str, posterior: Posterior, first: Sampler
         return None  # step size is tuned by the sampler itself
     settings = dataclasses.replace(settings, step_size=first.summary["step_size"])  # "auto" as resolved
     half = dataclasses.replace(settings, step_size=settings.step_size / 2)
-    second = run_sampler(cfg, name, posterior, settings=half)
+    second = run_sampler(cfg, name, posterior, settings=half, restart=False)
     return step_size_check_summary(first.estimate.mean, second.estimate.mean,
                                    se_eps=first.estimate.se, se_half=second.estimate.se)
 

@@ -92,8 +92,14 @@ REMEDIES = {
     "still_spreading": (
         "Many more steps (the spread grows only ∝ ε·steps), or larger steps along the flat directions "
         "(sampler curvature_sgld). Until they equilibrate λ̂ may sit near the quadratic value rank(H)/2, "
-        "far below λ; chains spreading along a valley of equal loss read λ correctly, and only a "
-        "longer run tells the two apart."
+        "far below λ; chains spreading along a valley of equal loss read λ correctly. The over-dispersed "
+        "restart (run.restart_scale > 0, on by default) tells the two apart and withdraws this flag "
+        "when λ̂ does not move."
+    ),
+    "restart_disagrees": (
+        "The directions flat at w* have not equilibrated and λ̂ is likely too low (near rank(H)/2 on a "
+        "singular model): many more steps, or a sampler with larger steps along them (curvature_sgld). "
+        "The restart's λ̂ is closer to λ but not converged either."
     ),
     "burnin_too_short": "Increase num_burnin_steps until the trace is flat before the first draw.",
     "spikes": "First decrease ε; also consider if nβ and/or γ are too large.",
@@ -111,7 +117,7 @@ REMEDIES = {
 }
 
 
-def _flag(code: str, message: str, chains=()) -> HealthFlag:
+def make_flag(code: str, message: str, chains=()) -> HealthFlag:
     return HealthFlag(code, message, REMEDIES[code], tuple(int(c) for c in chains))
 
 
@@ -227,7 +233,7 @@ def _spread_flag(spread: np.ndarray, steps: np.ndarray, th: HealthThresholds) ->
         return []
     g, se = out
     if g > th.spread_exponent_max and g > th.spread_z * se:
-        return [_flag(
+        return [make_flag(
             "still_spreading",
             f"‖w − w*‖² still grows like free diffusion (∝ steps^{g:.2f} ± {se:.2f} between the halves of "
             "the draws): directions with little curvature at w* have not equilibrated.",
@@ -269,7 +275,7 @@ def _trend_flags(name: str, x: np.ndarray, loss_at_wstar: float, th: HealthThres
     q3, q4 = x[:, n - 2 * quarter : n - quarter], x[:, n - quarter :]
     shift = window_shift(q3, q4, rise, th.trend_z, th.trend_min_fraction)
     if shift.significant:
-        return [_flag(
+        return [make_flag(
             "not_leveling",
             f"{name}: the last quarter's mean is {shift.diff:.3g} above the quarter before "
             f"({shift.z:.1f} standard errors, {shift.fraction:.0%} "
@@ -278,7 +284,7 @@ def _trend_flags(name: str, x: np.ndarray, loss_at_wstar: float, th: HealthThres
     early = x[:, : max(th.min_window, int(th.early_fraction * n))]
     shift = window_shift(early, late_half, rise, th.trend_z, th.trend_min_fraction)
     if shift.significant:
-        return [_flag(
+        return [make_flag(
             "burnin_too_short",
             f"{name}: the first {early.shape[1]} points after burn-in average {shift.diff:.3g} below the "
             f"last half ({shift.z:.1f} standard errors); the chains were "
@@ -304,14 +310,14 @@ def _drift_flag(name: str, x: np.ndarray, loss_at_wstar: float, th: HealthThresh
     """not_converged: the pooled halves differ (drift_test), or the chains' own halves do (split R̂)."""
     shift = drift_test(x, loss_at_wstar, th.drift_z, th.drift_min_fraction)
     if shift is not None and shift.significant:
-        return [_flag(
+        return [make_flag(
             "not_converged",
             f"{name}: the second half of the draws averages {shift.diff:+.3g} relative to the first "
             f"({shift.z:+.1f} standard errors; λ̂ moves by {shift.fraction:+.1%} between the halves).",
         )]
     rhat = within_chain_split_rhat(x)
     if rhat > th.split_rhat_max:
-        return [_flag(
+        return [make_flag(
             "not_converged",
             f"{name}: within-chain split R̂ = {rhat:.3f} > {th.split_rhat_max:g}: each chain's halves "
             "disagree (the chains still wander, even if their pooled halves agree).",
@@ -329,7 +335,7 @@ def _series_flags(name: str, x: np.ndarray, chains: np.ndarray, loss_at_wstar: f
     spikes = _spike_counts(x, th.spike_k)
     if spikes.any():
         bad = chains[spikes > 0]
-        flags.append(_flag(
+        flags.append(make_flag(
             "spikes",
             f"{name}: {int(spikes.sum())} point(s) jump more than {th.spike_k:g}·log10(N) robust standard "
             f"deviations above the chain's median (chains {bad.tolist()}).",
@@ -341,7 +347,7 @@ def _series_flags(name: str, x: np.ndarray, chains: np.ndarray, loss_at_wstar: f
     below = means < loss_at_wstar - th.below_wstar_z * ses
     if below.any():
         bad = chains[below]
-        flags.append(_flag(
+        flags.append(make_flag(
             "below_wstar",
             f"{name}: chains {bad.tolist()} average {np.min(means[below]) - loss_at_wstar:.3g} "
             f"relative to L_n(w*) = {loss_at_wstar:.6g}, below it by more than "
@@ -353,7 +359,7 @@ def _series_flags(name: str, x: np.ndarray, chains: np.ndarray, loss_at_wstar: f
         variance = float(np.mean(np.var(x, axis=1, ddof=1)))
         noise = float(np.sqrt(max(variance - max(rise, 0.0) / n_beta, 0.0)))
         if rise < th.low_snr_min * noise:
-            flags.append(_flag(
+            flags.append(make_flag(
                 "low_snr",
                 f"{name}: the average rise above L_n(w*) ({rise:.3g}) is smaller than "
                 f"{th.low_snr_min:g}× the within-chain noise ({noise:.3g}, the standard deviation "
@@ -362,7 +368,7 @@ def _series_flags(name: str, x: np.ndarray, chains: np.ndarray, loss_at_wstar: f
 
     rhat = unsplit_rank_rhat(x)
     if rhat > th.rhat_disagree:
-        flags.append(_flag(
+        flags.append(make_flag(
             "chains_disagree",
             f"{name}: chain means {np.array2string(means, precision=4)} differ beyond their "
             f"noise (unsplit rank R̂ = {rhat:.3f} > {th.rhat_disagree:g}).",
@@ -396,7 +402,7 @@ def check_health(result: ChainResult, thresholds: HealthThresholds = HealthThres
     flags: list[HealthFlag] = []
     if bad.any():
         where = {int(c): _first_bad_step(trace[c], int(diverged_at[c])) for c in np.flatnonzero(bad)}
-        flags.append(_flag(
+        flags.append(make_flag(
             "nan",
             f"{int(bad.sum())} of {len(bad)} chains went non-finite (chain: first bad step "
             f"{where}); they are excluded "
@@ -428,7 +434,7 @@ def check_health(result: ChainResult, thresholds: HealthThresholds = HealthThres
     diverging = np.asarray(result.diverging, dtype=bool)[good, result.num_burnin_steps :]
     if diverging.size and diverging.mean() > th.max_divergent_fraction:
         chains = good[diverging.any(axis=1)]
-        flags.append(_flag(
+        flags.append(make_flag(
             "divergences",
             f"{int(diverging.sum())} divergent transitions after burn-in "
             f"({diverging.mean():.2%} of steps; chains {chains.tolist()}).",
@@ -485,7 +491,7 @@ def mala_acceptance(logdensity_and_grad: LogDensityAndGrad, positions, step_size
     mean = float(np.mean(accept))
     flag = None
     if mean < min_accept:
-        flag = _flag(
+        flag = make_flag(
             "mala_low_accept",
             f"mean MALA acceptance of the SGLD proposal is {mean:.2f} < {min_accept:g} "
             "(heuristic threshold): the step is coarse for the local curvature.",
@@ -523,7 +529,7 @@ def step_size_check_summary(llc_eps: float, llc_half: float, *, se_eps: float | 
     flagged = (not np.isfinite(rel) or abs(rel) > max_rel_change) and not noisy
     flag = None
     if flagged:
-        flag = _flag(
+        flag = make_flag(
             "step_size_bias",
             f"λ̂ = {llc_eps:.4g} at ε and {llc_half:.4g} at ε/2: a {rel:+.1%} change "
             f"(more than {max_rel_change:.0%}).",

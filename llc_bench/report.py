@@ -90,6 +90,14 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
         if s.get("mala_accept") is not None:
             console.print(f"{name}: MALA-style acceptance of a full-gradient proposal at this ε: "
                           f"{s['mala_accept']:.2f} (below 0.5 suggests a smaller ε)")
+        restart = s.get("restart_check")
+        if restart and restart.get("llc_restart") is not None:
+            verdict = {True: "agrees: the chains spread along directions λ̂ does not depend on",
+                       False: "DISAGREES: the flat directions have not equilibrated"}[restart["agrees"]]
+            console.print(f"{name}: restart at {restart['scale']:g}× the distance from w*: λ̂ = "
+                          f"{restart['llc_restart']:.4g} ± {restart['se_restart']:.2g} ({verdict})", highlight=False)
+        elif restart:
+            console.print(f"{name}: restart at {restart['scale']:g}× the distance from w* gave no usable chain")
         check = s.get("step_size_check")
         if check:
             console.print(f"{name}: step-size check: λ̂ at ε/2 changed by {100 * check['rel_change']:+.1f}%"

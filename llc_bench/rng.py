@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 # The position of a name is its fold-in index: append new streams, never reorder, or old seeds change.
-STREAMS = ("data", "teacher", "init", "training", "sampling", "projection", "noise")
+STREAMS = ("data", "teacher", "init", "training", "sampling", "projection", "noise", "restart")
 
 
 def stream_key(seed: int, name: str) -> jax.Array:
@@ -22,9 +22,10 @@ def stream_key(seed: int, name: str) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), STREAMS.index(name))
 
 
-def sampler_key(seed: int, name: str) -> jax.Array:
-    """Each sampler's chains get their own stream, stable when other samplers are added or removed."""
-    return jax.random.fold_in(stream_key(seed, "sampling"), zlib.crc32(name.encode()) & 0x7FFFFFFF)
+def sampler_key(seed: int, name: str, stream: str = "sampling") -> jax.Array:
+    """Each sampler's chains get their own stream, stable when other samplers are added or removed
+    (`stream` "restart": the chains of the over-dispersed restart, llc_bench.restart)."""
+    return jax.random.fold_in(stream_key(seed, stream), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 
 def chain_keys(key: jax.Array, num_chains: int) -> jax.Array:

@@ -11,7 +11,7 @@ from llc_bench.types import HealthFlag, Status
 # Every status a run can end with, best first.
 STATUSES = ("ok", "warnings", "not_converged", "diverged", "failed")
 # Flags that say the draws are not yet from the stationary law: a run with one is `not_converged`.
-NOT_CONVERGED_CODES = ("not_leveling", "burnin_too_short", "not_converged", "still_spreading")
+NOT_CONVERGED_CODES = ("not_leveling", "burnin_too_short", "not_converged", "still_spreading", "restart_disagrees")
 
 
 def usable_chains(*series, diverged_at=None) -> np.ndarray:

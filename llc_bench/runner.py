@@ -317,8 +317,11 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
                           num_projections: int = 4, chunk_size: int = 0, progress: bool = True,
                           devices: Sequence[jax.Device] | None = None, draw_fn: DrawFn | None = None,
                           draw_data: Any = None, full_loss_every: int = 1, full_draw_fn: DrawFn | None = None,
-                          executables: dict | None = None):
+                          executables: dict | None = None, initial_positions: jax.Array | None = None):
     """(ChainResult, final sampler states (C, ...)): warm up, burn in, then draw every k steps.
+
+    initial_positions: (C, d) where each chain's warm-up starts (default: every chain at w*); ‖w − w*‖²
+    and L_n(w*) are still measured from w*.
 
     T = num_burnin_steps + num_draws * k steps (k = num_steps_bw_draws); draw d is taken after
     0-based step num_burnin_steps + (d + 1) k − 1, where the full-data L_n and the projections are
@@ -398,7 +401,12 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
 
     keys = chain_keys(rng_key, num_chains)
     w_star = posterior.w_star
-    positions0 = jnp.broadcast_to(w_star, (num_chains, w_star.shape[0]))
+    if initial_positions is None:
+        positions0 = jnp.broadcast_to(w_star, (num_chains, w_star.shape[0]))
+    else:
+        positions0 = jnp.asarray(initial_positions, w_star.dtype)
+        if positions0.shape != (num_chains, w_star.shape[0]):
+            raise ValueError(f"initial_positions must have shape {(num_chains, w_star.shape[0])}, got {positions0.shape}")
     directions = random_directions(keys.projection, w_star.shape[0], num_projections, w_star.dtype)
     chain_index = jnp.arange(num_chains, dtype=jnp.int32)
     if devices is not None:

@@ -1,0 +1,94 @@
+"""The over-dispersed restart: it withdraws still_spreading along level valleys and flags a quartic plateau."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llc_bench.config import from_dict
+from llc_bench.experiment import run_sampler
+from llc_bench.posterior import Posterior
+from llc_bench.restart import RESTART_MIN_FRACTION, RESTART_Z, restart_positions, restart_verdict
+from llc_bench.rules import run_status
+from llc_bench.samplers.sgld import SGLDSettings
+
+CURVED, FLAT, H = 4, 100, 4.0
+
+
+def test_restart_positions_scale_the_displacement_from_w_star():
+    w_star = jnp.array([1.0, -2.0])
+    got = restart_positions(w_star, jnp.array([[1.5, -2.0], [0.0, 0.0]]), 3.0)
+    np.testing.assert_allclose(np.asarray(got), [[2.5, -2.0], [-2.0, 4.0]])
+
+
+def test_restart_verdict_needs_both_significance_and_size():
+    record, flag = restart_verdict(100.0, 1.0, 100.0 + 0.9 * RESTART_Z * math.sqrt(2), 1.0, 3.0)
+    assert record["agrees"] is True and flag is None  # within the noise
+    record, flag = restart_verdict(100.0, 0.01, 100.0 + 0.5 * RESTART_MIN_FRACTION * 100, 0.01, 3.0)
+    assert record["agrees"] is True and flag is None  # significant but immaterial
+    record, flag = restart_verdict(28.0, 0.3, 46.0, 0.8, 3.0)
+    assert record["agrees"] is False and flag.code == "restart_disagrees"
+    assert record["z"] == pytest.approx(18.0 / math.hypot(0.3, 0.8))
+    assert run_status("ok", [flag]) == "not_converged"
+    record, flag = restart_verdict(28.0, 0.3, float("nan"), float("nan"), 3.0)
+    assert record["agrees"] is None and flag is None  # no evidence either way
+
+
+def valley_posterior(quartic: float) -> Posterior:
+    """L = ½ h ‖w₁..₄‖² + quartic · Σ w₅..₁₀₄⁴, γ = 1e-3. quartic = 0: 100 level directions, λ = 2;
+    quartic > 0: directions flat only to second order, λ = 2 + 100/4 = 27, reached only once the
+    chains spread to |w| ~ (nβ·quartic)^(-1/4) ≈ 13 at quartic = 1e-6, about 8× farther than 4,000
+    SGLD steps go (at 2e-5 the rise is already visible in the loss trace, and the trend checks catch it)."""
+
+    def per_sample_loss(w, x, y):
+        value = 0.5 * H * jnp.sum(w[:CURVED] ** 2) + quartic * jnp.sum(w[CURVED:] ** 4)
+        return jnp.full((x.shape[0],), value)
+
+    zeros = jnp.zeros((200, 1))
+    return Posterior.build(per_sample_loss, zeros, zeros, jnp.zeros(CURVED + FLAT), gamma=1e-3)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """SGLD at ε = 0.1/(nβ h) for 500 + 3,500 steps on both posteriors, with the restart."""
+    cfg = from_dict({"run": {"samplers": ["sgld"], "num_chains": 8, "num_burnin_steps": 500, "num_draws": 350,
+                             "num_steps_bw_draws": 10, "restart_scale": 3.0}})
+    out = {}
+    for name, quartic in (("level", 0.0), ("quartic", 1e-6)):
+        post = valley_posterior(quartic)
+        settings = SGLDSettings(step_size=0.1 / (post.n_beta * H), batch_size=10)
+        out[name] = run_sampler(cfg, "sgld", post, settings=settings)
+    return out
+
+
+def test_restart_withdraws_still_spreading_along_level_valleys(runs):
+    """The flat directions never enter the loss: λ̂ = 2 from either start, so the run is ok."""
+    run = runs["level"]
+    restart = run.summary["restart_check"]
+    assert restart is not None and restart["agrees"] is True  # it ran: the chains were still spreading
+    assert abs(restart["llc_restart"] - run.estimate.mean) < 0.1 * run.estimate.mean
+    assert abs(run.estimate.mean - 2.0) < 4 * run.estimate.se + 0.05
+    assert run.summary["status"] == "ok", run.summary["warnings"]
+    assert restart["grad_evals"] > 0 and restart["num_burnin_steps"] == 500
+
+
+def test_restart_flags_a_quartic_plateau(runs):
+    """From w* the quartic directions are still free: λ̂ ≈ 2 + a little, far below λ = 27. Restarted 3×
+    farther out they hold energy the base run never reached: the restart reads higher, not_converged."""
+    run = runs["quartic"]
+    restart = run.summary["restart_check"]
+    assert run.estimate.mean < 6.0  # the plateau (λ = 27)
+    assert restart["agrees"] is False and restart["llc_restart"] > 2 * run.estimate.mean
+    codes = [w.split(":")[0] for w in run.summary["warnings"]]
+    assert "restart_disagrees" in codes and "still_spreading" in codes
+    assert run.summary["status"] == "not_converged"
+
+
+def test_no_restart_when_disabled():
+    cfg = from_dict({"run": {"samplers": ["sgld"], "num_chains": 4, "num_burnin_steps": 200, "num_draws": 100,
+                             "num_steps_bw_draws": 10, "restart_scale": 0.0}})
+    post = valley_posterior(0.0)
+    run = run_sampler(cfg, "sgld", post, settings=SGLDSettings(step_size=0.1 / (post.n_beta * H), batch_size=10))
+    assert run.summary["restart_check"] is None
+    assert "still_spreading" in [w.split(":")[0] for w in run.summary["warnings"]]
