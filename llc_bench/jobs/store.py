@@ -133,7 +133,7 @@ class ResultsStore:
             if stale:
                 aside = ResultsStore(self.stale_path, self.header, self.key, self.added_columns, self.foreign)
                 with aside._open_locked() as out:
-                    aside._repair_and_read(out)
+                    aside._repair_and_read(out, migrate=True)
                     aside._append_to(out, stale)
                 self._rewrite(fh, [r for r in rows if not is_stale(r)])
             return stale
