@@ -218,6 +218,7 @@ def summary_markdown(rows: list[dict[str, Any]], recipe: Recipe | None = None, w
                              f"rank(H)/2 = {_num(r['local_lower'], 'g')}), "
                              f"status {r['status']}" + (f", {r['warnings']}" if r["warnings"] else ""))
     lines += _flag_validity(scored)
+    lines += _restart_lines(scored)
     lines += _unscored_table(others)
     lines += _audit_lines(audit_rows or [], recipe)
     return "\n".join(lines) + "\n"
@@ -254,6 +255,25 @@ def _flag_validity(rows: list[dict[str, Any]]) -> list[str]:
     for e in table:
         lines.append(f"| {e['flag']} | {e['flagged']} | {e['caught']} | {_pct(e['recall'])} | {_pct(e['precision'])} |")
     return lines
+
+
+def _restart_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """How the over-dispersed restart (run.restart_scale) decided, where the recipe asked for it."""
+    restarted = [r for r in rows if math.isfinite(r.get("restart_llc", math.nan))]
+    if not restarted:
+        return []
+    disagree = [r for r in restarted if "restart_disagrees" in r["warnings"].split(";")]
+    agree = [r for r in restarted if r not in disagree]
+
+    def bad(group) -> int:
+        return sum(abs(r["rel_error"]) > BAD_ERROR for r in group if math.isfinite(r["rel_error"]))
+
+    return ["", f"The restart: {len(restarted)} scored rows were still spreading from w* and were restarted farther "
+            "out along their own displacement. "
+            f"On {len(disagree)} λ̂ moved (`restart_disagrees`; {bad(disagree)} of them off by more than "
+            f"{BAD_ERROR:.0%}); on {len(agree)} it did not, and `still_spreading` was withdrawn "
+            f"({bad(agree)} of them off by more than {BAD_ERROR:.0%}). The restart's own λ̂ (`restart_llc`) is "
+            "a signal, not an estimate: its chains may still be coming down from above."]
 
 
 def _unscored_table(rows: list[dict[str, Any]]) -> list[str]:

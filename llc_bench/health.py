@@ -50,8 +50,9 @@ SPLIT_RHAT_MAX = 1.1
 # linear networks: λ̂ flat at 28 for 85,000 steps, truth 86, spread ∝ steps, g ≈ 0.95, every other
 # check quiet). HMC on the same posterior, exploring its flat valleys after its warm-up, has
 # g ≈ 0.1–0.3 with a correct λ̂. g must also exceed SPREAD_Z standard errors (across chains).
-# Not specific: on a DLN scoreboard with automatic-ε SGLD it caught 40 of the 46 rows off by more
-# than 10%, but fired on 78 of 90 rows, since chains also diffuse along flat valleys of equal loss.
+# Not specific on its own: on a DLN scoreboard with automatic-ε SGLD it caught 40 of the 46 rows off
+# by more than 10%, but fired on 78 of 90 rows, since chains also diffuse along valleys of equal
+# loss. llc_bench.restart tells the two apart and withdraws it when λ̂ does not move.
 SPREAD_EXPONENT_MAX = 0.5
 SPREAD_Z = 3.0
 # spikes: a point above median + SPIKE_K · log10(N) robust standard deviations (1.4826 · MAD), N
@@ -99,7 +100,7 @@ REMEDIES = {
     "restart_disagrees": (
         "The directions flat at w* have not equilibrated and λ̂ is likely too low (near rank(H)/2 on a "
         "singular model): many more steps, or a sampler with larger steps along them (curvature_sgld). "
-        "The restart's λ̂ is closer to λ but not converged either."
+        "The restart's λ̂ is no estimate of λ either: its chains may still be coming down from above."
     ),
     "burnin_too_short": "Increase num_burnin_steps until the trace is flat before the first draw.",
     "spikes": "First decrease ε; also consider if nβ and/or γ are too large.",

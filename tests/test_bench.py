@@ -331,3 +331,19 @@ def test_flag_validity_counts_recall_and_precision():
     assert table["low_snr"]["caught"] == 0 and table["not_converged"]["precision"] == 1.0
     text = bench_report.summary_markdown(rows)
     assert "| any flag | 3 | 2 | 66.7% | 66.7% |" in text
+
+
+def test_summary_counts_what_the_restart_decided():
+    """Rows with a restart λ̂ are counted by verdict, with how many of each were off by > 10%."""
+    nan = float("nan")
+    rows = [_row("sgld", "1K-000", 10.0, 0.3, status="not_converged", warnings="restart_disagrees;still_spreading",
+                 restart_llc=40.0),  # plateau caught
+            _row("sgld", "1K-001", 10.0, 1.08, status="not_converged", warnings="restart_disagrees;still_spreading",
+                 restart_llc=12.0),  # moved, within 10%
+            _row("sgld", "1K-002", 10.0, 1.01, status="ok", restart_llc=10.1),  # level valley: withdrawn
+            _row("sgld", "1K-003", 10.0, 0.5, status="ok", restart_llc=5.1),  # agreed, yet wrong
+            _row("sgld", "1K-004", 10.0, 1.0, status="ok", restart_llc=nan)]  # not restarted
+    text = bench_report.summary_markdown(rows)
+    assert ("4 scored rows were still spreading" in text and "On 2 λ̂ moved (`restart_disagrees`; 1 of them" in text
+            and "on 2 it did not, and `still_spreading` was withdrawn (1 of them" in text)
+    assert "The restart:" not in bench_report.summary_markdown(rows[-1:])

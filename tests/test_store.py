@@ -134,6 +134,18 @@ def test_only_declared_new_columns_are_migrated(tmp_path):
         ResultsStore(path, ["id", "sampler", "x", "new", "newer"], key=("id", "sampler")).read()
 
 
+def test_rows_moved_aside_to_an_older_stale_file_migrate_it_first(tmp_path):
+    """A .stale.csv written before a column was added gains it before new stale rows are appended."""
+    path, stale = tmp_path / "r.csv", tmp_path / "r.stale.csv"
+    path.write_text("id,sampler,x\na,s,1\nb,s,2\n")
+    stale.write_text("id,sampler,x\nz,s,0\n")
+    store = ResultsStore(path, ["id", "sampler", "x", "new"], key=("id", "sampler"), added_columns=("new",))
+    moved = store.move_aside(lambda r: r["id"] == "a")
+    assert [r["id"] for r in moved] == ["a"]
+    assert stale.read_text() == "id,sampler,x,new\nz,s,0,\na,s,1,\n"
+    assert path.read_text() == "id,sampler,x,new\nb,s,2,\n"
+
+
 @pytest.mark.parametrize("name", ["dln_scoreboard.csv", "sg_auto/dln_scoreboard.csv",
                                   "sg_curvature/dln_scoreboard.csv", "finite_n_audit.csv"])
 def test_committed_scoreboards_resume_and_gain_only_the_new_columns(name, tmp_path):
