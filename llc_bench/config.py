@@ -129,7 +129,7 @@ class RunConfig:
     # > 0: when a run is still_spreading, restart its chains at w* + restart_scale·(w_end − w*) and
     # compare λ̂ (llc_bench.restart): a change flags restart_disagrees, no change withdraws
     # still_spreading. 0 = no restart (still_spreading then stands).
-    restart_scale: float = 5.0
+    restart_scale: float = 10.0
     out_dir: str = "results"  # each run writes <out_dir>/<run_id>/
 
 
