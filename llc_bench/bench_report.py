@@ -263,7 +263,8 @@ def _restart_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not restarted:
         return []
     disagree = [r for r in restarted if "restart_disagrees" in r["warnings"].split(";")]
-    agree = [r for r in restarted if r not in disagree]
+    agree = [r for r in restarted if r not in disagree and "still_spreading" not in r["warnings"].split(";")]
+    unclear = [r for r in restarted if r not in disagree and r not in agree]
 
     def bad(group) -> int:
         return sum(abs(r["rel_error"]) > BAD_ERROR for r in group if math.isfinite(r["rel_error"]))
@@ -271,9 +272,11 @@ def _restart_lines(rows: list[dict[str, Any]]) -> list[str]:
     return ["", f"The restart: {len(restarted)} scored rows were still spreading from w* and were restarted farther "
             "out along their own displacement. "
             f"On {len(disagree)} λ̂ moved (`restart_disagrees`; {bad(disagree)} of them off by more than "
-            f"{BAD_ERROR:.0%}); on {len(agree)} it did not, and `still_spreading` was withdrawn "
-            f"({bad(agree)} of them off by more than {BAD_ERROR:.0%}). The restart's own λ̂ (`restart_llc`) is "
-            "a signal, not an estimate: its chains may still be coming down from above."]
+            f"{BAD_ERROR:.0%}); on {len(agree)} it was shown not to move, and `still_spreading` was withdrawn "
+            f"({bad(agree)} of them off by more than {BAD_ERROR:.0%}); on {len(unclear)} the restart was too noisy "
+            f"to tell and `still_spreading` stands ({bad(unclear)} of them off by more than {BAD_ERROR:.0%}). "
+            "The restart's own λ̂ (`restart_llc`) is a signal, not an estimate: its chains may still be coming "
+            "down from above."]
 
 
 def _unscored_table(rows: list[dict[str, Any]]) -> list[str]:

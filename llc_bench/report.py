@@ -93,7 +93,8 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
         restart = s.get("restart_check")
         if restart and restart.get("llc_restart") is not None:
             verdict = {True: "agrees: the chains spread along directions λ̂ does not depend on",
-                       False: "DISAGREES: the flat directions have not equilibrated"}[restart["agrees"]]
+                       False: "DISAGREES: the flat directions have not equilibrated",
+                       None: "inconclusive: too noisy to tell; still_spreading stands"}[restart["agrees"]]
             console.print(f"{name}: restart at {restart['scale']:g}× the distance from w*: λ̂ = "
                           f"{restart['llc_restart']:.4g} ± {restart['se_restart']:.2g} ({verdict})", highlight=False)
         elif restart:

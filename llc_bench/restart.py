@@ -12,17 +12,23 @@ inside one run:
 
 Gelman and Rubin's remedy for chains that all started in one place is to start them over-dispersed.
 The restart does so along exactly the directions in question: each chain c is started again at
-w* + s·(w_c − w*), w_c its final position and s = run.restart_scale (5 by default: 25× the
+w* + s·(w_c − w*), w_c its final position and s = run.restart_scale (10 by default: 100× the
 spread), and burned in and drawn as long as the original (so the check costs a second run). In a
 level valley the restarted chains come back to the same λ̂; on a plateau they start where the
 higher-order terms bind and read a higher one. The missing directions of a depth-L network rise
-only at order 2L, so deeper networks need a larger s: on an eight-layer network s = 3 read 65.3
-against 64.1 (λ = 263), s = 5 read 101 and 96.
+only at order 2L, so deeper networks need a larger s. Measured with automatic-ε SGLD on deep linear
+networks: an eight-layer plateau (λ = 263, reading 64.1) read 65.3 from s = 3 and 101 from s = 5;
+three deep 10K-parameter instances with λ ≈ 1.2–1.3 · rank(H)/2 read the same λ̂ from s = 5, two of
+them checked at s = 10 moved (126.7 → 453, 176.7 → 590), while instances with λ = rank(H)/2 (level
+valleys) agreed at s = 10 (280.6 / 285.3, 346.0 / 347.0, 69.5 / 68.2).
 
 The verdict (restart_verdict): the two λ̂ differ by more than RESTART_Z combined standard errors
-AND by more than RESTART_MIN_FRACTION of λ̂: flag `restart_disagrees` (not converged). Otherwise
-the spreading is along directions λ̂ does not depend on, and the run's `still_spreading` flag is
-withdrawn (llc_bench.experiment.run_sampler). A restart with no usable chain decides nothing.
+AND by more than RESTART_MIN_FRACTION of λ̂: flag `restart_disagrees` (not converged). They agree
+when the difference plus RESTART_EQUIV_Z combined standard errors is within RESTART_MIN_FRACTION of
+λ̂: the spreading is along directions λ̂ does not depend on, and the run's `still_spreading` flag is
+withdrawn (llc_bench.experiment.run_sampler). Anything in between (a restart too noisy to tell: its
+chains start far out and may still be coming down) and a restart with no usable chain decide
+nothing: `still_spreading` stands.
 """
 
 from __future__ import annotations
@@ -49,8 +55,12 @@ from llc_bench.types import HealthFlag, LLCEstimate
 # linear network with λ = rank(H)/2: after 0.2 of it the restart's draws still fell from 326 to 279,
 # against 280 from w*).
 RESTART_BURNIN_FRACTION = 1.0
-# Thresholds of the two-sample comparison (each λ̂ with its own autocorrelation-aware SE).
+# Thresholds of the two-sample comparison (each λ̂ with its own autocorrelation-aware SE). Disagree:
+# the difference exceeds RESTART_Z combined SEs and RESTART_MIN_FRACTION of λ̂. Agree (an equivalence
+# test, so that a restart too noisy to tell withdraws nothing): the difference plus RESTART_EQUIV_Z
+# combined SEs stays within RESTART_MIN_FRACTION of λ̂. Neither: inconclusive.
 RESTART_Z = 4.0
+RESTART_EQUIV_Z = 2.0
 RESTART_MIN_FRACTION = 0.05
 
 
@@ -61,18 +71,24 @@ def restart_positions(w_star: jax.Array, positions: jax.Array, scale: float) -> 
 
 
 def restart_verdict(llc: float, se: float, llc_restart: float, se_restart: float, scale: float,
-                    z: float = RESTART_Z, min_fraction: float = RESTART_MIN_FRACTION
-                    ) -> tuple[dict[str, Any], HealthFlag | None]:
+                    z: float = RESTART_Z, min_fraction: float = RESTART_MIN_FRACTION,
+                    equiv_z: float = RESTART_EQUIV_Z) -> tuple[dict[str, Any], HealthFlag | None]:
     """(JSON-ready record, `restart_disagrees` flag or None) of λ̂ against the restart's λ̂.
 
-    agrees: True (the two differ by at most z combined SEs or at most min_fraction of |λ̂|), False
-    (flagged), None (a non-finite side: no evidence either way, nothing flagged)."""
+    agrees: False (flagged) when |difference| > z combined SEs and > min_fraction of |λ̂|; True when
+    |difference| + equiv_z combined SEs <= min_fraction of |λ̂| (the two are shown equal to within
+    that fraction); otherwise None, as for a non-finite side: no evidence either way, nothing flagged
+    and nothing withdrawn."""
     finite = all(math.isfinite(float(v)) for v in (llc, se, llc_restart, se_restart))
     diff = float(llc_restart) - float(llc) if finite else math.nan
     combined = float(np.hypot(se, se_restart)) if finite else math.nan
     agrees = None
     if finite:
-        agrees = not (abs(diff) > z * combined and abs(diff) > min_fraction * abs(float(llc)))
+        tolerance = min_fraction * abs(float(llc))
+        if abs(diff) > z * combined and abs(diff) > tolerance:
+            agrees = False
+        elif abs(diff) + equiv_z * combined <= tolerance:
+            agrees = True
     record = {"scale": float(scale), "llc": float(llc), "llc_restart": float(llc_restart) if finite else None,
               "se_restart": float(se_restart) if finite else None, "diff": diff if finite else None,
               "z": diff / combined if finite and combined > 0 else None, "agrees": agrees}

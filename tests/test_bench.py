@@ -342,8 +342,11 @@ def test_summary_counts_what_the_restart_decided():
                  restart_llc=12.0),  # moved, within 10%
             _row("sgld", "1K-002", 10.0, 1.01, status="ok", restart_llc=10.1),  # level valley: withdrawn
             _row("sgld", "1K-003", 10.0, 0.5, status="ok", restart_llc=5.1),  # agreed, yet wrong
+            _row("sgld", "1K-005", 10.0, 0.4, status="not_converged", warnings="still_spreading",
+                 restart_llc=60.0),  # too noisy to tell
             _row("sgld", "1K-004", 10.0, 1.0, status="ok", restart_llc=nan)]  # not restarted
     text = bench_report.summary_markdown(rows)
-    assert ("4 scored rows were still spreading" in text and "On 2 λ̂ moved (`restart_disagrees`; 1 of them" in text
-            and "on 2 it did not, and `still_spreading` was withdrawn (1 of them" in text)
+    assert ("5 scored rows were still spreading" in text and "On 2 λ̂ moved (`restart_disagrees`; 1 of them" in text
+            and "on 2 it was shown not to move, and `still_spreading` was withdrawn (1 of them" in text
+            and "on 1 the restart was too noisy to tell and `still_spreading` stands (1 of them" in text)
     assert "The restart:" not in bench_report.summary_markdown(rows[-1:])

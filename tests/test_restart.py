@@ -24,9 +24,13 @@ def test_restart_positions_scale_the_displacement_from_w_star():
 
 def test_restart_verdict_needs_both_significance_and_size():
     record, flag = restart_verdict(100.0, 1.0, 100.0 + 0.9 * RESTART_Z * math.sqrt(2), 1.0, 3.0)
-    assert record["agrees"] is True and flag is None  # within the noise
+    assert record["agrees"] is None and flag is None  # 5.1% apart, within the noise: undecided
+    record, flag = restart_verdict(100.0, 0.5, 101.0, 0.5, 3.0)
+    assert record["agrees"] is True and flag is None  # 1 + 2·0.71 <= 5: shown equal within 5%
     record, flag = restart_verdict(100.0, 0.01, 100.0 + 0.5 * RESTART_MIN_FRACTION * 100, 0.01, 3.0)
     assert record["agrees"] is True and flag is None  # significant but immaterial
+    record, flag = restart_verdict(20.7, 0.2, 599.0, 300.0, 10.0)
+    assert record["agrees"] is None and flag is None  # a restart far too noisy withdraws nothing
     record, flag = restart_verdict(28.0, 0.3, 46.0, 0.8, 3.0)
     assert record["agrees"] is False and flag.code == "restart_disagrees"
     assert record["z"] == pytest.approx(18.0 / math.hypot(0.3, 0.8))
@@ -51,8 +55,9 @@ def valley_posterior(quartic: float) -> Posterior:
 
 @pytest.fixture(scope="module")
 def runs():
-    """SGLD at ε = 0.1/(nβ h) for 500 + 3,500 steps on both posteriors, with the restart."""
-    cfg = from_dict({"run": {"samplers": ["sgld"], "num_chains": 8, "num_burnin_steps": 500, "num_draws": 350,
+    """SGLD at ε = 0.1/(nβ h) for 500 + 3,500 steps on both posteriors, with the restart; 64 chains so
+    that the level valley's two λ̂ (≈ 2) are resolved to the equivalence test's 5%."""
+    cfg = from_dict({"run": {"samplers": ["sgld"], "num_chains": 64, "num_burnin_steps": 500, "num_draws": 350,
                              "num_steps_bw_draws": 10, "restart_scale": 3.0}})
     out = {}
     for name, quartic in (("level", 0.0), ("quartic", 1e-6)):
