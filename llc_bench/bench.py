@@ -184,6 +184,7 @@ def result_row(inst: Instance, sampler: str, summary: dict, *, n_beta: float, da
                recipe_hash: str, record: WellPosedness | None = None) -> dict[str, str]:
     """One CSV row from run_sampler's summary dict (rel_error is against `truth`, empty when unknown)."""
     codes = sorted({w.split(":", 1)[0] for w in summary.get("warnings", [])})
+    restart = summary.get("restart_check") or {}
     row = {
         "instance": inst.name, "class": inst.size_class, "widths": "-".join(map(str, inst.widths)),
         "rank": inst.rank, "generator": inst.generator, "truth": None, "sampler": sampler,
@@ -195,8 +196,7 @@ def result_row(inst: Instance, sampler: str, summary: dict, *, n_beta: float, da
         "d": inst.d, "n": inst.n, "n_beta": n_beta, "compile_s": summary.get("compile_s"),
         "chains_used": summary.get("chains_used"), "data_rows": data_rows,
         "warnings": ";".join(codes), "recipe": recipe_hash,
-        "restart_llc": (summary.get("restart_check") or {}).get("llc_restart"),
-        "restart_se": (summary.get("restart_check") or {}).get("se_restart"),
+        "restart_llc": restart.get("llc_restart"), "restart_se": restart.get("se_restart"),
     }
     return {k: _fmt(row.get(k)) for k in COLUMNS}
 

@@ -262,9 +262,11 @@ def _restart_lines(rows: list[dict[str, Any]]) -> list[str]:
     restarted = [r for r in rows if math.isfinite(r.get("restart_llc", math.nan))]
     if not restarted:
         return []
-    disagree = [r for r in restarted if "restart_disagrees" in r["warnings"].split(";")]
-    agree = [r for r in restarted if r not in disagree and "still_spreading" not in r["warnings"].split(";")]
-    unclear = [r for r in restarted if r not in disagree and r not in agree]
+    def outcome(r) -> str:
+        codes = r["warnings"].split(";")
+        return "disagree" if "restart_disagrees" in codes else "unclear" if "still_spreading" in codes else "agree"
+
+    disagree, agree, unclear = ([r for r in restarted if outcome(r) == o] for o in ("disagree", "agree", "unclear"))
 
     def bad(group) -> int:
         return sum(abs(r["rel_error"]) > BAD_ERROR for r in group if math.isfinite(r["rel_error"]))
