@@ -33,7 +33,7 @@ from llc_bench.report import print_report
 from llc_bench.restart import run_restart
 from llc_bench.rng import sampler_key, stream_key
 from llc_bench.rules import run_status, usable_chains
-from llc_bench.runner import run_chains_with_state
+from llc_bench.runner import start_chains
 from llc_bench.samplers import SAMPLER_NAMES, get_spec
 from llc_bench.samplers.base import STEP_EPSILON
 from llc_bench.target import build_target
@@ -80,10 +80,9 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     step_size = "auto": llc_bench.curvature.build_algorithm (ε at w*, re-measured where the chains
     are after burn-in; what it measured goes into the summary). With run.target_rel_se > 0
     the draws are doubled (at most run.max_doublings times) until SE(λ̂)/|λ̂| <= target_rel_se and
-    the run is not `not_converged`; each attempt reruns the chains from w* with the same keys, so
-    a longer attempt extends the shorter one's chains exactly. summary["target_rel_se"] records
-    every attempt; the summary's work and seconds are those of the final attempt (the cost of
-    running it once), summary["target_rel_se"]["grad_evals_all"] the sum over attempts.
+    the run is not `not_converged`; each doubling draws on from where the chains stopped
+    (runner.LiveChains.extend), so the final attempt is exactly one run of its length and costs
+    no more. summary["target_rel_se"] records every attempt.
 
     With run.restart_scale > 0 (and `restart`), a run flagged still_spreading is restarted from
     farther out (llc_bench.restart); summary["restart_check"] records it (None when not run), its cost
@@ -95,12 +94,12 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     run, steps = cfg.run, cfg.schedule[name]
     num_draws, attempts = steps.num_draws, []
     source = resolve_source(run.estimate_from, name)
+    chains = start_chains(name, algorithm, posterior, sampler_key(run.seed, name), num_chains=run.num_chains,
+                          num_burnin_steps=steps.num_burnin_steps, num_draws=num_draws,
+                          num_steps_bw_draws=steps.num_steps_bw_draws, num_projections=run.num_projections,
+                          chunk_size=run.chunk_size, progress=progress, devices=chain_devices(run.num_chains))
     while True:
-        result, states = run_chains_with_state(name, algorithm, posterior, sampler_key(run.seed, name),
-                            num_chains=run.num_chains, num_burnin_steps=steps.num_burnin_steps,
-                            num_draws=num_draws, num_steps_bw_draws=steps.num_steps_bw_draws,
-                            num_projections=run.num_projections, chunk_size=run.chunk_size,
-                            progress=progress, devices=chain_devices(run.num_chains))
+        result, states = chains.result, chains.states
         estimate = estimate_from_result(result, source)
         flags = check_health(result, estimate_from=source)
         if run.target_rel_se <= 0:
@@ -114,6 +113,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
         if reached or status in ("failed", "diverged") or len(attempts) > run.max_doublings:
             break
         num_draws *= 2
+        chains = chains.extend(num_draws)
     check = None
     if resolve_source("auto", name) == "minibatch":  # SG: the per-step and the full-data λ̂ check each other
         other = estimate_from_result(result, "full" if source == "minibatch" else "minibatch")
@@ -149,7 +149,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     summary.update(step)
     summary["target_rel_se"] = None if not attempts else {
         "target": run.target_rel_se, "reached": reached, "num_draws": num_draws, "steps": attempts[-1]["steps"],
-        "grad_evals_all": sum(a["grad_evals"] for a in attempts), "attempts": attempts}
+        "attempts": attempts}
     return SamplerRun(name, result, estimate, tree, conv, flags, summary)
 
 

@@ -303,7 +303,7 @@ def run_chains(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: j
                devices: Sequence[jax.Device] | None = None, draw_fn: DrawFn | None = None,
                draw_data: Any = None, full_loss_every: int = 1, full_draw_fn: DrawFn | None = None,
                executables: dict | None = None) -> ChainResult:
-    """Warm up and run `num_chains` vmapped chains from w*; see `run_chains_with_state`."""
+    """Warm up and run `num_chains` vmapped chains from w*; see `start_chains`."""
     return run_chains_with_state(
         name, algorithm, posterior, rng_key, num_chains=num_chains, num_burnin_steps=num_burnin_steps,
         num_draws=num_draws, num_steps_bw_draws=num_steps_bw_draws, num_projections=num_projections,
@@ -311,14 +311,15 @@ def run_chains(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: j
         full_loss_every=full_loss_every, full_draw_fn=full_draw_fn, executables=executables)[0]
 
 
-# Over 80 lines with its docstring, which documents the schedule, the draw functions and sharding; the body is 75.
-def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: jax.Array, *,
-                          num_chains: int, num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int,
-                          num_projections: int = 4, chunk_size: int = 0, progress: bool = True,
-                          devices: Sequence[jax.Device] | None = None, draw_fn: DrawFn | None = None,
-                          draw_data: Any = None, full_loss_every: int = 1, full_draw_fn: DrawFn | None = None,
-                          executables: dict | None = None, initial_positions: jax.Array | None = None):
-    """(ChainResult, final sampler states (C, ...)): warm up, burn in, then draw every k steps.
+# Over 80 lines with its docstring, which documents the schedule, the draw functions and sharding.
+def start_chains(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: jax.Array, *,
+                 num_chains: int, num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int,
+                 num_projections: int = 4, chunk_size: int = 0, progress: bool = True,
+                 devices: Sequence[jax.Device] | None = None, draw_fn: DrawFn | None = None,
+                 draw_data: Any = None, full_loss_every: int = 1, full_draw_fn: DrawFn | None = None,
+                 executables: dict | None = None, initial_positions: jax.Array | None = None) -> LiveChains:
+    """LiveChains (its ChainResult, the final sampler states, and `extend` to draw more): warm up,
+    burn in, then draw every k steps.
 
     initial_positions: (C, d) where each chain's warm-up starts (default: every chain at w*); ‖w − w*‖²
     and L_n(w*) are still measured from w*.
@@ -409,6 +410,7 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
             raise ValueError(f"initial_positions must have shape {(num_chains, w_star.shape[0])}, got {positions0.shape}")
     directions = random_directions(keys.projection, w_star.shape[0], num_projections, w_star.dtype)
     chain_index = jnp.arange(num_chains, dtype=jnp.int32)
+    per_chain = None
     if devices is not None:
         # The compiled chunks inherit these placements, so chains stay on their devices throughout.
         per_chain, replicated = chain_shardings(devices, num_chains)
@@ -417,11 +419,9 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
         keys = ChainKeys(*per_chain_keys, keys.projection)
         posterior, hyper, directions, draw_data = jax.device_put((posterior, hyper, directions, draw_data), replicated)
 
-    def compiled(fn, *args, name):
-        return _compile(fn, *args, executables=executables, name=name)
-
     with Bar(f"{name}: warm-up", total_steps, progress_enabled(progress)) as bar:
-        warmup, compile_s = compiled(_warmup_fn(algorithm), posterior, hyper, keys.warmup, positions0, name="warmup")
+        warmup, compile_s = _compile(_warmup_fn(algorithm), posterior, hyper, keys.warmup, positions0,
+                                     executables=executables, name="warmup")
         (state, params, warmup_work), warmup_s = _timed(warmup, posterior, hyper, keys.warmup, positions0)
         bar.describe(f"{name}: sampling")
 
@@ -430,50 +430,146 @@ def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior,
         finite0 = jnp.all(jnp.isfinite(jax.vmap(algorithm.position)(state)), axis=1)
         carry = _Carry(state, jnp.where(finite0, -1, 0).astype(jnp.int32))
 
-        burn_infos, wall_s = [], 0.0
+        burn_trace, wall_s = None, 0.0
         if plan.burn_count:
-            burn, seconds = compiled(_burnin_chunk_fn(algorithm, plan.burn_len, num_burnin_steps), carry, jnp.int32(0),
-                                     consts, name=("burnin", plan.burn_len, num_burnin_steps))
+            burn, seconds = _compile(_burnin_chunk_fn(algorithm, plan.burn_len, num_burnin_steps), carry, jnp.int32(0),
+                                     consts, executables=executables, name=("burnin", plan.burn_len, num_burnin_steps))
             compile_s += seconds
             carry, burn_infos, wall_s = _run_chunks(burn, carry, consts, plan.burn_count, plan.burn_len, 1,
                                                     num_burnin_steps, bar)
+            burn_trace = _stack(burn_infos, num_burnin_steps)
 
         if algorithm.end_burnin is not None:
             # e.g. RMSProp-SGLD freezes its preconditioner: the draws see a constant sampler
-            end_burnin, seconds = compiled(_end_burnin_fn(algorithm), posterior, hyper, carry.state, name="end_burnin")
+            end_burnin, seconds = _compile(_end_burnin_fn(algorithm), posterior, hyper, carry.state,
+                                           executables=executables, name="end_burnin")
             compile_s += seconds
             carry = carry._replace(state=end_burnin(posterior, hyper, carry.state))
         if algorithm.retune is not None:
             # host-side, e.g. step_size = "auto" re-measured where the chains are (its own timing)
             params = algorithm.retune(carry.state, params, np.asarray(carry.diverged_at) < 0)
-            if devices is not None:
+            if per_chain is not None:
                 params = jax.device_put(params, per_chain)
             consts = consts._replace(params=params)
 
-        blocks = plan.blocks
-        draw, seconds = compiled(
-            _draw_chunk_fn(algorithm, blocks, k, num_burnin_steps, total_steps, draw_fn, plan.every, full_draw_fn),
-            carry, jnp.int32(0), consts,
-            name=("draw", blocks, k, num_burnin_steps, total_steps, plan.every, draw_fn is None, full_draw_fn is None))
-        compile_s += seconds
-        carry, outputs, seconds = _run_chunks(draw, carry, consts, plan.draw_count, blocks, k,
-                                              total_steps - num_burnin_steps, bar)
-        wall_s += seconds
+        baseline, _ = _baseline(posterior, num_chains, executables)
+        fixed = _Fixed(name, algorithm, consts, executables, num_chains, num_burnin_steps, num_steps_bw_draws,
+                       chunk_size, full_loss_every, draw_fn, full_draw_fn, progress, burn_trace,
+                       np.asarray(warmup_work, np.float64).reshape(num_chains), baseline, n_beta,
+                       summarize_tuned(params))
+        carry, phase, seconds, compiled_s = _draw_phase(fixed, carry, first_block=0, num_blocks=plan.num_blocks,
+                                                        blocks=plan.blocks, count=plan.draw_count, k=k,
+                                                        every=plan.every, total_steps=total_steps, bar=bar)
+    return LiveChains(fixed, carry, (phase,), num_draws, plan.kept, k,
+                      {"wall_s": wall_s + seconds, "warmup_s": warmup_s, "compile_s": compile_s + compiled_s})
 
-    baseline, _ = _baseline(posterior, num_chains, executables)
-    result = _assemble(name, plan, num_chains, num_burnin_steps, num_draws, burn_infos, outputs, carry, warmup_work,
-                       loss_at_wstar=baseline, n_beta=n_beta, wall_s=wall_s, warmup_s=warmup_s,
-                       compile_s=compile_s, tuned=summarize_tuned(params), draw_fn=draw_fn, full_draw_fn=full_draw_fn)
-    return result, carry.state
+
+def run_chains_with_state(name: str, algorithm: Algorithm, posterior: Posterior, rng_key: jax.Array,
+                          **options) -> tuple[ChainResult, Any]:
+    """(ChainResult, final sampler states (C, ...)) of `start_chains` (the same arguments)."""
+    live = start_chains(name, algorithm, posterior, rng_key, **options)
+    return live.result, live.states
+
+
+class _Fixed(NamedTuple):
+    """What every draw phase of one set of chains shares (start_chains sets it; LiveChains.extend reuses it)."""
+
+    name: str
+    algorithm: Algorithm
+    consts: _Consts
+    executables: dict
+    num_chains: int
+    num_burnin_steps: int
+    num_steps_bw_draws: int
+    chunk_size: int
+    full_loss_every: int
+    draw_fn: DrawFn | None
+    full_draw_fn: DrawFn | None
+    progress: bool
+    burn_trace: StepInfo | None  # (num_burnin_steps, C) per array, None without burn-in
+    warmup_work: np.ndarray  # (C,)
+    baseline: float  # L_n(w*) as the draws compute it
+    n_beta: float
+    tuned: dict
+
+
+class _Phase(NamedTuple):
+    """One draw phase's host outputs, padding dropped: StepInfo (steps, C), then (blocks, C, ...) per block."""
+
+    trace: StepInfo
+    loss: np.ndarray
+    projections: np.ndarray
+    spread: np.ndarray
+    extras: Any
+    full_extras: Any
+
+
+class LiveChains:
+    """Chains stopped after their last draw, ready to draw more.
+
+    result: the ChainResult so far; states: the sampler states (C, ...). extend(num_draws) runs the
+    chains on from where they stopped, with the keys of the steps that follow, to num_draws draws in
+    all. The extended result equals that of one run of num_draws draws (the same keys, step for
+    step), and costs only the new steps: doubling the draws of a run this way costs one run, not two.
+    """
+
+    def __init__(self, fixed: _Fixed, carry: _Carry, phases: tuple[_Phase, ...], num_draws: int, kept: np.ndarray,
+                 k: int, timings: dict):
+        self._fixed, self._carry, self._phases, self._timings = fixed, carry, phases, timings
+        self.num_draws = num_draws
+        self.states = carry.state
+        self.result = _assemble(fixed, phases, carry, num_draws, kept, k, timings)
+
+    def extend(self, num_draws: int) -> LiveChains:
+        fixed = self._fixed
+        if fixed.full_loss_every != 1:
+            raise ValueError("extend needs full_loss_every = 1 (a draw of every block)")
+        if num_draws <= self.num_draws:
+            raise ValueError(f"extend needs more than the {self.num_draws} draws already taken, got {num_draws}")
+        k = fixed.num_steps_bw_draws
+        total_steps = fixed.num_burnin_steps + num_draws * k
+        new_blocks = num_draws - self.num_draws
+        target = fixed.chunk_size if fixed.chunk_size > 0 else max(1, math.ceil(new_blocks * k / _AUTO_CHUNKS))
+        blocks, count = chunk_plan(new_blocks, max(1, target // k))
+        with Bar(f"{fixed.name}: more draws", new_blocks * k, progress_enabled(fixed.progress)) as bar:
+            carry, phase, seconds, compile_s = _draw_phase(
+                fixed, self._carry, first_block=self.num_draws, num_blocks=new_blocks, blocks=blocks, count=count,
+                k=k, every=1, total_steps=total_steps, bar=bar)
+        timings = dict(self._timings, wall_s=self._timings["wall_s"] + seconds,
+                       compile_s=self._timings["compile_s"] + compile_s)
+        return LiveChains(fixed, carry, self._phases + (phase,), num_draws, np.arange(num_draws), k, timings)
+
+
+def _draw_phase(fixed: _Fixed, carry: _Carry, *, first_block: int, num_blocks: int, blocks: int, count: int, k: int,
+                every: int, total_steps: int, bar: Bar) -> tuple[_Carry, _Phase, float, float]:
+    """Draw blocks first_block .. first_block + num_blocks − 1 in `count` chunks of `blocks`:
+    (carry, the phase's outputs, seconds, compile seconds)."""
+    draw_fn, full_draw_fn = fixed.draw_fn, fixed.full_draw_fn
+    draw, compile_s = _compile(
+        _draw_chunk_fn(fixed.algorithm, blocks, k, fixed.num_burnin_steps, total_steps, draw_fn, every, full_draw_fn),
+        carry, jnp.int32(0), fixed.consts, executables=fixed.executables,
+        name=("draw", blocks, k, fixed.num_burnin_steps, total_steps, every, draw_fn is None, full_draw_fn is None))
+    steps = total_steps - fixed.num_burnin_steps - first_block * k
+    carry, outputs, seconds = _run_chunks(draw, carry, fixed.consts, count, blocks, k, steps, bar, start=first_block)
+    infos, loss, proj, spread, extras, full_extras = zip(*outputs, strict=True)
+
+    def cut(*chunks):
+        return np.concatenate(chunks)[:num_blocks]
+
+    trace = _stack([jax.tree.map(lambda a: a.reshape(blocks * k, fixed.num_chains), info) for info in infos], steps)
+    phase = _Phase(trace, cut(*loss), cut(*proj), cut(*spread),
+                   None if draw_fn is None else jax.tree.map(cut, *extras),
+                   None if full_draw_fn is None else jax.tree.map(cut, *full_extras))
+    return carry, phase, seconds, compile_s
 
 
 def _run_chunks(fn, carry: _Carry, consts: _Consts, count: int, length: int, steps_per_item: int, steps: int,
-                bar: Bar) -> tuple[_Carry, list, float]:
-    """Call chunk `fn` `count` times (chunk c starts at item c · length; an item is steps_per_item
+                bar: Bar, start: int = 0) -> tuple[_Carry, list, float]:
+    """Call chunk `fn` `count` times (chunk c starts at item start + c · length; an item is steps_per_item
     steps of the phase's `steps`): (carry, host copies of each chunk's outputs, seconds)."""
     outputs, wall_s = [], 0.0
     for c in range(count):
-        (carry, out), seconds = _timed(fn, carry, jnp.int32(c * length), consts)
+        (carry, out), seconds = _timed(fn, carry, jnp.int32(start + c * length), consts)
         wall_s += seconds
         outputs.append(jax.tree.map(np.asarray, out))
         bar.advance(min(length * steps_per_item, steps - c * length * steps_per_item))
@@ -481,7 +577,7 @@ def _run_chunks(fn, carry: _Carry, consts: _Consts, count: int, length: int, ste
 
 
 class _Plan(NamedTuple):
-    """How run_chains_with_state cuts its steps: chunks of burn-in steps, then chunks of draw blocks."""
+    """How start_chains cuts its steps: chunks of burn-in steps, then chunks of draw blocks."""
 
     total_steps: int
     k: int  # steps per draw block
@@ -489,6 +585,7 @@ class _Plan(NamedTuple):
     kept: np.ndarray  # the blocks whose draw is returned
     burn_len: int
     burn_count: int
+    num_blocks: int  # draw blocks in all (the last may be partly padding)
     blocks: int  # draw blocks per chunk
     draw_count: int
 
@@ -510,36 +607,39 @@ def _plan(num_burnin_steps: int, num_draws: int, num_steps_bw_draws: int, full_l
     target = chunk_size if chunk_size > 0 else max(1, math.ceil(total_steps / _AUTO_CHUNKS))
     burn_len, burn_count = chunk_plan(num_burnin_steps, target)
     blocks, draw_count = chunk_plan(num_blocks, max(1, target // k))
-    return _Plan(total_steps, k, every, kept, burn_len, burn_count, blocks, draw_count)
+    return _Plan(total_steps, k, every, kept, burn_len, burn_count, num_blocks, blocks, draw_count)
 
 
-def _assemble(name: str, plan: _Plan, num_chains: int, num_burnin_steps: int, num_draws: int, burn_infos: list,
-              outputs: list, carry: _Carry, warmup_work, *, draw_fn, full_draw_fn, **timings) -> ChainResult:
-    """Host side: drop each phase's padding, concatenate the phases and chunks, put chains first."""
-    total_steps, k, kept, blocks = plan.total_steps, plan.k, plan.kept, plan.blocks
-    infos, loss, proj, spread, extras, full_extras = zip(*outputs, strict=True)
-    draw_infos = [jax.tree.map(lambda a: a.reshape(blocks * k, num_chains), info) for info in infos]
-    phases = ([_stack(burn_infos, num_burnin_steps)] if burn_infos else []) + [
-        _stack(draw_infos, total_steps - num_burnin_steps)]
-    trace = StepInfo(*(np.concatenate(arrays).T for arrays in zip(*phases, strict=True)))
-    warmup_work = np.asarray(warmup_work, np.float64).reshape(num_chains)
+def _assemble(fixed: _Fixed, phases: tuple[_Phase, ...], carry: _Carry, num_draws: int, kept: np.ndarray, k: int,
+              timings: dict) -> ChainResult:
+    """Host side: join burn-in and the draw phases, keep the returned draws, put chains first."""
+    parts = ([fixed.burn_trace] if fixed.burn_trace is not None else []) + [p.trace for p in phases]
+    trace = StepInfo(*(np.concatenate(arrays).T for arrays in zip(*parts, strict=True)))
+
+    def joined(field: str):
+        return np.concatenate([getattr(p, field) for p in phases])
+
+    def joined_tree(field: str, index):
+        return jax.tree.map(lambda *a: np.swapaxes(np.concatenate(a)[index], 0, 1), *[getattr(p, field) for p in phases])
+
     return ChainResult(
-        sampler=name,
+        sampler=fixed.name,
         loss_trace=trace.loss,
         accept=trace.accept,
         energy_change=trace.energy_change,
         diverging=trace.diverging.astype(bool),
-        draw_loss=np.concatenate(loss)[kept].T,
-        draw_steps=num_burnin_steps + (kept + 1) * k - 1,
-        projections=np.concatenate(proj)[kept].transpose(1, 0, 2),
+        draw_loss=joined("loss")[kept].T,
+        draw_steps=fixed.num_burnin_steps + (kept + 1) * k - 1,
+        projections=joined("projections")[kept].transpose(1, 0, 2),
         diverged_at=np.asarray(carry.diverged_at, np.int64),
-        grad_evals=warmup_work + trace.grad_evals.astype(np.float64).sum(axis=1),
-        warmup_grad_evals=warmup_work,
-        num_burnin_steps=num_burnin_steps,
-        draw_outputs=None if draw_fn is None else jax.tree.map(
-            lambda *a: np.swapaxes(np.concatenate(a)[:num_draws], 0, 1), *extras),
-        full_draw_outputs=None if full_draw_fn is None else jax.tree.map(
-            lambda *a: np.swapaxes(np.concatenate(a)[kept], 0, 1), *full_extras),
-        draw_spread=np.concatenate(spread)[kept].T,
+        grad_evals=fixed.warmup_work + trace.grad_evals.astype(np.float64).sum(axis=1),
+        warmup_grad_evals=fixed.warmup_work,
+        num_burnin_steps=fixed.num_burnin_steps,
+        loss_at_wstar=fixed.baseline,
+        n_beta=fixed.n_beta,
+        tuned=fixed.tuned,
+        draw_outputs=None if fixed.draw_fn is None else joined_tree("extras", slice(num_draws)),
+        full_draw_outputs=None if fixed.full_draw_fn is None else joined_tree("full_extras", kept),
+        draw_spread=joined("spread")[kept].T,
         **timings,
     )

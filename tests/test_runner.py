@@ -24,6 +24,7 @@ from llc_bench.runner import (
     random_directions,
     run_chains,
     run_chains_with_state,
+    start_chains,
     summarize_tuned,
 )
 from llc_bench.samplers.base import Algorithm, StepInfo
@@ -253,6 +254,30 @@ def test_langevin_minibatches_per_chain_and_step():
     means = r.energy_change.ravel()
     assert abs(means.mean() - 31.5) < 4 * np.sqrt((64**2 - 1) / 12 / m / means.size)
     assert abs(means.std() / np.sqrt((64**2 - 1) / 12 / m) - 1) < 0.1
+
+
+@pytest.mark.parametrize("walk", [False, True])
+def test_extend_continues_the_chains_exactly(walk):
+    """LiveChains.extend: 7 draws, then on to 16, equal one run of 16 draws field for field, work
+    included (minibatch chains; or chains of which some diverge in the extension, at step 40)."""
+    post = _data_posterior(n=64)
+    alg = exploding_walk(40, "position") if walk else langevin_toy(post, 1e-4, batch_size=8)
+    opts = {**RUN, "num_chains": 4, "draw_fn": lambda w, chain, draw, data: w[0] + draw}
+    key = jax.random.key(5)
+    short = start_chains("toy", alg, post, key, **opts)
+    longer = short.extend(16)
+    fresh, states = run_chains_with_state("toy", alg, post, key, **{**opts, "num_draws": 16})
+    assert short.result.draw_loss.shape == (4, 7) and longer.num_draws == 16
+    for field in ("loss_trace", "accept", "draw_loss", "draw_steps", "projections", "draw_spread", "grad_evals",
+                  "diverged_at", "draw_outputs"):
+        np.testing.assert_array_equal(getattr(longer.result, field), getattr(fresh, field), err_msg=field)
+    jax.tree.map(np.testing.assert_array_equal, longer.states, states)
+    if walk:
+        assert ((fresh.diverged_at == 40) | (fresh.diverged_at == -1)).all() and (fresh.diverged_at == 40).any()
+    with pytest.raises(ValueError, match="more than the 16 draws"):
+        longer.extend(16)
+    with pytest.raises(ValueError, match="full_loss_every"):
+        start_chains("toy", alg, post, key, **{**opts, "full_loss_every": 7}).extend(14)
 
 
 def test_chunk_plan():
