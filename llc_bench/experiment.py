@@ -33,7 +33,7 @@ from llc_bench.report import print_report
 from llc_bench.restart import run_restart
 from llc_bench.rng import sampler_key, stream_key
 from llc_bench.rules import run_status, usable_chains
-from llc_bench.runner import start_chains
+from llc_bench.runner import LiveChains, start_chains
 from llc_bench.samplers import SAMPLER_NAMES, get_spec
 from llc_bench.samplers.base import STEP_EPSILON
 from llc_bench.target import build_target
@@ -79,10 +79,10 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
 
     step_size = "auto": llc_bench.curvature.build_algorithm (ε at w*, re-measured where the chains
     are after burn-in; what it measured goes into the summary). With run.target_rel_se > 0
-    the draws are doubled (at most run.max_doublings times) until SE(λ̂)/|λ̂| <= target_rel_se and
-    the run is not `not_converged`; each doubling draws on from where the chains stopped
-    (runner.LiveChains.extend), so the final attempt is exactly one run of its length and costs
-    no more. summary["target_rel_se"] records every attempt.
+    the chains run on (at most run.max_doublings times) until SE(λ̂)/|λ̂| <= target_rel_se and the
+    run is not `not_converged` (`_sample_to_target`); each time they draw on from where they stopped,
+    so the final attempt is exactly one run of its length and costs no more.
+    summary["target_rel_se"] records every attempt.
 
     With run.restart_scale > 0 (and `restart`), a run flagged still_spreading is restarted from
     farther out (llc_bench.restart); summary["restart_check"] records it (None when not run), its cost
@@ -92,28 +92,13 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     settings = settings if settings is not None else cfg.sampler[name]
     algorithm = build_algorithm(spec, posterior, settings)
     run, steps = cfg.run, cfg.schedule[name]
-    num_draws, attempts = steps.num_draws, []
     source = resolve_source(run.estimate_from, name)
     chains = start_chains(name, algorithm, posterior, sampler_key(run.seed, name), num_chains=run.num_chains,
-                          num_burnin_steps=steps.num_burnin_steps, num_draws=num_draws,
+                          num_burnin_steps=steps.num_burnin_steps, num_draws=steps.num_draws,
                           num_steps_bw_draws=steps.num_steps_bw_draws, num_projections=run.num_projections,
                           chunk_size=run.chunk_size, progress=progress, devices=chain_devices(run.num_chains))
-    while True:
-        result, states = chains.result, chains.states
-        estimate = estimate_from_result(result, source)
-        flags = check_health(result, estimate_from=source)
-        if run.target_rel_se <= 0:
-            break
-        rel_se = abs(estimate.se / estimate.mean) if estimate.mean else math.inf
-        status = run_status(estimate.status, flags)
-        reached = bool(rel_se <= run.target_rel_se) and status != "not_converged"
-        attempts.append({"num_draws": num_draws, "steps": steps.num_burnin_steps + num_draws * steps.num_steps_bw_draws,
-                         "llc_mean": _finite(estimate.mean), "rel_se": _finite(rel_se), "status": status,
-                         "grad_evals": float(np.sum(result.grad_evals))})
-        if reached or status in ("failed", "diverged") or len(attempts) > run.max_doublings:
-            break
-        num_draws *= 2
-        chains = chains.extend(num_draws)
+    result, states, estimate, flags, target = _sample_to_target(chains, run, steps.num_steps_bw_draws, source)
+    num_draws = result.draw_loss.shape[1]
     check = None
     if resolve_source("auto", name) == "minibatch":  # SG: the per-step and the full-data λ̂ check each other
         other = estimate_from_result(result, "full" if source == "minibatch" else "minibatch")
@@ -125,7 +110,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
             f.code == "still_spreading" for f in flags):
         restarted, flag = run_restart(
             name, algorithm, posterior, states, estimate, seed=run.seed, scale=run.restart_scale,
-            num_chains=run.num_chains, num_burnin_steps=steps.num_burnin_steps, num_draws=num_draws,
+            num_chains=run.num_chains, num_burnin_steps=result.num_burnin_steps, num_draws=num_draws,
             num_steps_bw_draws=steps.num_steps_bw_draws, num_projections=run.num_projections, source=source,
             chunk_size=run.chunk_size, devices=chain_devices(run.num_chains), progress=progress)
         if flag is not None:
@@ -147,10 +132,39 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     summary["cross_check"] = check
     summary["restart_check"] = restarted
     summary.update(step)
-    summary["target_rel_se"] = None if not attempts else {
-        "target": run.target_rel_se, "reached": reached, "num_draws": num_draws, "steps": attempts[-1]["steps"],
-        "attempts": attempts}
+    summary["target_rel_se"] = target
     return SamplerRun(name, result, estimate, tree, conv, flags, summary)
+
+
+def _sample_to_target(chains: LiveChains, run, k: int, source: str):
+    """(result, states, estimate, health flags, target record or None) of the chains as they are
+    (run.target_rel_se = 0), or run on until SE(λ̂)/|λ̂| <= run.target_rel_se and the run is not
+    `not_converged`, at most run.max_doublings times. Each time the chains draw on (LiveChains.extend):
+    after a `not_converged` verdict the whole run doubles and its first half becomes burn-in (the draws
+    so far were still drifting: more of them would not help); otherwise the draws after burn-in double.
+    """
+    burnin, attempts = chains.result.num_burnin_steps, []
+    while True:
+        result = chains.result.burned_in_to(burnin)
+        estimate = estimate_from_result(result, source)
+        flags = check_health(result, estimate_from=source)
+        if run.target_rel_se <= 0:
+            return result, chains.states, estimate, flags, None
+        rel_se = abs(estimate.se / estimate.mean) if estimate.mean else math.inf
+        status = run_status(estimate.status, flags)
+        reached = bool(rel_se <= run.target_rel_se) and status != "not_converged"
+        total = result.loss_trace.shape[1]
+        attempts.append({"num_draws": result.draw_loss.shape[1], "num_burnin_steps": burnin, "steps": total,
+                         "llc_mean": _finite(estimate.mean), "rel_se": _finite(rel_se), "status": status,
+                         "grad_evals": float(np.sum(result.grad_evals))})
+        if reached or status in ("failed", "diverged") or len(attempts) > run.max_doublings:
+            return result, chains.states, estimate, flags, {
+                "target": run.target_rel_se, "reached": reached, "num_draws": attempts[-1]["num_draws"],
+                "num_burnin_steps": burnin, "steps": total, "attempts": attempts}
+        more = total if status == "not_converged" else total - burnin
+        if status == "not_converged":
+            burnin = total
+        chains = chains.extend(chains.num_draws + math.ceil(more / k))
 
 
 def _diagnostics_missing(conv: dict, num_draws: int) -> list:

@@ -5,9 +5,10 @@ This module imports no other llc_bench module, so any module can import it witho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+import jax
 import numpy as np
 
 
@@ -43,6 +44,26 @@ class ChainResult:
     draw_outputs: Any = None  # pytree of (C, D_all, ...) arrays from run_chains' draw_fn (every draw); None without one
     full_draw_outputs: Any = None  # pytree of (C, D, ...) arrays from run_chains' full_draw_fn; None without one
     draw_spread: np.ndarray | None = None  # (C, D) ‖w − w*‖² at each draw_steps (NaN after a chain diverged)
+
+    def burned_in_to(self, step: int) -> ChainResult:
+        """The same chains with every step before `step` counted as burn-in: the draws taken earlier are
+        dropped, the per-step traces and the work (grad_evals, seconds) are kept whole."""
+        if not self.num_burnin_steps <= step <= self.loss_trace.shape[1]:
+            raise ValueError(f"step must be in [{self.num_burnin_steps}, {self.loss_trace.shape[1]}], got {step}")
+        keep = np.asarray(self.draw_steps) >= step
+        num_draws = keep.size
+
+        def cut(tree):
+            def leaf(a):
+                if np.shape(a)[1] != num_draws:
+                    raise ValueError("burned_in_to needs one draw output per draw (full_loss_every = 1)")
+                return np.asarray(a)[:, keep]
+            return None if tree is None else jax.tree.map(leaf, tree)
+
+        return replace(self, num_burnin_steps=int(step), draw_loss=self.draw_loss[:, keep],
+                       draw_steps=np.asarray(self.draw_steps)[keep], projections=self.projections[:, keep],
+                       draw_spread=None if self.draw_spread is None else self.draw_spread[:, keep],
+                       draw_outputs=cut(self.draw_outputs), full_draw_outputs=cut(self.full_draw_outputs))
 
 
 # An estimate's status (llc_bench.rules.estimate_status); a run's status adds the health verdicts.

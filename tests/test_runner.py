@@ -280,6 +280,21 @@ def test_extend_continues_the_chains_exactly(walk):
         start_chains("toy", alg, post, key, **{**opts, "full_loss_every": 7}).extend(14)
 
 
+def test_burned_in_to_drops_the_earlier_draws(iid_runs):
+    a = iid_runs[0]["a"]  # 10 burn-in steps, draws after steps 12, 15, …, 30
+    later = a.burned_in_to(16)
+    np.testing.assert_array_equal(later.draw_steps, a.draw_steps[2:])
+    np.testing.assert_array_equal(later.draw_loss, a.draw_loss[:, 2:])
+    np.testing.assert_array_equal(later.projections, a.projections[:, 2:])
+    np.testing.assert_array_equal(later.draw_spread, a.draw_spread[:, 2:])
+    assert later.num_burnin_steps == 16 and later.loss_trace is a.loss_trace
+    np.testing.assert_array_equal(later.grad_evals, a.grad_evals)
+    assert a.burned_in_to(10).draw_loss.shape == a.draw_loss.shape
+    for step in (9, 32):
+        with pytest.raises(ValueError, match="step must be in"):
+            a.burned_in_to(step)
+
+
 def test_chunk_plan():
     assert chunk_plan(0, 5) == (0, 0)
     assert chunk_plan(10, 4) == (4, 3)  # 12 slots, 2 padded
