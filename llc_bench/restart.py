@@ -17,7 +17,7 @@ spread), and burned in and drawn as long as the original (so the check costs a s
 level valley the restarted chains come back to the same λ̂; on a plateau they start where the
 higher-order terms bind and read a higher one. The missing directions of a depth-L network rise
 only at order 2L, so deeper networks need a larger s. Measured with automatic-ε SGLD on deep linear
-networks: an eight-layer plateau (λ = 263, reading 64.1) read 65.3 from s = 3 and 101 from s = 5;
+networks: a seven-layer plateau (λ = 263, reading 64.1) read 65.3 from s = 3 and 101 from s = 5;
 three deep 10K-parameter instances with λ ≈ 1.2–1.3 · rank(H)/2 read the same λ̂ from s = 5, two of
 them checked at s = 10 moved (126.7 → 453, 176.7 → 590), while instances with λ = rank(H)/2 (level
 valleys) agreed at s = 10 (280.6 / 285.3, 346.0 / 347.0, 69.5 / 68.2).
