@@ -32,7 +32,7 @@ from llc_bench.progress import progress_enabled
 from llc_bench.report import print_report
 from llc_bench.restart import run_restart
 from llc_bench.rng import sampler_key, stream_key
-from llc_bench.rules import run_status, usable_chains
+from llc_bench.rules import NOT_CONVERGED_CODES, run_status, usable_chains
 from llc_bench.runner import LiveChains, start_chains
 from llc_bench.samplers import SAMPLER_NAMES, get_spec
 from llc_bench.samplers.base import STEP_EPSILON
@@ -97,7 +97,9 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
                           num_burnin_steps=steps.num_burnin_steps, num_draws=steps.num_draws,
                           num_steps_bw_draws=steps.num_steps_bw_draws, num_projections=run.num_projections,
                           chunk_size=run.chunk_size, progress=progress, devices=chain_devices(run.num_chains))
-    result, states, estimate, flags, target = _sample_to_target(chains, run, steps.num_steps_bw_draws, source)
+    restarts = restart and run.restart_scale > 0
+    result, states, estimate, flags, target = _sample_to_target(chains, run, steps.num_steps_bw_draws, source,
+                                                                leave_spreading=restarts)
     num_draws = result.draw_loss.shape[1]
     check = None
     if resolve_source("auto", name) == "minibatch":  # SG: the per-step and the full-data λ̂ check each other
@@ -106,7 +108,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
         if cross_check_flag(check) is not None:
             flags.append(cross_check_flag(check))
     restarted = None
-    if restart and run.restart_scale > 0 and estimate.status != "failed" and any(
+    if restarts and estimate.status != "failed" and any(
             f.code == "still_spreading" for f in flags):
         restarted, flag = run_restart(
             name, algorithm, posterior, states, estimate, seed=run.seed, scale=run.restart_scale,
@@ -136,12 +138,16 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     return SamplerRun(name, result, estimate, tree, conv, flags, summary)
 
 
-def _sample_to_target(chains: LiveChains, run, k: int, source: str):
+def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spreading: bool = False):
     """(result, states, estimate, health flags, target record or None) of the chains as they are
     (run.target_rel_se = 0), or run on until SE(λ̂)/|λ̂| <= run.target_rel_se and the run is not
     `not_converged`, at most run.max_doublings times. Each time the chains draw on (LiveChains.extend):
     after a `not_converged` verdict the whole run doubles and its first half becomes burn-in (the draws
     so far were still drifting: more of them would not help); otherwise the draws after burn-in double.
+
+    leave_spreading (the restart will run): `still_spreading` as the only not-converged code does not
+    count here. Chains spreading along a level valley spread for ever, so running on cannot settle
+    it; the restart after the loop does.
     """
     burnin, attempts = chains.result.num_burnin_steps, []
     while True:
@@ -152,7 +158,9 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str):
             return result, chains.states, estimate, flags, None
         rel_se = abs(estimate.se / estimate.mean) if estimate.mean else math.inf
         status = run_status(estimate.status, flags)
-        reached = bool(rel_se <= run.target_rel_se) and status != "not_converged"
+        left = {"still_spreading"} if leave_spreading else set()
+        unsettled = {f.code for f in flags} & (set(NOT_CONVERGED_CODES) - left)
+        reached = bool(rel_se <= run.target_rel_se) and not unsettled
         total = result.loss_trace.shape[1]
         attempts.append({"num_draws": result.draw_loss.shape[1], "num_burnin_steps": burnin, "steps": total,
                          "llc_mean": _finite(estimate.mean), "rel_se": _finite(rel_se), "status": status,
@@ -161,8 +169,8 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str):
             return result, chains.states, estimate, flags, {
                 "target": run.target_rel_se, "reached": reached, "num_draws": attempts[-1]["num_draws"],
                 "num_burnin_steps": burnin, "steps": total, "attempts": attempts}
-        more = total if status == "not_converged" else total - burnin
-        if status == "not_converged":
+        more = total if unsettled else total - burnin
+        if unsettled:
             burnin = total
         chains = chains.extend(chains.num_draws + math.ceil(more / k))
 

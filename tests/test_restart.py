@@ -97,3 +97,24 @@ def test_no_restart_when_disabled():
     run = run_sampler(cfg, "sgld", post, settings=SGLDSettings(step_size=0.1 / (post.n_beta * H), batch_size=10))
     assert run.summary["restart_check"] is None
     assert "still_spreading" in [w.split(":")[0] for w in run.summary["warnings"]]
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.0])
+def test_target_rel_se_leaves_still_spreading_to_the_restart(scale):
+    """Chains spreading along a level valley never stop: with the restart on, running to a target SE
+    does not double the run for `still_spreading` (the restart settles it: ok); without it, the flag
+    moves the burn-in on every attempt and the target is never reached."""
+    cfg = from_dict({"run": {"samplers": ["sgld"], "num_chains": 64, "num_burnin_steps": 500, "num_draws": 350,
+                             "num_steps_bw_draws": 10, "restart_scale": scale, "target_rel_se": 0.05,
+                             "max_doublings": 2}})
+    post = valley_posterior(0.0)
+    run = run_sampler(cfg, "sgld", post, settings=SGLDSettings(step_size=0.1 / (post.n_beta * H), batch_size=10))
+    record = run.summary["target_rel_se"]
+    codes = [a["status"] for a in record["attempts"]]
+    assert codes[0] == "not_converged"  # still_spreading
+    if scale:
+        assert len(codes) == 1 and record["reached"] and run.summary["status"] == "ok"
+    else:
+        assert len(codes) == 3 and not record["reached"] and run.summary["status"] == "not_converged"
+        burnins = [a["num_burnin_steps"] for a in record["attempts"]]
+        assert burnins == [500, 4000, 8000]
