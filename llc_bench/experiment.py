@@ -150,6 +150,7 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spread
     it; the restart after the loop does.
     """
     burnin, attempts = chains.result.num_burnin_steps, []
+    unsettling = set(NOT_CONVERGED_CODES) - ({"still_spreading"} if leave_spreading else set())
     while True:
         result = chains.result.burned_in_to(burnin)
         estimate = estimate_from_result(result, source)
@@ -158,8 +159,7 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spread
             return result, chains.states, estimate, flags, None
         rel_se = abs(estimate.se / estimate.mean) if estimate.mean else math.inf
         status = run_status(estimate.status, flags)
-        left = {"still_spreading"} if leave_spreading else set()
-        unsettled = {f.code for f in flags} & (set(NOT_CONVERGED_CODES) - left)
+        unsettled = {f.code for f in flags} & unsettling
         reached = bool(rel_se <= run.target_rel_se) and not unsettled
         total = result.loss_trace.shape[1]
         attempts.append({"num_draws": result.draw_loss.shape[1], "num_burnin_steps": burnin, "steps": total,
