@@ -51,7 +51,6 @@ def test_regular_model_llc_is_half_dimension(regular, name):
         assert run.summary["mala_accept"] > 0.9
 
 
-
 def test_target_rel_se_moves_the_burnin_past_a_drift(regular):
     """SGLD at ε = 1e-5 from w* with no burn-in: the loss relaxes over ~10³ steps, so the first attempts
     are not_converged. Each such verdict doubles the run and makes its first half burn-in, until the draws
@@ -76,6 +75,7 @@ def test_target_rel_se_moves_the_burnin_past_a_drift(regular):
     assert abs(run.estimate.mean - 4.0) < 4 * run.estimate.se
     whole = estimate_llc(run.result.loss_trace, run.result.loss_at_wstar, run.result.n_beta)
     assert whole.mean < 4.0 - 2 * whole.se  # 3.56 ± 0.15: the relaxation from w* biases the whole run low
+
 
 @pytest.mark.parametrize("name", ["sgld", "rmsprop_sgld"])
 def test_regular_model_auto_step_size(regular, name):
