@@ -287,15 +287,21 @@ class AutoStep:
         self.products = (loss_hvp(posterior), gradient_cvp(posterior))
         self.at_wstar = auto_step_size(posterior, preconditioner, self.batch_size, settings.auto_constant,
                                        products=self.products)
-        self.at_burnin: tuple[AutoStepSize, ...] = ()
+        self.at_burnin: tuple[AutoStepSize, ...] = ()  # the last retune's measurements
+        self.earlier_products = self.earlier_hvp = self.earlier_cvp = 0.0  # those of the retunes before it
         self.step_size = self.at_wstar.step_size
         self.seconds = setup_seconds + time.perf_counter() - start
 
     def retune(self, positions: np.ndarray, preconditioners=None, rebuilt: bool = False) -> float:
-        """ε for the draws from the (C, d) live chain positions. preconditioners: per chain, a (d,)
+        """ε for the draws from the (C, d) live chain positions (called again when a run that has
+        not converged is continued: the last call sets ε, the summary's h_max_burnin and
+        curvature_burnin, and every call's products count in the cost). preconditioners: per chain, a (d,)
         diagonal G or a P^{1/2} map; None: the one given at construction. rebuilt: the chains'
         preconditioners differ from the one ε at w* was measured under, which then no longer bounds ε."""
         start = time.perf_counter()
+        self.earlier_products += sum(a.num_hvp + a.num_cvp for a in self.at_burnin)
+        self.earlier_hvp += sum(a.num_hvp for a in self.at_burnin)
+        self.earlier_cvp += sum(a.num_cvp for a in self.at_burnin)
         self.at_burnin = tuple(
             auto_step_size(self.posterior, self.preconditioner if preconditioners is None else preconditioners[c],
                            self.batch_size, self.settings.auto_constant, at=positions[c], products=self.products)
@@ -307,7 +313,8 @@ class AutoStep:
 
     @property
     def num_products(self) -> float:
-        return sum(a.num_hvp + a.num_cvp for a in (self.at_wstar, *self.at_burnin)) + self.setup_products
+        return (sum(a.num_hvp + a.num_cvp for a in (self.at_wstar, *self.at_burnin)) + self.setup_products
+                + self.earlier_products)
 
     def summary(self) -> dict:
         """summary.json fields (the ε of the draws under "step_size")."""
@@ -321,8 +328,8 @@ class AutoStep:
             "gradient_noise": self.at_wstar.noise,
             "h_max_burnin": max((a.h_max for a in burn), default=None),
             "curvature_burnin": max((a.curvature + a.noise for a in burn), default=None),
-            "num_hvp": sum(a.num_hvp for a in (self.at_wstar, *burn)),
-            "num_cvp": sum(a.num_cvp for a in (self.at_wstar, *burn)),
+            "num_hvp": sum(a.num_hvp for a in (self.at_wstar, *burn)) + self.earlier_hvp,
+            "num_cvp": sum(a.num_cvp for a in (self.at_wstar, *burn)) + self.earlier_cvp,
             "step_size_constant": self.at_wstar.constant,
             "step_size_auto_s": self.seconds,
         }

@@ -143,7 +143,10 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spread
     (run.target_rel_se = 0), or run on until SE(λ̂)/|λ̂| <= run.target_rel_se and the run is not
     `not_converged`, at most run.max_doublings times. Each time the chains draw on (LiveChains.extend):
     after a `not_converged` verdict the whole run doubles and its first half becomes burn-in (the draws
-    so far were still drifting: more of them would not help); otherwise the draws after burn-in double.
+    so far were still drifting: more of them would not help), and the sampler's tuning is redone where
+    the chains now are (Algorithm.retune: step_size = "auto" re-measures ε, and curvature_sgld its
+    preconditioner, as at the end of the first burn-in), because the chains have moved since it was
+    measured; otherwise the draws after burn-in double with the tuning unchanged.
 
     leave_spreading (the restart will run): `still_spreading` as the only not-converged code does not
     count here. Chains spreading along a level valley spread for ever, so running on cannot settle
@@ -164,7 +167,7 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spread
         total = result.loss_trace.shape[1]
         attempts.append({"num_draws": result.draw_loss.shape[1], "num_burnin_steps": burnin, "steps": total,
                          "llc_mean": _finite(estimate.mean), "rel_se": _finite(rel_se), "status": status,
-                         "grad_evals": float(np.sum(result.grad_evals))})
+                         "grad_evals": float(np.sum(result.grad_evals)), "tuned": result.tuned})
         if reached or status in ("failed", "diverged") or len(attempts) > run.max_doublings:
             return result, chains.states, estimate, flags, {
                 "target": run.target_rel_se, "reached": reached, "num_draws": attempts[-1]["num_draws"],
@@ -172,7 +175,7 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spread
         more = total if unsettled else total - burnin
         if unsettled:
             burnin = total
-        chains = chains.extend(chains.num_draws + math.ceil(more / k))
+        chains = chains.extend(chains.num_draws + math.ceil(more / k), retune=bool(unsettled))
 
 
 def _diagnostics_missing(conv: dict, num_draws: int) -> list:

@@ -445,18 +445,13 @@ def start_chains(name: str, algorithm: Algorithm, posterior: Posterior, rng_key:
                                            executables=executables, name="end_burnin")
             compile_s += seconds
             carry = carry._replace(state=end_burnin(posterior, hyper, carry.state))
-        if algorithm.retune is not None:
-            # host-side, e.g. step_size = "auto" re-measured where the chains are (its own timing)
-            params = algorithm.retune(carry.state, params, np.asarray(carry.diverged_at) < 0)
-            if per_chain is not None:
-                params = jax.device_put(params, per_chain)
-            consts = consts._replace(params=params)
+        consts = _retuned(algorithm, carry, consts, per_chain)
 
         baseline, _ = _baseline(posterior, num_chains, executables)
         fixed = _Fixed(name, algorithm, consts, executables, num_chains, num_burnin_steps, num_steps_bw_draws,
                        chunk_size, full_loss_every, draw_fn, full_draw_fn, progress, burn_trace,
                        np.asarray(warmup_work, np.float64).reshape(num_chains), baseline, n_beta,
-                       summarize_tuned(params))
+                       summarize_tuned(consts.params), per_chain)
         carry, phase, seconds, compiled_s = _draw_phase(fixed, carry, first_block=0, num_blocks=plan.num_blocks,
                                                         blocks=plan.blocks, count=plan.draw_count, k=k,
                                                         every=plan.every, total_steps=total_steps, bar=bar)
@@ -490,7 +485,8 @@ class _Fixed(NamedTuple):
     warmup_work: np.ndarray  # (C,)
     baseline: float  # L_n(w*) as the draws compute it
     n_beta: float
-    tuned: dict
+    tuned: dict  # summarize_tuned of the params the last draws used
+    per_chain: NamedSharding | None  # the chain axis' sharding (None: unsharded)
 
 
 class _Phase(NamedTuple):
@@ -511,6 +507,10 @@ class LiveChains:
     chains on from where they stopped, with the keys of the steps that follow, to num_draws draws in
     all. The extended result equals that of one run of num_draws draws (the same keys, step for
     step), and costs only the new steps: doubling the draws of a run this way costs one run, not two.
+    extend(num_draws, retune=True) first applies Algorithm.retune (when the algorithm has one) where
+    the chains now are, as start_chains does after burn-in: the new draws use the new params (for
+    step_size = "auto", ε and any preconditioner re-measured there), and the run is no longer one
+    run of that length: its earlier draws belong to the old params and are for burn-in only.
     """
 
     def __init__(self, fixed: _Fixed, carry: _Carry, phases: tuple[_Phase, ...], num_draws: int, kept: np.ndarray,
@@ -520,7 +520,7 @@ class LiveChains:
         self.states = carry.state
         self.result = _assemble(fixed, phases, carry, num_draws, kept, k, timings)
 
-    def extend(self, num_draws: int) -> LiveChains:
+    def extend(self, num_draws: int, retune: bool = False) -> LiveChains:
         fixed = self._fixed
         if fixed.full_loss_every != 1:
             raise ValueError("extend needs full_loss_every = 1 (a draw of every block)")
@@ -531,6 +531,9 @@ class LiveChains:
         new_blocks = num_draws - self.num_draws
         target = fixed.chunk_size if fixed.chunk_size > 0 else max(1, math.ceil(new_blocks * k / _AUTO_CHUNKS))
         blocks, count = chunk_plan(new_blocks, max(1, target // k))
+        if retune and fixed.algorithm.retune is not None:
+            consts = _retuned(fixed.algorithm, self._carry, fixed.consts, fixed.per_chain)
+            fixed = fixed._replace(consts=consts, tuned=summarize_tuned(consts.params))
         with Bar(f"{fixed.name}: more draws", new_blocks * k, progress_enabled(fixed.progress)) as bar:
             carry, phase, seconds, compile_s = _draw_phase(
                 fixed, self._carry, first_block=self.num_draws, num_blocks=new_blocks, blocks=blocks, count=count,
@@ -538,6 +541,17 @@ class LiveChains:
         timings = dict(self._timings, wall_s=self._timings["wall_s"] + seconds,
                        compile_s=self._timings["compile_s"] + compile_s)
         return LiveChains(fixed, carry, self._phases + (phase,), num_draws, np.arange(num_draws), k, timings)
+
+
+def _retuned(algorithm: Algorithm, carry: _Carry, consts: _Consts, per_chain) -> _Consts:
+    """consts with the params Algorithm.retune gives at the chains' current states (host-side, e.g.
+    step_size = "auto" re-measured where the chains are, on its own clock); as they were without one."""
+    if algorithm.retune is None:
+        return consts
+    params = algorithm.retune(carry.state, consts.params, np.asarray(carry.diverged_at) < 0)
+    if per_chain is not None:
+        params = jax.device_put(params, per_chain)
+    return consts._replace(params=params)
 
 
 def _draw_phase(fixed: _Fixed, carry: _Carry, *, first_block: int, num_blocks: int, blocks: int, count: int, k: int,

@@ -65,3 +65,25 @@ def run_algorithm(algorithm, posterior, key, num_chains: int, num_steps: int):
 
     _, (positions, infos) = run(states, run_key)
     return np.asarray(positions).transpose(1, 0, 2), jax.tree.map(lambda a: np.asarray(a).T, infos)
+
+
+def dln_posterior():
+    """A noise-free two-layer linear network at a rank-1 teacher (d = 24, n = 2000, γ = 1): its
+    curvature grows away from w* along the directions that leave the end-to-end map unchanged."""
+    rng = np.random.default_rng(4)
+    n, d_in, h, d_out = 2000, 4, 4, 2
+    a, b = rng.normal(size=(d_in, 1)), rng.normal(size=(1, d_out))
+    w1 = np.zeros((d_in, h))
+    w1[:, :1] = a
+    w2 = np.zeros((h, d_out))
+    w2[:1] = b
+    x = rng.uniform(-1, 1, size=(n, d_in))
+    y = x @ w1 @ w2
+    w_star = np.concatenate([w1.ravel(), w2.ravel()])
+
+    def per_sample_loss(w, xb, yb):
+        m1, m2 = w[: d_in * h].reshape(d_in, h), w[d_in * h:].reshape(h, d_out)
+        return 0.5 * jnp.sum((xb @ m1 @ m2 - yb) ** 2, axis=-1)
+
+    return Posterior.build(per_sample_loss, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
+                           jnp.asarray(w_star, jnp.float32), gamma=1.0)

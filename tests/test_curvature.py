@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sampler_utils import dln_posterior
 
 from llc_bench.curvature import (
     auto_step_size,
@@ -138,28 +139,6 @@ def test_build_algorithm_resolves_auto_and_build_refuses_it(problem):
     assert ref_alg.retune is None
     ref, _ = ref_alg.step(key, ref_state, ref_params, batch)
     np.testing.assert_array_equal(np.asarray(new), np.asarray(ref))
-
-
-def dln_posterior():
-    """A noise-free two-layer linear network at a rank-1 teacher (d = 24, n = 2000, γ = 1): its
-    curvature grows away from w* along the directions that leave the end-to-end map unchanged."""
-    rng = np.random.default_rng(4)
-    n, d_in, h, d_out = 2000, 4, 4, 2
-    a, b = rng.normal(size=(d_in, 1)), rng.normal(size=(1, d_out))
-    w1 = np.zeros((d_in, h))
-    w1[:, :1] = a
-    w2 = np.zeros((h, d_out))
-    w2[:1] = b
-    x = rng.uniform(-1, 1, size=(n, d_in))
-    y = x @ w1 @ w2
-    w_star = np.concatenate([w1.ravel(), w2.ravel()])
-
-    def per_sample_loss(w, xb, yb):
-        m1, m2 = w[: d_in * h].reshape(d_in, h), w[d_in * h:].reshape(h, d_out)
-        return 0.5 * jnp.sum((xb @ m1 @ m2 - yb) ** 2, axis=-1)
-
-    return Posterior.build(per_sample_loss, jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32),
-                           jnp.asarray(w_star, jnp.float32), gamma=1.0)
 
 
 def test_auto_remeasures_where_the_chains_are():

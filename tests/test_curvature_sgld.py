@@ -7,12 +7,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sampler_utils import gaussian_posterior, run_algorithm
+from sampler_utils import dln_posterior, gaussian_posterior, run_algorithm
 
-from llc_bench.curvature import build_algorithm, top_eigenpairs
+from llc_bench.curvature import auto_step_size, build_algorithm, top_eigenpairs
 from llc_bench.posterior import Posterior
+from llc_bench.runner import start_chains
 from llc_bench.samplers import get_spec
-from llc_bench.samplers.curvature_sgld import CurvatureSGLDSettings, apply_preconditioner
+from llc_bench.samplers.curvature_sgld import (
+    CurvatureSGLDSettings,
+    apply_preconditioner,
+    curvature_preconditioner,
+)
 from llc_bench.samplers.sgld import SGLDSettings
 
 Z = 3.5
@@ -129,3 +134,33 @@ def test_build_auto_drops_the_noise_term_for_full_batch_steps(stiff_gaussian):
     full = build_algorithm(get_spec("curvature_sgld"), post, settings, full_batch=True).notes.at_wstar
     assert full.noise == 0.0 and full.num_cvp == 0 and full.h_max == minibatch.h_max
     assert full.step_size == pytest.approx(full.constant / full.curvature, rel=1e-12)
+
+
+def test_continuing_an_unconverged_run_rebuilds_p_where_the_chains_are():
+    """extend(retune=True) on "auto": each chain's P is rebuilt at its current position (from its
+    previous P) and ε is the automatic rule's under those Ps there; the products of both rebuilds count."""
+    post = dln_posterior()
+    settings = CurvatureSGLDSettings(batch_size=200, kappa=4.0, max_rank=8)
+    alg = build_algorithm(get_spec("curvature_sgld"), post, settings)
+    auto = alg.notes
+    live = start_chains("curvature_sgld", alg, post, jax.random.key(1), num_chains=2, num_burnin_steps=500,
+                        num_draws=10, num_steps_bw_draws=50, progress=False)
+    first_products, first_eps = auto.num_products, auto.step_size
+    positions = np.asarray(live.states)
+    assert np.abs(positions - np.asarray(post.w_star)).max() > 0.05  # the chains have moved
+    old = live._fixed.consts.params
+    more = live.extend(20, retune=True)
+    params = more._fixed.consts.params
+    expected = []
+    for c in range(2):
+        v, s, _ = curvature_preconditioner(post, settings, seed=c + 1, at=positions[c], start=np.asarray(old.vectors[c]))
+        np.testing.assert_allclose(np.asarray(params.scales[c]), np.asarray(s), rtol=1e-4)
+        # the same subspace (eigenvectors up to sign and rotation within it)
+        overlap = np.asarray(params.vectors[c]).T @ np.asarray(v)
+        np.testing.assert_allclose(np.linalg.svd(overlap, compute_uv=False), 1.0, atol=1e-3)
+        expected.append(auto_step_size(post, lambda u, v=v, s=s: apply_preconditioner(v, s, u, 0.5),
+                                       settings.batch_size, settings.auto_constant, at=positions[c]).step_size)
+    assert auto.step_size == pytest.approx(min(expected), rel=1e-3) and auto.step_size != first_eps
+    np.testing.assert_allclose(np.asarray(params.step_size), auto.step_size, rtol=1e-6)
+    assert more.result.tuned["step_size"] == pytest.approx(auto.step_size, rel=1e-6)
+    assert auto.num_products > first_products + 2 * settings.max_rank

@@ -280,6 +280,49 @@ def test_extend_continues_the_chains_exactly(walk):
         start_chains("toy", alg, post, key, **{**opts, "full_loss_every": 7}).extend(14)
 
 
+def test_extend_with_retune_draws_on_with_the_new_params():
+    """extend(retune=True): Algorithm.retune sees the states where the chains stopped, the new draws
+    use what it returns, and nothing before them changes; a retune that keeps the params changes
+    nothing at all."""
+    post = _data_posterior(n=64)
+    seen = []
+
+    def algorithm(factor):
+        base = langevin_toy(post, 1e-4, batch_size=8)
+
+        def warmup(key, position):
+            return position, jnp.float32(1e-4), jnp.float32(0.0)
+
+        def step(key, w, eps, batch):
+            loss, grad, loc = post.minibatch_loss_and_grads(w, *batch)
+            w = w - 0.5 * eps * (loc + post.n_beta * grad) + jnp.sqrt(eps) * jax.random.normal(key, w.shape)
+            return w, _info(loss, grad_evals=8 / post.n)
+
+        def retune(states, params, alive):
+            seen.append(np.asarray(states))
+            return params * factor
+
+        return base._replace(warmup=warmup, step=step, retune=retune)
+
+    opts = {**RUN, "num_chains": 4}
+    key = jax.random.key(3)
+    short = start_chains("toy", algorithm(0.25), post, key, **opts)
+    assert len(seen) == 1 and short.result.tuned == pytest.approx({"value": 2.5e-5})
+    same = short.extend(16)
+    retuned = short.extend(16, retune=True)
+    np.testing.assert_array_equal(seen[-1], np.asarray(short.states))
+    assert retuned.result.tuned == pytest.approx({"value": 2.5e-5 / 4}) and same.result.tuned == short.result.tuned
+    stop = short.result.loss_trace.shape[1]
+    np.testing.assert_array_equal(retuned.result.loss_trace[:, :stop], short.result.loss_trace)
+    np.testing.assert_array_equal(retuned.result.draw_loss[:, :7], short.result.draw_loss)
+    # StepInfo.loss is the loss before the step: the steps after the first one differ
+    assert (retuned.result.loss_trace[:, stop + 1:] != same.result.loss_trace[:, stop + 1:]).all()
+    unchanged = start_chains("toy", algorithm(1.0), post, key, **opts)
+    kept, plain = unchanged.extend(16, retune=True), unchanged.extend(16)
+    for field in ("loss_trace", "draw_loss", "projections", "draw_spread", "grad_evals"):
+        np.testing.assert_array_equal(getattr(kept.result, field), getattr(plain.result, field), err_msg=field)
+
+
 def test_burned_in_to_drops_the_earlier_draws(iid_runs):
     a = iid_runs[0]["a"]  # 10 burn-in steps, draws after steps 12, 15, …, 30
     later = a.burned_in_to(16)

@@ -126,7 +126,8 @@ def build(posterior: Posterior, settings: CurvatureSGLDSettings) -> Algorithm:
     `build_auto`, which SPEC declares, so that llc_bench.curvature.build_algorithm leaves it here).
     P is built at w* for burn-in; with "auto" and rebuild_at_burnin each chain's P is rebuilt where
     it is after burn-in and ε re-measured under it (Algorithm.retune); P and ε stay fixed during the
-    draws.
+    draws, and are measured again only where run.target_rel_se continues a run that has not
+    converged (its draws so far become burn-in).
     StepInfo.loss is L_m at the position before the step; grad_evals = m/n (building P is counted
     in the auto step's products). State = the position (d,).
     """
@@ -149,7 +150,7 @@ def build_auto(posterior: Posterior, settings: CurvatureSGLDSettings, full_batch
     algorithm = bind(make, posterior, settings, CurvatureParams(epsilon, vectors, scales))
     if auto is None:
         return algorithm
-    return algorithm._replace(retune=_retune(posterior, settings, auto, vectors, products), notes=auto)
+    return algorithm._replace(retune=_retune(posterior, settings, auto, products), notes=auto)
 
 
 def make(posterior: Posterior, settings: CurvatureSGLDSettings, hyper: CurvatureParams) -> Algorithm:
@@ -178,9 +179,10 @@ def make(posterior: Posterior, settings: CurvatureSGLDSettings, hyper: Curvature
     return Algorithm(warmup=warmup, step=step, position=position, batch_size=settings.batch_size)
 
 
-def _retune(posterior: Posterior, settings: CurvatureSGLDSettings, auto, vectors, products):
+def _retune(posterior: Posterior, settings: CurvatureSGLDSettings, auto, products):
     """Algorithm.retune of step_size = "auto": P rebuilt where each chain is (rebuild_at_burnin), ε
-    re-measured under it (host-side, on the concrete posterior)."""
+    re-measured under it (host-side, on the concrete posterior). The subspace iteration starts from
+    the chain's current P (the one of w* at the first call)."""
 
     def retune(states, params, alive):
         live = np.flatnonzero(np.asarray(alive, bool))
@@ -195,7 +197,7 @@ def _retune(posterior: Posterior, settings: CurvatureSGLDSettings, auto, vectors
         roots = []
         for c in live:
             v, s, used = curvature_preconditioner(posterior, settings, seed=int(c) + 1, at=positions[c],
-                                                  start=vectors, products=products)
+                                                  start=chain_vectors[c], products=products)
             chain_vectors[c], chain_scales[c] = v, s
             auto.setup_products += used
             roots.append(lambda u, v=v, s=s: apply_preconditioner(v, s, u, 0.5))
