@@ -240,7 +240,7 @@ class Scoreboard:
         self.done.update(self.store.row_key(r) for r in rows)
 
 
-def _build_instance(recipe: Recipe, inst: Instance, sampler: str, n: int | None = None, cfg: Config | None = None):
+def build_instance(recipe: Recipe, inst: Instance, sampler: str, n: int | None = None, cfg: Config | None = None):
     """(config, target, posterior on the n samples, posterior for full-batch samplers, record);
     `cfg`: the instance_config of (inst, sampler, n) when the caller already has it."""
     cfg = cfg if cfg is not None else instance_config(recipe, inst, sampler, n)
@@ -258,7 +258,7 @@ def instance_rows(recipe: Recipe, inst: Instance, samplers: list[str],
     failure is a `failed` row. One job of the executor (in this process, a worker or a Ray task)."""
     try:
         cfgs = {name: instance_config(recipe, inst, name) for name in samplers}
-        _, _, data_post, reduced_post, record = _build_instance(recipe, inst, samplers[0], cfg=cfgs[samplers[0]])
+        _, _, data_post, reduced_post, record = build_instance(recipe, inst, samplers[0], cfg=cfgs[samplers[0]])
     except Exception as exc:  # noqa: BLE001 - one bad instance must not stop the benchmark
         return ([failed_row(inst, name, f"{type(exc).__name__}: {exc}", recipe.fingerprint(name)) for name in samplers],
                 [f"  {inst.name} {name}: FAILED building the instance: {exc}" for name in samplers])
@@ -351,7 +351,7 @@ def audit_rows(recipe: Recipe, inst: Instance, ref: dict[str, Any],
            "aoyagi": inst.aoyagi, "n": inst.n, "llc_n": ref["llc_mean"], "llc_se_n": ref["llc_se"],
            "n_audit": inst.n * recipe.audit_factor, "recipe": recipe.audit_fingerprint()}
     try:
-        cfg, _, _, reduced_post, _ = _build_instance(recipe.audit_recipe(), inst, name, inst.n * recipe.audit_factor)
+        cfg, _, _, reduced_post, _ = build_instance(recipe.audit_recipe(), inst, name, inst.n * recipe.audit_factor)
         summary = run_sampler(cfg, name, reduced_post, progress=progress).summary
         llc, status = summary.get("llc_mean"), summary.get("status", "failed")
         row.update(llc_audit=llc, llc_se_audit=summary.get("llc_se"), status_audit=status)
