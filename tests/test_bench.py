@@ -350,3 +350,24 @@ def test_summary_counts_what_the_restart_decided():
             and "on 2 it was shown not to move, and `still_spreading` was withdrawn (1 of them" in text
             and "on 1 the restart was too noisy to tell and `still_spreading` stands (1 of them" in text)
     assert "The restart:" not in bench_report.summary_markdown(rows[-1:])
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["1K-chained-999", "--sampler", "hmc"], "instance '1K-chained-999': not in this recipe's suite"),
+    (["1K-chained-000", "--sampler", "fast"], "--sampler 'fast': must be one of"),
+    (["1K-chained-000", "--sampler", "hmc", "--set", "run.target_rel_se=-1"], "run.target_rel_se: must be >= 0"),
+    (["1K-chained-000", "--sampler", "hmc", "--profile", "nope"], "nope"),
+])
+def test_bench_instance_script_refuses_bad_input(args, expected, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_instance.py"
+    spec = importlib.util.spec_from_file_location("bench_instance", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "s.json"
+    assert script.main([*args, "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert not out.exists()
