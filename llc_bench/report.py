@@ -84,7 +84,7 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
         target = s.get("target_rel_se")
         if target:
             trail = ", ".join(f"{a['steps']} steps, burn-in {a['num_burnin_steps']}, {a['num_draws']} draws"
-                              + (f" at ε {a['tuned']['step_size']:.3g}" if "step_size" in a["tuned"] else "")
+                              + (f" at ε {a['tuned']['step_size']:.3g}" if "step_size" in a.get("tuned", {}) else "")
                               + f": {_num(a['rel_se'], '.1%')} {a['status']}" for a in target["attempts"])
             console.print(f"{name}: target relative SE {target['target']:.1%} "
                           f"{'reached' if target['reached'] else 'NOT reached'} after {target['steps']} steps per "

@@ -172,6 +172,8 @@ def test_target_rel_se_doubles_the_draws_until_reached(regular):
     assert draws == [25 * 2**i for i in range(len(draws))] and len(draws) >= 2
     assert record["reached"] and record["num_draws"] == draws[-1] == run.result.draw_loss.shape[1]
     assert record["attempts"][-1]["rel_se"] <= 0.03 < record["attempts"][-2]["rel_se"]
+    # converged attempts draw on under the warm-up's tuning (only a not_converged one retunes)
+    assert {a["tuned"]["step_size"] for a in record["attempts"]} == {run.result.tuned["step_size"]}
     sched = cfg.schedule["hmc"]
     assert record["steps"] == sched.num_burnin_steps + draws[-1] * sched.num_steps_bw_draws
     # each doubling draws on from the last: the attempts' work grows, the final one is the run's
