@@ -122,8 +122,10 @@ class RunConfig:
     # other estimate beside it (summary "cross_check"). "full" by measurement: the per-step λ̂ agreed
     # with it everywhere, with an SE as large or up to 4× larger (README, "The per-step estimator").
     estimate_from: str = "full"
-    # > 0: double the draws (at most max_doublings times) until SE(λ̂)/|λ̂| <= target_rel_se and the
-    # drift test passes (llc_bench.experiment.run_sampler); 0 = one run of num_draws
+    # > 0: run on (at most max_doublings times) until SE(λ̂)/|λ̂| <= target_rel_se and the run is not
+    # not_converged: after a not_converged attempt the run doubles, its first half becomes burn-in and
+    # the sampler is retuned where the chains are; else the draws double (llc_bench.experiment.
+    # run_sampler); 0 = one run of num_draws
     target_rel_se: float = 0.0
     max_doublings: int = 3
     # > 0: when a run is still_spreading, restart its chains at w* + restart_scale·(w_end − w*) and
