@@ -288,7 +288,7 @@ class AutoStep:
         self.at_wstar = auto_step_size(posterior, preconditioner, self.batch_size, settings.auto_constant,
                                        products=self.products)
         self.at_burnin: tuple[AutoStepSize, ...] = ()  # the last retune's measurements
-        self.earlier_products = self.earlier_hvp = self.earlier_cvp = 0.0  # those of the retunes before it
+        self.measured: list[AutoStepSize] = [self.at_wstar]  # every measurement, for the cost
         self.step_size = self.at_wstar.step_size
         self.seconds = setup_seconds + time.perf_counter() - start
 
@@ -299,13 +299,11 @@ class AutoStep:
         diagonal G or a P^{1/2} map; None: the one given at construction. rebuilt: the chains'
         preconditioners differ from the one ε at w* was measured under, which then no longer bounds ε."""
         start = time.perf_counter()
-        self.earlier_products += sum(a.num_hvp + a.num_cvp for a in self.at_burnin)
-        self.earlier_hvp += sum(a.num_hvp for a in self.at_burnin)
-        self.earlier_cvp += sum(a.num_cvp for a in self.at_burnin)
         self.at_burnin = tuple(
             auto_step_size(self.posterior, self.preconditioner if preconditioners is None else preconditioners[c],
                            self.batch_size, self.settings.auto_constant, at=positions[c], products=self.products)
             for c in range(positions.shape[0]))
+        self.measured.extend(self.at_burnin)
         floor = [] if rebuilt else [self.at_wstar.step_size]
         self.step_size = min(floor + [a.step_size for a in self.at_burnin])
         self.seconds += time.perf_counter() - start
@@ -313,8 +311,7 @@ class AutoStep:
 
     @property
     def num_products(self) -> float:
-        return (sum(a.num_hvp + a.num_cvp for a in (self.at_wstar, *self.at_burnin)) + self.setup_products
-                + self.earlier_products)
+        return sum(a.num_hvp + a.num_cvp for a in self.measured) + self.setup_products
 
     def summary(self) -> dict:
         """summary.json fields (the ε of the draws under "step_size")."""
@@ -328,8 +325,8 @@ class AutoStep:
             "gradient_noise": self.at_wstar.noise,
             "h_max_burnin": max((a.h_max for a in burn), default=None),
             "curvature_burnin": max((a.curvature + a.noise for a in burn), default=None),
-            "num_hvp": sum(a.num_hvp for a in (self.at_wstar, *burn)) + self.earlier_hvp,
-            "num_cvp": sum(a.num_cvp for a in (self.at_wstar, *burn)) + self.earlier_cvp,
+            "num_hvp": sum(a.num_hvp for a in self.measured),
+            "num_cvp": sum(a.num_cvp for a in self.measured),
             "step_size_constant": self.at_wstar.constant,
             "step_size_auto_s": self.seconds,
         }
