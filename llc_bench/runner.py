@@ -531,7 +531,7 @@ class LiveChains:
         new_blocks = num_draws - self.num_draws
         target = fixed.chunk_size if fixed.chunk_size > 0 else max(1, math.ceil(new_blocks * k / _AUTO_CHUNKS))
         blocks, count = chunk_plan(new_blocks, max(1, target // k))
-        if retune and fixed.algorithm.retune is not None:
+        if retune:
             consts = _retuned(fixed.algorithm, self._carry, fixed.consts, fixed.per_chain)
             fixed = fixed._replace(consts=consts, tuned=summarize_tuned(consts.params))
         with Bar(f"{fixed.name}: more draws", new_blocks * k, progress_enabled(fixed.progress)) as bar:
