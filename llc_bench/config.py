@@ -124,8 +124,8 @@ class RunConfig:
     estimate_from: str = "full"
     # > 0: run on (at most max_doublings times) until SE(λ̂)/|λ̂| <= target_rel_se and the run is not
     # not_converged: after a not_converged attempt the run doubles, its first half becomes burn-in and
-    # the sampler is retuned where the chains are; else the draws double (llc_bench.experiment.
-    # run_sampler); 0 = one run of num_draws
+    # the sampler is retuned where the chains are; else the draws double. still_spreading is withdrawn
+    # when λ̂ holds across a doubling (llc_bench.experiment._sample_to_target); 0 = one run of num_draws
     target_rel_se: float = 0.0
     max_doublings: int = 3
     # > 0: when a run is still_spreading, restart its chains at w* + restart_scale·(w_end − w*) and

@@ -30,7 +30,7 @@ from llc_bench.health import check_health, step_size_check_summary
 from llc_bench.posterior import Posterior
 from llc_bench.progress import progress_enabled
 from llc_bench.report import print_report
-from llc_bench.restart import run_restart
+from llc_bench.restart import agreement, run_restart
 from llc_bench.rng import sampler_key, stream_key
 from llc_bench.rules import NOT_CONVERGED_CODES, run_status, usable_chains
 from llc_bench.runner import LiveChains, start_chains
@@ -107,6 +107,8 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
         check = cross_check(*((estimate, other) if source == "minibatch" else (other, estimate)))
         if cross_check_flag(check) is not None:
             flags.append(cross_check_flag(check))
+    # The sampler's tuning as the draws used it: the restart below re-tunes the same algorithm.
+    step, tuning_grad_evals = step_size_summary(settings, algorithm.notes), auto_step_grad_evals(algorithm.notes)
     restarted = None
     if restarts and estimate.status != "failed" and any(
             f.code == "still_spreading" for f in flags):
@@ -123,12 +125,11 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     conv = convergence(tree)
     if estimate.status != "failed":
         flags.extend(_diagnostics_missing(conv, num_draws))
-    step = step_size_summary(settings, algorithm.notes)
     checked = final_checks(spec, posterior, algorithm, states, step["step_size"], result.diverged_at, run.seed)
     flags.extend(flag for _, flag in checked.values() if flag is not None)
     flags = tuple(flags)
     summary = _summarize(spec, result, estimate, conv, flags, truth, posterior,
-                         extra_grad_evals=auto_step_grad_evals(algorithm.notes), source=source)
+                         extra_grad_evals=tuning_grad_evals, source=source)
     summary.update({key: value for key, (value, _) in checked.items()})
     summary["estimate_from"] = source
     summary["cross_check"] = check
@@ -148,11 +149,16 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spread
     preconditioner, as at the end of the first burn-in), because the chains have moved since it was
     measured; otherwise the draws after burn-in double with the tuning unchanged.
 
-    leave_spreading (the restart will run): `still_spreading` as the only not-converged code does not
-    count here. Chains spreading along a level valley spread for ever, so running on cannot settle
-    it; the restart after the loop does.
+    `still_spreading` is settled by the doubling itself: when the λ̂ of the draws after a whole-run
+    doubling agrees with the λ̂ of the draws before it (llc_bench.restart.agreement, disjoint stretches
+    of the chains, the second twice as far from w*), the spreading has not moved λ̂ and the flag is
+    withdrawn; a plateau that the chains are leaving reads higher the second time. The attempt
+    records `agrees_with_previous` (None when there is nothing to compare or it cannot tell).
+
+    leave_spreading (the over-dispersed restart will run): `still_spreading` as the only not-converged
+    code does not count here; the restart after the loop settles it.
     """
-    burnin, attempts = chains.result.num_burnin_steps, []
+    burnin, attempts, before = chains.result.num_burnin_steps, [], None
     unsettling = set(NOT_CONVERGED_CODES) - ({"still_spreading"} if leave_spreading else set())
     while True:
         result = chains.result.burned_in_to(burnin)
@@ -160,6 +166,9 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spread
         flags = check_health(result, estimate_from=source)
         if run.target_rel_se <= 0:
             return result, chains.states, estimate, flags, None
+        agrees = None if before is None else agreement(before.mean, before.se, estimate.mean, estimate.se)
+        if agrees:
+            flags = [f for f in flags if f.code != "still_spreading"]
         rel_se = abs(estimate.se / estimate.mean) if estimate.mean else math.inf
         status = run_status(estimate.status, flags)
         unsettled = {f.code for f in flags} & unsettling
@@ -167,14 +176,15 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spread
         total = result.loss_trace.shape[1]
         attempts.append({"num_draws": result.draw_loss.shape[1], "num_burnin_steps": burnin, "steps": total,
                          "llc_mean": _finite(estimate.mean), "rel_se": _finite(rel_se), "status": status,
-                         "grad_evals": float(np.sum(result.grad_evals)), "tuned": result.tuned})
+                         "grad_evals": float(np.sum(result.grad_evals)), "tuned": result.tuned,
+                         "agrees_with_previous": agrees})
         if reached or status in ("failed", "diverged") or len(attempts) > run.max_doublings:
             return result, chains.states, estimate, flags, {
                 "target": run.target_rel_se, "reached": reached, "num_draws": attempts[-1]["num_draws"],
                 "num_burnin_steps": burnin, "steps": total, "attempts": attempts}
         more = total if unsettled else total - burnin
         if unsettled:
-            burnin = total
+            burnin, before = total, estimate
         chains = chains.extend(chains.num_draws + math.ceil(more / k), retune=bool(unsettled))
 
 

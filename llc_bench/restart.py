@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llc_bench.curvature import auto_step_grad_evals
 from llc_bench.estimator import estimate_from_result
 from llc_bench.health import make_flag
 from llc_bench.posterior import Posterior
@@ -70,25 +71,34 @@ def restart_positions(w_star: jax.Array, positions: jax.Array, scale: float) -> 
     return w_star + scale * (jnp.asarray(positions) - w_star)
 
 
+def agreement(llc: float, se: float, other: float, other_se: float, z: float = RESTART_Z,
+              min_fraction: float = RESTART_MIN_FRACTION, equiv_z: float = RESTART_EQUIV_Z) -> bool | None:
+    """Do two λ̂ (each with its own SE) agree? False when they differ by more than z combined SEs and
+    by more than min_fraction of |llc|; True when the difference plus equiv_z combined SEs is within
+    min_fraction of |llc| (an equivalence test: a comparison too noisy to tell shows nothing); else,
+    and when a value is not finite, None."""
+    if not all(math.isfinite(float(v)) for v in (llc, se, other, other_se)):
+        return None
+    diff, combined = float(other) - float(llc), float(np.hypot(se, other_se))
+    tolerance = min_fraction * abs(float(llc))
+    if abs(diff) > z * combined and abs(diff) > tolerance:
+        return False
+    if abs(diff) + equiv_z * combined <= tolerance:
+        return True
+    return None
+
+
 def restart_verdict(llc: float, se: float, llc_restart: float, se_restart: float, scale: float,
                     z: float = RESTART_Z, min_fraction: float = RESTART_MIN_FRACTION,
                     equiv_z: float = RESTART_EQUIV_Z) -> tuple[dict[str, Any], HealthFlag | None]:
     """(JSON-ready record, `restart_disagrees` flag or None) of λ̂ against the restart's λ̂.
 
-    agrees: False (flagged) when |difference| > z combined SEs and > min_fraction of |λ̂|; True when
-    |difference| + equiv_z combined SEs <= min_fraction of |λ̂| (the two are shown equal to within
-    that fraction); otherwise None, as for a non-finite side: no evidence either way, nothing flagged
-    and nothing withdrawn."""
+    agrees (`agreement`): False is flagged; True withdraws still_spreading (the caller's part); None
+    (too noisy to tell, or a non-finite side) flags nothing and withdraws nothing."""
     finite = all(math.isfinite(float(v)) for v in (llc, se, llc_restart, se_restart))
     diff = float(llc_restart) - float(llc) if finite else math.nan
     combined = float(np.hypot(se, se_restart)) if finite else math.nan
-    agrees = None
-    if finite:
-        tolerance = min_fraction * abs(float(llc))
-        if abs(diff) > z * combined and abs(diff) > tolerance:
-            agrees = False
-        elif abs(diff) + equiv_z * combined <= tolerance:
-            agrees = True
+    agrees = agreement(llc, se, llc_restart, se_restart, z, min_fraction, equiv_z)
     record = {"scale": float(scale), "llc": float(llc), "llc_restart": float(llc_restart) if finite else None,
               "se_restart": float(se_restart) if finite else None, "diff": diff if finite else None,
               "z": diff / combined if finite and combined > 0 else None, "agrees": agrees}
@@ -108,8 +118,10 @@ def run_restart(name: str, algorithm: Algorithm, posterior: Posterior, states, e
                 num_steps_bw_draws: int, num_projections: int, source: str, chunk_size: int = 0,
                 devices=None, progress: bool = False) -> tuple[dict[str, Any], HealthFlag | None]:
     """Restart every chain from w* + scale · (its final position − w*) (keys of the "restart" stream)
-    and compare the λ̂ (restart_verdict). The record adds the restart's cost: grad_evals, seconds."""
-    start = time.perf_counter()
+    and compare the λ̂ (restart_verdict). The record adds the restart's cost: grad_evals (its
+    retune's included), seconds. The algorithm's tuning notes (AutoStep) take the restart's retune:
+    read what the draws used before calling this."""
+    start, tuning = time.perf_counter(), auto_step_grad_evals(algorithm.notes)
     positions = jax.vmap(algorithm.position)(states)
     result, _ = run_chains_with_state(
         name, algorithm, posterior, sampler_key(seed, name, "restart"), num_chains=num_chains,
@@ -119,7 +131,9 @@ def run_restart(name: str, algorithm: Algorithm, posterior: Posterior, states, e
         initial_positions=restart_positions(posterior.w_star, positions, scale))
     again = estimate_from_result(result, source)
     record, flag = restart_verdict(estimate.mean, estimate.se, again.mean, again.se, scale)
-    record.update(grad_evals=float(np.sum(result.grad_evals)), seconds=time.perf_counter() - start,
+    # the chains' gradients plus the retune after the restart's burn-in (step_size = "auto")
+    record.update(grad_evals=float(np.sum(result.grad_evals)) + auto_step_grad_evals(algorithm.notes) - tuning,
+                  seconds=time.perf_counter() - start,
                   num_burnin_steps=result.num_burnin_steps, chains_used=int(again.num_chains_used))
     return record, flag
 

@@ -5,7 +5,8 @@
 
 Prints λ̂ ± SE against the instance's λ, the status and flags, the seconds taken and, with
 run.target_rel_se, every attempt (steps, burn-in, λ̂, relative SE, ε, status); --json FILE also
-writes the sampler's summary there. Nothing is added to the scoreboard's CSVs: a row there is
+writes the sampler's summary there. The run is the scoreboard's (the same posterior, and the
+over-dispersed restart where the recipe sets run.restart_scale). Nothing is added to the scoreboard's CSVs: a row there is
 always the recipe's own, and this is for trying a change on the instances it matters for.
 """
 
@@ -16,7 +17,7 @@ import json
 import sys
 import time
 
-from llc_bench.bench_suite import instance_config, load_recipe, make_suite
+from llc_bench.bench_suite import full_batch, instance_config, load_recipe, make_suite
 from llc_bench.config import parse_override, replace
 from llc_bench.samplers import SAMPLER_NAMES
 from llc_bench.types import ConfigError
@@ -58,9 +59,10 @@ def main(argv=None) -> int:
     from llc_bench.bench import build_instance
     from llc_bench.experiment import run_sampler
 
-    _, _, posterior, _, record = build_instance(recipe, inst, args.sampler, cfg=cfg)
+    _, _, data_posterior, reduced_posterior, record = build_instance(recipe, inst, args.sampler, cfg=cfg)
+    posterior = reduced_posterior if full_batch(args.sampler) else data_posterior  # as the scoreboard does
     start = time.perf_counter()
-    run = run_sampler(cfg, args.sampler, posterior, truth=record.truth, restart=False)
+    run = run_sampler(cfg, args.sampler, posterior, truth=record.truth)
     s = run.summary
     print(f"{inst.name} {args.sampler}: λ̂ = {run.estimate.mean:.2f} ± {run.estimate.se:.2f} against λ = "
           f"{record.truth} ({s['status']}; flags: {', '.join(f.code for f in run.flags) or 'none'}; "
@@ -68,7 +70,9 @@ def main(argv=None) -> int:
     for a in (s["target_rel_se"] or {}).get("attempts", []):
         eps = a["tuned"].get("step_size")
         print(f"  steps {a['steps']}, burn-in {a['num_burnin_steps']}: λ̂ {a['llc_mean']:.2f}, "
-              f"rel SE {a['rel_se']:.2%}" + (f", ε {eps:.3g}" if eps is not None else "") + f", {a['status']}")
+              f"rel SE {a['rel_se']:.2%}" + (f", ε {eps:.3g}" if eps is not None else "") + f", {a['status']}"
+              + {True: ", agrees with the attempt before", False: ", differs from the attempt before"}.get(
+                  a.get("agrees_with_previous"), ""))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(s, fh, indent=1, default=str)
