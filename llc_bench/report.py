@@ -19,6 +19,12 @@ def _spread(per_chain) -> str:
     return f"{min(vals):.3g}…{max(vals):.3g}"
 
 
+def agreement_note(attempt: dict) -> str:
+    """How an attempt of run.target_rel_se read against the draws before its last whole-run doubling."""
+    return {True: ", λ̂ as before the doubling", False: ", λ̂ moved since the doubling"}.get(
+        attempt.get("agrees_with_previous"), "")
+
+
 def _accept_or_energy(name: str, s: dict) -> str:
     if s.get("accept_rate") is not None:
         return f"acc {s['accept_rate']:.2f}"
@@ -85,7 +91,8 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
         if target:
             trail = ", ".join(f"{a['steps']} steps, burn-in {a['num_burnin_steps']}, {a['num_draws']} draws"
                               + (f" at ε {a['tuned']['step_size']:.3g}" if "step_size" in a.get("tuned", {}) else "")
-                              + f": {_num(a['rel_se'], '.1%')} {a['status']}" for a in target["attempts"])
+                              + f": λ̂ {_num(a['llc_mean'], '.4g')}, {_num(a['rel_se'], '.1%')} {a['status']}"
+                              + agreement_note(a) for a in target["attempts"])
             console.print(f"{name}: target relative SE {target['target']:.1%} "
                           f"{'reached' if target['reached'] else 'NOT reached'} after {target['steps']} steps per "
                           f"chain ({trail})", highlight=False)

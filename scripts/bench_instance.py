@@ -6,8 +6,9 @@
 Prints λ̂ ± SE against the instance's λ, the status and flags, the seconds taken and, with
 run.target_rel_se, every attempt (steps, burn-in, λ̂, relative SE, ε, status); --json FILE also
 writes the sampler's summary there. The run is the scoreboard's (the same posterior, and the
-over-dispersed restart where the recipe sets run.restart_scale). Nothing is added to the scoreboard's CSVs: a row there is
-always the recipe's own, and this is for trying a change on the instances it matters for.
+over-dispersed restart where the recipe sets run.restart_scale). Nothing is added to the
+scoreboard's CSVs: a row there is always the recipe's own, and this is for trying a change on the
+instances it matters for.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
         return 2
     from llc_bench.bench import build_instance
     from llc_bench.experiment import run_sampler
+    from llc_bench.report import agreement_note
 
     _, _, data_posterior, reduced_posterior, record = build_instance(recipe, inst, args.sampler, cfg=cfg)
     posterior = reduced_posterior if full_batch(args.sampler) else data_posterior  # as the scoreboard does
@@ -71,8 +73,7 @@ def main(argv=None) -> int:
         eps = a["tuned"].get("step_size")
         print(f"  steps {a['steps']}, burn-in {a['num_burnin_steps']}: λ̂ {a['llc_mean']:.2f}, "
               f"rel SE {a['rel_se']:.2%}" + (f", ε {eps:.3g}" if eps is not None else "") + f", {a['status']}"
-              + {True: ", agrees with the attempt before", False: ", differs from the attempt before"}.get(
-                  a.get("agrees_with_previous"), ""))
+              + agreement_note(a))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(s, fh, indent=1, default=str)
