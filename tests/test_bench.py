@@ -331,6 +331,9 @@ def test_flag_validity_counts_recall_and_precision():
     assert table["low_snr"]["caught"] == 0 and table["not_converged"]["precision"] == 1.0
     text = bench_report.summary_markdown(rows)
     assert "| any flag | 3 | 2 | 66.7% | 66.7% |" in text
+    clean = [_row("sgld", "1K-004", 10.0, 1.05, status="ok"), _row("sgld", "1K-005", 10.0, 0.93, status="ok")]
+    assert "None of the 2 scored rows is off by more than 10%, and none is flagged." in bench_report.summary_markdown(clean)
+    assert "None of the" not in text
 
 
 def test_summary_counts_what_the_restart_decided():
