@@ -182,6 +182,8 @@ def summary_markdown(rows: list[dict[str, Any]], recipe: Recipe | None = None, w
 
     def verdict(e) -> str:
         word = "met" if meets_targets(e) else "missed"
+        if partial(e) and not math.isfinite(e["spearman"]):
+            return "partial run, too few rows to rank"
         return f"partial run, {word} so far" if partial(e) else word
 
     for e in table:

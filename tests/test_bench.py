@@ -232,6 +232,8 @@ def test_a_partial_class_gets_no_verdict():
     assert "| partial run, met so far |" in text
     assert "- 1K: partial run (curvature_sgld 4 of 26 instances so far): no verdict." in text
     assert "met by" not in text
+    two = bench_report.summary_markdown(rows[:2], recipe)  # Spearman of 2 rows: none; nothing missed either
+    assert "| partial run, too few rows to rank |" in two and "missed so far" not in two
     complete = bench_report.summary_markdown(rows)  # without a recipe nothing is known to be missing
     assert "1K: met by curvature_sgld." in complete
 
