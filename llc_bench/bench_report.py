@@ -251,8 +251,7 @@ def _flag_validity(rows: list[dict[str, Any]]) -> list[str]:
     if not table:
         return []
     if not table[0]["bad"] and not table[0]["flagged"]:
-        scored = sum(math.isfinite(r["rel_error"]) for r in rows)
-        return ["", f"Do the health checks find the bad rows? None of the {scored} scored rows is off by more "
+        return ["", f"Do the health checks find the bad rows? None of the {len(rows)} scored rows is off by more "
                     f"than {BAD_ERROR:.0%}, and none is flagged."]
     lines = ["", f"Do the health checks find the bad rows? Over the {len(rows)} scored rows, {table[0]['bad']} are off "
              f"by more than {BAD_ERROR:.0%}. Recall = bad rows a flag caught / bad rows; precision = bad rows "
