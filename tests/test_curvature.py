@@ -220,3 +220,48 @@ def test_build_algorithm_asks_the_spec_for_its_diagonal_preconditioner(problem):
     assert seen == [(3, post.dim)] and len(auto.at_burnin) == 2
     assert auto.at_burnin[0].h_max == pytest.approx(g * h_max, rel=2e-3)
     np.testing.assert_array_equal(np.asarray(params), np.float32(auto.step_size))
+
+
+@pytest.mark.parametrize("name", ["sgld", "rmsprop_sgld", "curvature_sgld"])
+def test_auto_step_is_invariant_to_the_units_of_the_loss(problem, name):
+    """The posterior exp(−nβ L − γ/2 ‖w − w*‖²) is unchanged by L → aL, nβ → nβ/a, so the step the
+    rule chooses must be too: the curvature term (nβ/a)(a h) and the noise term (nβ/a)²(a² s²)/m are
+    the same numbers. For rmsprop_sgld G = 1/(√v + eps) scales by 1/a (eps negligible here), so ε
+    scales by a and the step it takes, ε·G, is what stays. Scaling the whole potential instead
+    (L → aL and γ → aγ at fixed nβ, full batch) must scale ε by exactly 1/a; rmsprop_sgld is left
+    out of that half, since its full-batch G at an exact minimum is 1/eps (the gradient is 0)."""
+    import dataclasses
+
+    post, _, _ = problem
+    spec = get_spec(name)
+    extra = {"eps": 1e-9} if name == "rmsprop_sgld" else {}
+    settings = spec.settings(step_size="auto", batch_size=50, **extra)
+
+    def scaled(a, n_beta, gamma):
+        return dataclasses.replace(post, per_sample_loss=lambda w, x, y: a * post.per_sample_loss(w, x, y),
+                                   n_beta=n_beta, gamma=gamma, loss_at_wstar=a * post.loss_at_wstar)
+
+    def step(p, full_batch=False):
+        resolved, auto = resolve_step_size(spec, p, settings, full_batch)
+        assert auto.h_max > 0
+        if name == "rmsprop_sgld":
+            g = np.asarray(preconditioner_at_wstar(p, settings), np.float64)
+            return resolved.step_size * g, auto
+        return resolved.step_size, auto
+
+    a = 7.0
+    base, auto = step(post)
+    same, auto_same = step(scaled(a, post.n_beta / a, post.gamma))
+    np.testing.assert_allclose(same, base, rtol=2e-3)
+    if name == "rmsprop_sgld":
+        # G^½ (aH) G^½ / a: the same h_max; nβ/a in front of it and of the noise term: ε scales by a
+        assert auto_same.h_max == pytest.approx(auto.h_max, rel=2e-3)
+        total = (auto_same.curvature + auto_same.noise) / (auto.curvature + auto.noise)
+        assert total == pytest.approx(1 / a, rel=2e-3)
+        return
+    assert auto_same.curvature == pytest.approx(auto.curvature, rel=2e-3)
+    assert auto_same.noise == pytest.approx(auto.noise, rel=2e-3) and auto.noise > 0.1 * auto.curvature
+    full, _ = step(post, full_batch=True)
+    hotter, _ = step(scaled(a, post.n_beta, a * post.gamma), full_batch=True)
+    assert hotter == pytest.approx(full / a, rel=2e-3)
+
