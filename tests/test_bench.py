@@ -200,6 +200,12 @@ def test_shipped_recipe_and_profiles_validate():
     three = bench_suite.load_recipe(instances=3)
     assert three.generators == {"chained": 3, "rand_rank": 3, "deepest": 3}
     assert three.classes == {"1K": 9, "10K": 9}
+    # the held-out profile runs sg_curvature_target's recipe on other instances: the same sampler
+    # settings and run tables, a different suite seed and so a different recipe fingerprint
+    target, held_out = (bench_suite.load_recipe(profile=p) for p in ("sg_curvature_target",
+                                                                      "sg_curvature_target_seed1"))
+    assert held_out.sampler == target.sampler and held_out.run == target.run and held_out.base == target.base
+    assert (held_out.suite_seed, target.suite_seed) == (1, 0) and held_out.fingerprint() != target.fingerprint()
 
 
 def _row(sampler, inst, truth, factor, well_posed=True, status="ok", warnings="", **extra):
