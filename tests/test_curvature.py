@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -230,8 +232,6 @@ def test_auto_step_is_invariant_to_the_units_of_the_loss(problem, name):
     scales by a and the step it takes, ε·G, is what stays. Scaling the whole potential instead
     (L → aL and γ → aγ at fixed nβ, full batch) must scale ε by exactly 1/a; rmsprop_sgld is left
     out of that half, since its full-batch G at an exact minimum is 1/eps (the gradient is 0)."""
-    import dataclasses
-
     post, _, _ = problem
     spec = get_spec(name)
     extra = {"eps": 1e-9} if name == "rmsprop_sgld" else {}
