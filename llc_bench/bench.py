@@ -42,6 +42,10 @@ away). Each row records the hash of its sampler's recipe (the shared settings an
 tables): after a sampler's settings change, its rows are refused until `--rerun-stale` moves them
 to dln_scoreboard.stale.csv to be computed again, while the other samplers' rows stay.
 
+Inside an instance, the chains are saved chunk by chunk under checkpoints/ beside the CSV
+(llc_bench.checkpoint; not committed): a job killed midway, even after hours, resumes at its last
+saved chunk on the next `bench` and ends with the row the uninterrupted job would have written.
+
 Parallelism (llc_bench.jobs.executor, as for sweeps): each instance is one job, run in this
 process, in `--workers N` local processes, or as a Ray task (`--backend ray`); only the driver
 writes the CSVs, and the rows do not depend on where they were computed.
@@ -49,6 +53,7 @@ writes the CSVs, and the rows do not depend on where they were computed.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -77,6 +82,7 @@ from llc_bench.bench_suite import (
     load_recipe,
     make_suite,
 )
+from llc_bench.checkpoint import checkpoints
 from llc_bench.config import Config
 from llc_bench.experiment import run_sampler
 from llc_bench.jobs.executor import check_options, run_jobs
@@ -88,6 +94,8 @@ from llc_bench.target import build_target, dln_teacher_layers64
 from llc_bench.truth import dln_num_parameters
 from llc_bench.types import ConfigError
 from llc_bench.wellposed import DEFAULT_MARGIN, WellPosedness, assess
+
+CHECKPOINTS = "checkpoints"  # folder beside the CSV for the chains of unfinished jobs
 
 # ---------------------------------------------------------------------------------------------
 # Posteriors
@@ -252,10 +260,15 @@ def build_instance(recipe: Recipe, inst: Instance, sampler: str, n: int | None =
     return cfg, target, data_post, reduced_post, record
 
 
-def instance_rows(recipe: Recipe, inst: Instance, samplers: list[str],
-                  progress: bool = False) -> tuple[list[dict[str, str]], list[str]]:
+def instance_rows(recipe: Recipe, inst: Instance, samplers: list[str], progress: bool = False,
+                  checkpoint_dir: str | Path | None = None) -> tuple[list[dict[str, str]], list[str]]:
     """(CSV rows, log lines) of `samplers` on one instance, its target built once. Never raises: a
-    failure is a `failed` row. One job of the executor (in this process, a worker or a Ray task)."""
+    failure is a `failed` row. One job of the executor (in this process, a worker or a Ray task).
+
+    checkpoint_dir: each sampler's chains are saved there chunk by chunk as they run
+    (llc_bench.checkpoint), in a folder named by instance, sampler and recipe fingerprint, so a job
+    killed midway resumes where it stopped, with the same result; the folder is removed once its row
+    is made."""
     try:
         cfgs = {name: instance_config(recipe, inst, name) for name in samplers}
         _, _, data_post, reduced_post, record = build_instance(recipe, inst, samplers[0], cfg=cfgs[samplers[0]])
@@ -269,12 +282,18 @@ def instance_rows(recipe: Recipe, inst: Instance, samplers: list[str],
     for name in samplers:
         post = reduced_post if full_batch(name) else data_post
         start = time.perf_counter()
-        try:
-            run = run_sampler(cfgs[name], name, post, truth=record.truth, progress=progress)
-            row = result_row(inst, name, run.summary, n_beta=post.n_beta, data_rows=post.n,
-                             recipe_hash=recipe.fingerprint(name), record=record)
-        except Exception as exc:  # noqa: BLE001
-            row = failed_row(inst, name, f"{type(exc).__name__}: {exc}", recipe.fingerprint(name), record)
+        saved = (contextlib.nullcontext(None) if checkpoint_dir is None else
+                 checkpoints(Path(checkpoint_dir) / f"{inst.name}-{name}-{recipe.fingerprint(name)}"))
+        with saved as store:
+            try:
+                run = run_sampler(cfgs[name], name, post, truth=record.truth, progress=progress)
+                row = result_row(inst, name, run.summary, n_beta=post.n_beta, data_rows=post.n,
+                                 recipe_hash=recipe.fingerprint(name), record=record)
+            except Exception as exc:  # noqa: BLE001
+                row = failed_row(inst, name, f"{type(exc).__name__}: {exc}", recipe.fingerprint(name), record)
+        if store is not None:
+            lines.extend(f"  {inst.name} {name}: resumed, {event}" for event in store.events if "reused" in event)
+            store.clear()
         rows.append(row)
         rel = row["rel_error"]
         rel_text = f"{float(rel):+.1%}" if rel else "n/a"
@@ -328,7 +347,7 @@ def run_bench(recipe: Recipe, out_dir: str | Path, progress: bool = False, log=p
         return (f"{inst.name} widths {'-'.join(map(str, inst.widths))} rank {inst.rank} {inst.generator} "
                 f"d={inst.d} λ={inst.aoyagi:g}")
 
-    jobs = [(recipe, inst, names, progress) for inst, names in todo]
+    jobs = [(recipe, inst, names, progress, out / CHECKPOINTS) for inst, names in todo]
     _run_logged(instance_rows, jobs, board, describe, log, **execution)
     log(f"sampling done in {time.perf_counter() - start:.0f}s")
     if audit:

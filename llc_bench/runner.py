@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llc_bench.checkpoint import active as active_checkpoints
 from llc_bench.compiled import as_arrays as _as_arrays
 from llc_bench.compiled import clear_executables  # noqa: F401 - part of the runner's interface
 from llc_bench.compiled import compile_once as _compile
@@ -580,12 +581,24 @@ def _draw_phase(fixed: _Fixed, carry: _Carry, *, first_block: int, num_blocks: i
 def _run_chunks(fn, carry: _Carry, consts: _Consts, count: int, length: int, steps_per_item: int, steps: int,
                 bar: Bar, start: int = 0) -> tuple[_Carry, list, float]:
     """Call chunk `fn` `count` times (chunk c starts at item start + c · length; an item is steps_per_item
-    steps of the phase's `steps`): (carry, host copies of each chunk's outputs, seconds)."""
-    outputs, wall_s = [], 0.0
-    for c in range(count):
+    steps of the phase's `steps`): (carry, host copies of each chunk's outputs, seconds).
+
+    Inside `with llc_bench.checkpoint.checkpoints(dir)` each chunk is saved as it finishes, and the
+    chunks saved by an earlier run that started this phase from the same carry and consts are
+    returned instead of being run again (their seconds are those they took then)."""
+    outputs, wall_s, first = [], 0.0, 0
+    store = active_checkpoints()
+    saving = None if store is None else store.phase(carry, consts, {
+        "count": count, "length": length, "steps_per_item": steps_per_item, "steps": steps, "start": start})
+    if saving is not None and saving.done:
+        first, outputs, wall_s, carry = saving.done, list(saving.outputs), saving.seconds, saving.carry
+        bar.advance(min(steps, first * length * steps_per_item))
+    for c in range(first, count):
         (carry, out), seconds = _timed(fn, carry, jnp.int32(start + c * length), consts)
         wall_s += seconds
         outputs.append(jax.tree.map(np.asarray, out))
+        if saving is not None:
+            saving.save(c, carry, outputs[-1], seconds)
         bar.advance(min(length * steps_per_item, steps - c * length * steps_per_item))
     return carry, outputs, wall_s
 

@@ -2,6 +2,8 @@
 
 import csv
 import dataclasses
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -165,6 +167,39 @@ def test_two_instance_miniature_writes_the_scoreboard(tiny_recipe, tmp_path):
 
 
 TIMING = ("wall_s", "wnv_time", "compile_s")  # seconds differ between any two runs
+
+
+KILLED_JOB = """
+import sys
+from llc_bench import bench, bench_suite, checkpoint
+recipe = bench_suite.load_recipe(sys.argv[1])
+inst = bench_suite.make_suite(recipe.classes, 0, size_classes=recipe.size_classes)[0]
+bench.checkpoints = lambda path: checkpoint.checkpoints(path, stop_after=3)
+try:
+    bench.instance_rows(recipe, inst, ["sgld"], checkpoint_dir=sys.argv[2])
+except checkpoint.Interrupted:
+    sys.exit(3)
+"""
+
+
+def test_a_killed_instance_resumes_from_its_checkpoints(tiny_recipe, tmp_path):
+    """instance_rows with a checkpoint folder, killed after 3 saved chunks in another process: the
+    rerun here reuses them, makes the row an uninterrupted job makes (seconds aside) and removes the
+    folder."""
+    inst = bench_suite.make_suite(tiny_recipe.classes, 0, size_classes=tiny_recipe.size_classes)[0]
+    expected, _ = bench.instance_rows(tiny_recipe, inst, ["sgld"])
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(tomli_w.dumps(_tiny_raw()))
+    killed = subprocess.run([sys.executable, "-c", KILLED_JOB, str(spec), str(tmp_path / "ck")],
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == 3, killed.stderr
+    tmp_path = tmp_path / "ck"
+    (folder,) = tmp_path.iterdir()
+    assert folder.name == f"{inst.name}-sgld-{tiny_recipe.fingerprint('sgld')}" and any(folder.iterdir())
+    rows, lines = bench.instance_rows(tiny_recipe, inst, ["sgld"], checkpoint_dir=tmp_path)
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in rows] == [
+        {k: v for k, v in r.items() if k not in TIMING} for r in expected]
+    assert any("resumed, phase 0: " in line for line in lines) and not any(tmp_path.iterdir())
 
 
 def test_two_workers_write_the_rows_of_one_process(tiny_recipe, tmp_path, capsys):
