@@ -82,7 +82,7 @@ from llc_bench.bench_suite import (
     load_recipe,
     make_suite,
 )
-from llc_bench.checkpoint import checkpoints
+from llc_bench.checkpoint import checkpoints, saved_progress
 from llc_bench.config import Config
 from llc_bench.experiment import run_sampler
 from llc_bench.jobs.executor import check_options, run_jobs
@@ -260,6 +260,11 @@ def build_instance(recipe: Recipe, inst: Instance, sampler: str, n: int | None =
     return cfg, target, data_post, reduced_post, record
 
 
+def checkpoint_folder(root: str | Path, inst: Instance, sampler: str, recipe: Recipe) -> Path:
+    """Where the chains of (inst, sampler) under `recipe` are saved while they run."""
+    return Path(root) / f"{inst.name}-{sampler}-{recipe.fingerprint(sampler)}"
+
+
 def instance_rows(recipe: Recipe, inst: Instance, samplers: list[str], progress: bool = False,
                   checkpoint_dir: str | Path | None = None) -> tuple[list[dict[str, str]], list[str]]:
     """(CSV rows, log lines) of `samplers` on one instance, its target built once. Never raises: a
@@ -283,7 +288,7 @@ def instance_rows(recipe: Recipe, inst: Instance, samplers: list[str], progress:
         post = reduced_post if full_batch(name) else data_post
         start = time.perf_counter()
         saved = (contextlib.nullcontext(None) if checkpoint_dir is None else
-                 checkpoints(Path(checkpoint_dir) / f"{inst.name}-{name}-{recipe.fingerprint(name)}"))
+                 checkpoints(checkpoint_folder(checkpoint_dir, inst, name, recipe)))
         with saved as store:
             try:
                 run = run_sampler(cfgs[name], name, post, truth=record.truth, progress=progress)
@@ -347,6 +352,11 @@ def run_bench(recipe: Recipe, out_dir: str | Path, progress: bool = False, log=p
         return (f"{inst.name} widths {'-'.join(map(str, inst.widths))} rank {inst.rank} {inst.generator} "
                 f"d={inst.d} λ={inst.aoyagi:g}")
 
+    for inst, names in todo:
+        for name in names:
+            saved = saved_progress(checkpoint_folder(out / CHECKPOINTS, inst, name, recipe))
+            if saved is not None:
+                log(f"  {inst.name} {name}: resumes from its checkpoints ({saved})")
     jobs = [(recipe, inst, names, progress, out / CHECKPOINTS) for inst, names in todo]
     _run_logged(instance_rows, jobs, board, describe, log, **execution)
     log(f"sampling done in {time.perf_counter() - start:.0f}s")

@@ -165,6 +165,22 @@ class Checkpoints:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def saved_progress(path: str | Path) -> str | None:
+    """What a checkpoint folder holds, in words ("2 phases, 11 chunks, 735 s of sampling"); None when
+    it holds nothing. Whether it will be reused is only known when the run reaches each phase."""
+    phases = []
+    for file in sorted(Path(path).glob("phase-[0-9][0-9][0-9][0-9].json")):
+        try:
+            phases.append(json.loads(file.read_text()))
+        except (OSError, ValueError):
+            continue
+    if not phases:
+        return None
+    chunks = sum(int(p.get("done", 0)) for p in phases)
+    seconds = sum(float(p.get("seconds", 0.0)) for p in phases)
+    return f"{len(phases)} phase(s), {chunks} chunk(s), {seconds:.0f} s of sampling"
+
+
 @contextlib.contextmanager
 def checkpoints(path: str | Path, stop_after: int | None = None) -> Iterator[Checkpoints]:
     """Save and resume the chunks of every phase the runner runs inside the `with` (module docstring)."""

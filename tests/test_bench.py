@@ -10,6 +10,7 @@ import pytest
 import tomli_w
 
 from llc_bench import bench, bench_report, bench_suite, cli
+from llc_bench.checkpoint import saved_progress
 from llc_bench.config import ConfigError
 from llc_bench.models import count_params
 from llc_bench.truth import dln_learning_coefficient
@@ -173,7 +174,7 @@ KILLED_JOB = """
 import sys
 from llc_bench import bench, bench_suite, checkpoint
 recipe = bench_suite.load_recipe(sys.argv[1])
-inst = bench_suite.make_suite(recipe.classes, 0, size_classes=recipe.size_classes)[0]
+inst = bench_suite.make_suite(recipe.classes, recipe.suite_seed, recipe.generators, recipe.size_classes)[0]
 bench.checkpoints = lambda path: checkpoint.checkpoints(path, stop_after=3)
 try:
     bench.instance_rows(recipe, inst, ["sgld"], checkpoint_dir=sys.argv[2])
@@ -183,23 +184,29 @@ except checkpoint.Interrupted:
 
 
 def test_a_killed_instance_resumes_from_its_checkpoints(tiny_recipe, tmp_path):
-    """instance_rows with a checkpoint folder, killed after 3 saved chunks in another process: the
-    rerun here reuses them, makes the row an uninterrupted job makes (seconds aside) and removes the
+    """An instance's job killed after 3 saved chunks in another process: the next `bench` says it
+    resumes, reuses them, writes the row an uninterrupted job writes (seconds aside) and removes the
     folder."""
-    inst = bench_suite.make_suite(tiny_recipe.classes, 0, size_classes=tiny_recipe.size_classes)[0]
+    inst = bench_suite.make_suite(tiny_recipe.classes, tiny_recipe.suite_seed, tiny_recipe.generators,
+                                  tiny_recipe.size_classes)[0]
     expected, _ = bench.instance_rows(tiny_recipe, inst, ["sgld"])
-    spec = tmp_path / "tiny.toml"
+    spec, out = tmp_path / "tiny.toml", tmp_path / "out"
     spec.write_text(tomli_w.dumps(_tiny_raw()))
-    killed = subprocess.run([sys.executable, "-c", KILLED_JOB, str(spec), str(tmp_path / "ck")],
+    root = out / bench.CHECKPOINTS
+    killed = subprocess.run([sys.executable, "-c", KILLED_JOB, str(spec), str(root)],
                             capture_output=True, text=True, timeout=600)
     assert killed.returncode == 3, killed.stderr
-    tmp_path = tmp_path / "ck"
-    (folder,) = tmp_path.iterdir()
-    assert folder.name == f"{inst.name}-sgld-{tiny_recipe.fingerprint('sgld')}" and any(folder.iterdir())
-    rows, lines = bench.instance_rows(tiny_recipe, inst, ["sgld"], checkpoint_dir=tmp_path)
-    assert [{k: v for k, v in r.items() if k not in TIMING} for r in rows] == [
-        {k: v for k, v in r.items() if k not in TIMING} for r in expected]
-    assert any("resumed, phase 0: " in line for line in lines) and not any(tmp_path.iterdir())
+    (folder,) = root.iterdir()
+    assert folder == bench.checkpoint_folder(root, inst, "sgld", tiny_recipe)
+    assert saved_progress(folder).startswith("1 phase(s), 3 chunk(s), ")
+    logged = []
+    path = bench.run_bench(tiny_recipe, out, log=logged.append, figures=False)
+    assert any(f"{inst.name} sgld: resumes from its checkpoints (1 phase(s), 3 chunk(s)" in m for m in logged)
+    assert any(f"{inst.name} sgld: resumed, phase 0: 3/" in m for m in logged)
+    (row,) = [r for r in csv.DictReader(path.open()) if (r["instance"], r["sampler"]) == (inst.name, "sgld")]
+    assert {k: v for k, v in row.items() if k not in TIMING} == {
+        k: v for k, v in expected[0].items() if k not in TIMING}
+    assert not any(root.iterdir()) and saved_progress(folder) is None
 
 
 def test_two_workers_write_the_rows_of_one_process(tiny_recipe, tmp_path, capsys):
