@@ -342,9 +342,27 @@ def _suite_counts(path: str, bench: dict, class_names: tuple[str, ...], instance
     return generators, classes
 
 
+def _profile_table(path: str, profiles: dict, name: str, chain: tuple[str, ...]) -> dict:
+    """[profile.<name>] with the profile it `extends` (recursively) merged under it."""
+    if name not in profiles:
+        where = f"profile.{chain[-1]}.extends" if chain else "profile"
+        raise ConfigError(f"{path}: {where}: unknown profile {name!r}{_suggest(name, profiles)}; "
+                          f"defined: {', '.join(profiles) or 'none'}")
+    if name in chain:
+        raise ConfigError(f"{path}: profile.{chain[-1]}.extends: profiles extend each other in a cycle "
+                          f"({' -> '.join((*chain, name))})")
+    table = dict(profiles[name])
+    base = table.pop("extends", None)
+    if base is None:
+        return table
+    _want(path, f"profile.{name}.extends", base, str, "the name of another profile")
+    return deep_merge(_profile_table(path, profiles, base, (*chain, name)), table)
+
+
 def parse_recipe(raw: dict, path: str = "<recipe>", profile: str | None = None,
                  instances: int | None = None) -> Recipe:
-    """A Recipe from the TOML dict; `profile` merges [profile.<name>] over the rest first.
+    """A Recipe from the TOML dict; `profile` merges [profile.<name>] over the rest first, and under it
+    the profile its `extends` key names, if any (and so on up).
 
     Every key is checked here, before any work: a bad one is a one-line ConfigError naming it.
     """
@@ -353,10 +371,7 @@ def parse_recipe(raw: dict, path: str = "<recipe>", profile: str | None = None,
     for name, table in profiles.items():
         _want(path, f"profile.{name}", table, dict, "a table (the recipe keys it overrides)")
     if profile is not None:
-        if profile not in profiles:
-            raise ConfigError(f"{path}: unknown profile {profile!r}{_suggest(profile, profiles)}; "
-                              f"defined: {', '.join(profiles) or 'none'}")
-        raw = deep_merge(raw, profiles[profile])
+        raw = deep_merge(raw, _profile_table(path, profiles, profile, ()))
     for key, value in raw.items():
         if key not in RECIPE_SECTIONS:
             raise ConfigError(f"{path}: unknown section {key!r}{_suggest(key, RECIPE_SECTIONS)}; "

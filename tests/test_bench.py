@@ -1,9 +1,11 @@
 """DLN scoreboard: deterministic suite with analytic λ, exact loss shortcuts, and a two-instance miniature run."""
 
+import copy
 import csv
 import dataclasses
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,6 +252,34 @@ def test_shipped_recipe_and_profiles_validate():
     assert (held_out.suite_seed, target.suite_seed) == (1, 0) and held_out.fingerprint() != target.fingerprint()
 
 
+def test_profiles_extend_each_other_and_keep_the_committed_rows_current():
+    """[profile.X] extends = "Y" merges Y under X; unknown bases and cycles are one-line errors. The
+    committed scoreboard rows were made by the recipe each profile resolves to today (their hashes
+    match), so a recipe edit that changes them cannot go unnoticed."""
+    raw = bench_suite.read_toml(bench_suite.DEFAULT_SPEC)
+    assert raw["profile"]["sg_curvature_target_seed1"]["extends"] == "sg_curvature_target"
+    root, checked = Path(__file__).resolve().parents[1], 0
+    for name in (None, *raw["profile"]):
+        recipe = bench_suite.load_recipe(profile=name)
+        csv_path = root / recipe.out / bench_report.CSV_NAME
+        if csv_path.exists():
+            hashes = {(r["sampler"], r["recipe"]) for r in csv.DictReader(csv_path.open())}
+            assert hashes <= set(recipe.fingerprints().items()), (name, hashes)
+            checked += 1
+    assert checked >= 4
+    bad = copy.deepcopy(_tiny_raw())
+    bad["profile"] = {"a": {"extends": "b"}, "b": {"extends": "a"}, "c": {"extends": "nope"}, "d": {"extends": 3}}
+    for profile, message in (("a", r"profile.b.extends: profiles extend each other in a cycle \(a -> b -> a\)"),
+                             ("c", "profile.c.extends: unknown profile 'nope'"),
+                             ("d", "profile.d.extends: must be the name of another profile")):
+        with pytest.raises(ConfigError, match=message):
+            bench_suite.parse_recipe(bad, "x.toml", profile)
+    good = copy.deepcopy(_tiny_raw())
+    good["profile"] = {"base": {"bench": {"suite_seed": 4, "name": "b"}}, "child": {"extends": "base", "bench": {"name": "c"}}}
+    child = bench_suite.parse_recipe(good, "x.toml", "child")
+    assert (child.suite_seed, child.name) == (4, "c")
+
+
 def _row(sampler, inst, truth, factor, well_posed=True, status="ok", warnings="", **extra):
     return {"sampler": sampler, "class": "1K", "truth": truth if well_posed else float("nan"),
             "aoyagi": truth, "llc_mean": truth * factor, "rel_error": factor - 1 if well_posed else float("nan"),
@@ -413,7 +443,6 @@ def test_summary_counts_what_the_restart_decided():
 ])
 def test_bench_instance_script_refuses_bad_input(args, expected, tmp_path, capsys):
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "bench_instance.py"
     spec = importlib.util.spec_from_file_location("bench_instance", path)
