@@ -453,3 +453,33 @@ def test_bench_instance_script_refuses_bad_input(args, expected, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
     assert not out.exists()
+
+
+def test_against_reference_script_pairs_the_committed_rows(tmp_path, capsys, monkeypatch):
+    """scripts/against_reference.py: each sg_curvature_target row beside the default recipe's HMC row
+    of the same instance, with the relative difference and z-score recomputed here from the CSVs; a
+    profile of another suite seed is refused in one line."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    spec = importlib.util.spec_from_file_location("against_reference", root / "scripts" / "against_reference.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "pairs.csv"
+    assert script.main(["--profile", "sg_curvature_target", "--csv", str(out)]) == 0
+    pairs = list(csv.DictReader(out.open()))
+    hmc = {r["instance"]: r for r in csv.DictReader((root / "results/benchmarks" / bench_report.CSV_NAME).open())
+           if r["sampler"] == "hmc"}
+    assert len(pairs) >= 26
+    for pair in pairs:
+        ref = hmc[pair["instance"]]
+        mean, ref_mean = float(pair["llc_mean"]), float(ref["llc_mean"])
+        assert float(pair["ref_mean"]) == ref_mean
+        assert float(pair["rel_diff"]) == pytest.approx(mean / ref_mean - 1, rel=1e-9)
+        assert float(pair["z"]) == pytest.approx(
+            (mean - ref_mean) / np.hypot(float(pair["llc_se"]), float(ref["llc_se"])), rel=1e-9)
+    assert "1K: 26 rows" in capsys.readouterr().out
+    assert script.main(["--profile", "sg_curvature_target_seed1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "suite seed 1" in err
