@@ -7,7 +7,10 @@ line (a write cut by SIGKILL or power loss) is truncated away, cells with all th
 are skipped, a cell with only some sampler rows reruns just the missing samplers (each sampler has
 its own RNG stream, so the result is the one the full cell would have given), and rows already in
 the file are never written twice. ``failed`` rows count as done: delete them (or use a new --out)
-to retry those cells. Each row records a ``fingerprint`` of where it was computed (jax/jaxlib,
+to retry those cells. Inside a cell, the chains are saved chunk by chunk under
+``<name>.checkpoints/`` beside the CSV (llc_bench.checkpoint): a cell killed midway resumes at its
+last saved chunk on the rerun and writes the rows the uninterrupted cell would have (on Ray, when
+the rerun's task can read the folder the killed one wrote). Each row records a ``fingerprint`` of where it was computed (jax/jaxlib,
 backend and device kind, CPU, XLA_FLAGS): bit-identity holds only between equal fingerprints, and
 ``--rerun-stale`` moves rows of another fingerprint to ``<name>.stale.csv`` and reruns their cells.
 A CSV from before that column reads with it empty, and gains it at its next write. The CSV belongs
@@ -33,6 +36,7 @@ module must be importable in the worker processes).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import io
@@ -49,6 +53,7 @@ from typing import Any
 from rich.console import Console
 
 from llc_bench import artifacts
+from llc_bench.checkpoint import checkpoints
 from llc_bench.config import Config, to_dict
 from llc_bench.jobs.executor import check_options, run_jobs
 from llc_bench.jobs.store import ResultsStore
@@ -162,14 +167,29 @@ def rows_for(cell: Cell, config_columns: Iterable[str], summary: dict | None,
     return rows
 
 
-def run_cell(cell: Cell, config_columns: list[str], runner: str | None = None) -> list[dict]:
-    """Run one cell and return its rows; any exception becomes 'failed' rows, never a crash."""
-    try:
-        fn = resolve_runner(runner)
-        summary = fn(cell.config)
-    except Exception as exc:  # noqa: BLE001 - a failing cell is a result, the sweep goes on
-        return rows_for(cell, config_columns, None, f"{type(exc).__name__}: {exc}")
-    return rows_for(cell, config_columns, summary)
+def run_cell(cell: Cell, config_columns: list[str], runner: str | None = None,
+             checkpoint_dir: str | Path | None = None) -> list[dict]:
+    """Run one cell and return its rows; any exception becomes 'failed' rows, never a crash.
+
+    checkpoint_dir: the cell's chains are saved there chunk by chunk (llc_bench.checkpoint) in a
+    folder named by cell and seed, so a cell killed midway resumes where it stopped, with the same
+    rows; the folder is removed once the rows are made."""
+    folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{cell.cell_id}-seed{cell.seed}"
+    with contextlib.nullcontext(None) if folder is None else checkpoints(folder) as store:
+        try:
+            fn = resolve_runner(runner)
+            summary = fn(cell.config)
+            rows = rows_for(cell, config_columns, summary)
+        except Exception as exc:  # noqa: BLE001 - a failing cell is a result, the sweep goes on
+            rows = rows_for(cell, config_columns, None, f"{type(exc).__name__}: {exc}")
+    if store is not None:
+        store.clear()
+    return rows
+
+
+def checkpoint_root(csv_path: str | Path) -> Path:
+    """Where a sweep saves the chains of its unfinished cells: <csv name>.checkpoints/ beside the CSV."""
+    return Path(csv_path).with_suffix(".checkpoints")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +275,8 @@ def run_sweep(spec: SweepSpec, out: str | Path | None = None, *, workers: int = 
         def crashed(job: tuple, exc: Exception) -> list[dict]:
             return rows_for(job[0], cols, None, f"ray task failed: {type(exc).__name__}: {exc}", fingerprint="")
 
-        run_jobs(run_cell, [(cell, cols, spec.runner) for cell in todo], lambda job, rows: done_fn(job[0], rows),
+        jobs = [(cell, cols, spec.runner, checkpoint_root(path)) for cell in todo]
+        run_jobs(run_cell, jobs, lambda job, rows: done_fn(job[0], rows),
                  workers=workers, backend=backend, address=address, crashed=crashed)
     return path
 

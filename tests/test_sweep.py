@@ -1,5 +1,6 @@
 """Sweeps: spec expansion, the CSV schema, failing cells, resume after a real SIGKILL, worker pools."""
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from llc_bench import cli, sweep, sweep_spec
+from llc_bench.checkpoint import Interrupted, checkpoints, saved_progress
 from llc_bench.config import ConfigError, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -457,3 +459,46 @@ def test_auto_step_size_axis_and_its_csv_columns(tmp_path):
     assert float(rows["1e-05"]["step_size"]) == 1e-5
     with pytest.raises(ConfigError, match='sampler.sgld.step_size: must be a number > 0 or "auto"'):
         sweep.expand(make_spec({"sampler.sgld.step_size": ["fast"]}, samplers=["sgld"]))
+
+
+def test_a_killed_cell_resumes_from_its_checkpoints(tmp_path, monkeypatch):
+    """A real cell killed after 3 saved chunks (of 8: burn-in and draws in chunks of 5 steps): the
+    rerun reuses them and writes the rows a clean sweep writes, seconds aside; nothing is left in
+    <name>.checkpoints/."""
+    base = {**TINY, "run": {**TINY["run"], "chunk_size": 5}}
+    raw = {"sweep": {"name": "tiny", "samplers": ["sgld"], "seeds": [0]}, "base": base,
+           "axes": {"data.noise": ["gaussian"]}}
+    spec = sweep_spec.parse_spec(raw, "tiny.toml")
+    out, ref = tmp_path / "tiny.csv", tmp_path / "ref.csv"
+    run_quiet(spec, ref)
+    saved = []
+
+    def killed_after_3(folder):
+        saved.append(Path(folder))
+        return checkpoints(folder, stop_after=3)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sweep, "checkpoints", killed_after_3)
+        with pytest.raises(Interrupted):
+            run_quiet(spec, out)
+    (folder,) = saved
+    assert folder.parent == sweep.checkpoint_root(out) and saved_progress(folder).startswith("1 phase(s), 3 chunk(s)")
+    assert not out.exists() or read_csv(out) == []
+    stores = []
+
+    @contextlib.contextmanager
+    def watched(folder):
+        with checkpoints(folder) as store:
+            stores.append(store)
+            yield store
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sweep, "checkpoints", watched)
+        run_quiet(spec, out)
+    assert stores[0].events[0] == "phase 0: 3/4 chunks reused" and stores[0].saved_chunks == 5
+    timing = ("wall_s", "compile_s", "wnv_time")
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+    assert strip(read_csv(out)) == strip(read_csv(ref))
+    assert not any(sweep.checkpoint_root(out).iterdir())
