@@ -23,8 +23,9 @@ phase and all after it are deleted and run afresh: a checkpoint never feeds a ru
 belong to. `Checkpoints.events` says what was reused and what was dropped.
 
 Files: <dir>/phase-NNNN.json (fingerprint, shape of the phase, chunks done, seconds) with
-phase-NNNN-carry.pkl (the state after the last saved chunk) and phase-NNNN-chunk-MMMM.pkl (that
-chunk's host outputs). Remove the directory once the run's result is stored (`Checkpoints.clear`).
+phase-NNNN-chunk-MMMM.pkl (chunk MMMM's host outputs) and phase-NNNN-carry-MMMM.pkl (the state after
+the last chunk saved, MMMM; the record is written after it, and the one before it removed after
+that, so a kill between any two writes leaves a record and the carry it names). Remove the directory once the run's result is stored (`Checkpoints.clear`).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class Phase:
             if {k: saved.get(k) for k in self._meta} != self._meta or saved["done"] < 1:
                 return False
             outputs = [pickle.loads(self._path(f"-chunk-{c:04d}.pkl").read_bytes()) for c in range(saved["done"])]
-            carry = _restore(self._like, pickle.loads(self._path("-carry.pkl").read_bytes()))
+            carry = _restore(self._like, pickle.loads(self._path(f"-carry-{saved['done'] - 1:04d}.pkl").read_bytes()))
         except (OSError, ValueError, KeyError, EOFError, pickle.UnpicklingError, TypeError, AttributeError, ImportError):
             return False
         self.done, self.outputs, self.seconds, self.carry = saved["done"], outputs, float(saved["seconds"]), carry
@@ -113,9 +114,11 @@ class Phase:
         """Chunk `chunk` finished with `carry` and host `outputs`, taking `seconds`."""
         self.seconds += seconds
         _write(self._path(f"-chunk-{chunk:04d}.pkl"), pickle.dumps(outputs, protocol=pickle.HIGHEST_PROTOCOL))
-        _write(self._path("-carry.pkl"), pickle.dumps(_to_host(carry), protocol=pickle.HIGHEST_PROTOCOL))
-        # written last: a run killed before this line resumes from the chunk before
+        _write(self._path(f"-carry-{chunk:04d}.pkl"), pickle.dumps(_to_host(carry), protocol=pickle.HIGHEST_PROTOCOL))
+        # The record is written last, and the carry before it is removed only after it: a run killed
+        # anywhere in between resumes from the chunk the record names, with that chunk's carry.
         _write(self._path(".json"), json.dumps({**self._meta, "done": chunk + 1, "seconds": self.seconds}).encode())
+        self._path(f"-carry-{chunk - 1:04d}.pkl").unlink(missing_ok=True)
         self._store.saved_chunks += 1
         if self._store.stop_after is not None and self._store.saved_chunks >= self._store.stop_after:
             raise Interrupted(f"stopped after {self._store.saved_chunks} saved chunks")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 
 import jax
 import numpy as np
@@ -76,6 +77,23 @@ def test_another_start_drops_the_saved_phases(toy, tmp_path):
     assert store.saved_chunks == 0 and store.events == [
         "phase 0: 3/3 chunks reused", "phase 1: 7/7 chunks reused", "phase 2: 5/5 chunks reused",
         "phase 3: 8/8 chunks reused"]
+
+
+def test_a_kill_between_the_saves_of_one_chunk_resumes_from_the_chunk_before(toy, tmp_path):
+    """Killed after chunk 6 was saved, and while chunk 7's files were being written (its outputs and
+    carry on disk, the record not yet updated): the rerun goes on from chunk 6's carry, whatever the
+    half-written files hold."""
+    post, alg, key, opts, whole = toy
+    with pytest.raises(Interrupted), checkpoints(tmp_path, stop_after=6):
+        _run(alg, post, key, opts)
+    (tmp_path / "phase-0001-chunk-0003.pkl").write_bytes(b"torn")
+    carry = pickle.loads((tmp_path / "phase-0001-carry-0002.pkl").read_bytes())
+    (tmp_path / "phase-0001-carry-0003.pkl").write_bytes(pickle.dumps([np.full_like(a, 7) for a in carry]))
+    with checkpoints(tmp_path) as store:
+        resumed = _run(alg, post, key, opts)
+    _assert_same(resumed.result, whole.result)
+    assert store.events[1] == "phase 1: 3/7 chunks reused"
+    assert sorted(p.name for p in tmp_path.glob("phase-0001-carry-*")) == ["phase-0001-carry-0006.pkl"]
 
 
 def test_diverged_chains_resume_frozen(tmp_path):
