@@ -352,11 +352,15 @@ def run_bench(recipe: Recipe, out_dir: str | Path, progress: bool = False, log=p
         return (f"{inst.name} widths {'-'.join(map(str, inst.widths))} rank {inst.rank} {inst.generator} "
                 f"d={inst.d} λ={inst.aoyagi:g}")
 
+    resuming = set()
     for inst, names in todo:
         for name in names:
             saved = saved_progress(checkpoint_folder(out / CHECKPOINTS, inst, name, recipe))
             if saved is not None:
+                resuming.add(inst.name)
                 log(f"  {inst.name} {name}: resumes from its checkpoints ({saved})")
+    # instances begun before run first (in suite order otherwise): their rows come soonest
+    todo = sorted(todo, key=lambda job: job[0].name not in resuming)
     jobs = [(recipe, inst, names, progress, out / CHECKPOINTS) for inst, names in todo]
     _run_logged(instance_rows, jobs, board, describe, log, **execution)
     log(f"sampling done in {time.perf_counter() - start:.0f}s")

@@ -176,7 +176,7 @@ KILLED_JOB = """
 import sys
 from llc_bench import bench, bench_suite, checkpoint
 recipe = bench_suite.load_recipe(sys.argv[1])
-inst = bench_suite.make_suite(recipe.classes, recipe.suite_seed, recipe.generators, recipe.size_classes)[0]
+inst = bench_suite.make_suite(recipe.classes, recipe.suite_seed, recipe.generators, recipe.size_classes)[-1]
 bench.checkpoints = lambda path: checkpoint.checkpoints(path, stop_after=3)
 try:
     bench.instance_rows(recipe, inst, ["sgld"], checkpoint_dir=sys.argv[2])
@@ -186,11 +186,11 @@ except checkpoint.Interrupted:
 
 
 def test_a_killed_instance_resumes_from_its_checkpoints(tiny_recipe, tmp_path):
-    """An instance's job killed after 3 saved chunks in another process: the next `bench` says it
-    resumes, reuses them, writes the row an uninterrupted job writes (seconds aside) and removes the
-    folder."""
+    """The last instance's job killed after 3 saved chunks in another process: the next `bench` says
+    it resumes, runs it first, reuses them, writes the row an uninterrupted job writes (seconds aside)
+    and removes the folder."""
     inst = bench_suite.make_suite(tiny_recipe.classes, tiny_recipe.suite_seed, tiny_recipe.generators,
-                                  tiny_recipe.size_classes)[0]
+                                  tiny_recipe.size_classes)[-1]
     expected, _ = bench.instance_rows(tiny_recipe, inst, ["sgld"])
     spec, out = tmp_path / "tiny.toml", tmp_path / "out"
     spec.write_text(tomli_w.dumps(_tiny_raw()))
@@ -205,6 +205,7 @@ def test_a_killed_instance_resumes_from_its_checkpoints(tiny_recipe, tmp_path):
     path = bench.run_bench(tiny_recipe, out, log=logged.append, figures=False)
     assert any(f"{inst.name} sgld: resumes from its checkpoints (1 phase(s), 3 chunk(s)" in m for m in logged)
     assert any(f"{inst.name} sgld: resumed, phase 0: 3/" in m for m in logged)
+    assert [m for m in logged if m.startswith("[")][0].startswith(f"[1/2] {inst.name} ")
     (row,) = [r for r in csv.DictReader(path.open()) if (r["instance"], r["sampler"]) == (inst.name, "sgld")]
     assert {k: v for k, v in row.items() if k not in TIMING} == {
         k: v for k, v in expected[0].items() if k not in TIMING}
