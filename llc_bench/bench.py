@@ -53,7 +53,6 @@ writes the CSVs, and the rows do not depend on where they were computed.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -287,9 +286,8 @@ def instance_rows(recipe: Recipe, inst: Instance, samplers: list[str], progress:
     for name in samplers:
         post = reduced_post if full_batch(name) else data_post
         start = time.perf_counter()
-        saved = (contextlib.nullcontext(None) if checkpoint_dir is None else
-                 checkpoints(checkpoint_folder(checkpoint_dir, inst, name, recipe)))
-        with saved as store:
+        folder = None if checkpoint_dir is None else checkpoint_folder(checkpoint_dir, inst, name, recipe)
+        with checkpoints(folder, clear_when_done=True) as store:
             try:
                 run = run_sampler(cfgs[name], name, post, truth=record.truth, progress=progress)
                 row = result_row(inst, name, run.summary, n_beta=post.n_beta, data_rows=post.n,
@@ -298,7 +296,6 @@ def instance_rows(recipe: Recipe, inst: Instance, samplers: list[str], progress:
                 row = failed_row(inst, name, f"{type(exc).__name__}: {exc}", recipe.fingerprint(name), record)
         if store is not None:
             lines.extend(f"  {inst.name} {name}: resumed, {event}" for event in store.events if "reused" in event)
-            store.clear()
         rows.append(row)
         rel = row["rel_error"]
         rel_text = f"{float(rel):+.1%}" if rel else "n/a"

@@ -25,7 +25,8 @@ belong to. `Checkpoints.events` says what was reused and what was dropped.
 Files: <dir>/phase-NNNN.json (fingerprint, shape of the phase, chunks done, seconds) with
 phase-NNNN-chunk-MMMM.pkl (chunk MMMM's host outputs) and phase-NNNN-carry-MMMM.pkl (the state after
 the last chunk saved, MMMM; the record is written after it, and the one before it removed after
-that, so a kill between any two writes leaves a record and the carry it names). Remove the directory once the run's result is stored (`Checkpoints.clear`).
+that, so a kill between any two writes leaves a record and the carry it names). Remove the directory
+once the run's result is stored (`Checkpoints.clear`, or `clear_when_done`).
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ class Checkpoints:
 
 
 def saved_progress(path: str | Path) -> str | None:
-    """What a checkpoint folder holds, in words ("2 phases, 11 chunks, 735 s of sampling"); None when
+    """What a checkpoint folder holds, in words ("2 phase(s), 11 chunk(s), 735 s of sampling"); None when
     it holds nothing. Whether it will be reused is only known when the run reaches each phase."""
     phases = []
     for file in sorted(Path(path).glob("phase-[0-9][0-9][0-9][0-9].json")):
@@ -185,14 +186,22 @@ def saved_progress(path: str | Path) -> str | None:
 
 
 @contextlib.contextmanager
-def checkpoints(path: str | Path, stop_after: int | None = None) -> Iterator[Checkpoints]:
-    """Save and resume the chunks of every phase the runner runs inside the `with` (module docstring)."""
-    store = Checkpoints(path, stop_after)
+def checkpoints(path: str | Path | None, stop_after: int | None = None,
+                clear_when_done: bool = False) -> Iterator[Checkpoints | None]:
+    """Save and resume the chunks of every phase the runner runs inside the `with` (module docstring).
+
+    path None: nothing is saved (the block runs as it would outside any `with`; yields None).
+    clear_when_done: remove the folder when the block ends without an exception, i.e. once the
+    caller has made the result from the run; a run cut short (Interrupted, KeyboardInterrupt, any
+    exception that leaves the block) keeps it to resume from."""
+    store = None if path is None else Checkpoints(path, stop_after)
     token = _ACTIVE.set(store)
     try:
         yield store
     finally:
         _ACTIVE.reset(token)
+    if store is not None and clear_when_done:
+        store.clear()
 
 
 def active() -> Checkpoints | None:

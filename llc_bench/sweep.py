@@ -36,7 +36,6 @@ module must be importable in the worker processes).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
 import io
@@ -175,16 +174,12 @@ def run_cell(cell: Cell, config_columns: list[str], runner: str | None = None,
     folder named by cell and seed, so a cell killed midway resumes where it stopped, with the same
     rows; the folder is removed once the rows are made."""
     folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{cell.cell_id}-seed{cell.seed}"
-    with contextlib.nullcontext(None) if folder is None else checkpoints(folder) as store:
+    with checkpoints(folder, clear_when_done=True):
         try:
             fn = resolve_runner(runner)
-            summary = fn(cell.config)
-            rows = rows_for(cell, config_columns, summary)
+            return rows_for(cell, config_columns, fn(cell.config))
         except Exception as exc:  # noqa: BLE001 - a failing cell is a result, the sweep goes on
-            rows = rows_for(cell, config_columns, None, f"{type(exc).__name__}: {exc}")
-    if store is not None:
-        store.clear()
-    return rows
+            return rows_for(cell, config_columns, None, f"{type(exc).__name__}: {exc}")
 
 
 def checkpoint_root(csv_path: str | Path) -> Path:

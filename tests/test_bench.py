@@ -177,7 +177,7 @@ import sys
 from llc_bench import bench, bench_suite, checkpoint
 recipe = bench_suite.load_recipe(sys.argv[1])
 inst = bench_suite.make_suite(recipe.classes, recipe.suite_seed, recipe.generators, recipe.size_classes)[-1]
-bench.checkpoints = lambda path: checkpoint.checkpoints(path, stop_after=3)
+bench.checkpoints = lambda path, **kw: checkpoint.checkpoints(path, stop_after=3, **kw)
 try:
     bench.instance_rows(recipe, inst, ["sgld"], checkpoint_dir=sys.argv[2])
 except checkpoint.Interrupted:

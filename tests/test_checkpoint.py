@@ -12,7 +12,7 @@ import pytest
 from test_llc_regular import regular_config
 from test_runner import RUN, _data_posterior, exploding_walk, langevin_toy
 
-from llc_bench.checkpoint import Interrupted, checkpoints, fingerprint
+from llc_bench.checkpoint import Interrupted, checkpoints, fingerprint, saved_progress
 from llc_bench.config import replace
 from llc_bench.experiment import build_posterior, run_sampler
 from llc_bench.runner import start_chains
@@ -109,6 +109,21 @@ def test_diverged_chains_resume_frozen(tmp_path):
         resumed = start_chains("toy", alg, post, key, **opts).extend(14)
     _assert_same(resumed.result, whole.result)
     assert (whole.result.diverged_at == 12).any()
+
+
+def test_without_a_folder_nothing_is_saved_and_a_finished_block_clears_its_folder(toy, tmp_path):
+    """checkpoints(None) saves nothing (and hides an outer folder); clear_when_done removes the folder
+    after a block that ends normally, and keeps it after one that is cut short."""
+    post, alg, key, opts, whole = toy
+    with checkpoints(tmp_path / "outer") as outer, checkpoints(None) as inner:
+        _assert_same(_run(alg, post, key, opts).result, whole.result)
+    assert inner is None and outer.saved_chunks == 0 and not (tmp_path / "outer").exists()
+    with pytest.raises(Interrupted), checkpoints(tmp_path / "run", stop_after=4, clear_when_done=True):
+        _run(alg, post, key, opts)
+    assert saved_progress(tmp_path / "run").startswith("2 phase(s), 4 chunk(s)")
+    with checkpoints(tmp_path / "run", clear_when_done=True) as store:
+        _assert_same(_run(alg, post, key, opts).result, whole.result)
+    assert store.saved_chunks == 19 and not (tmp_path / "run").exists()
 
 
 def test_fingerprint_sees_every_bit():

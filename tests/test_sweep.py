@@ -473,9 +473,9 @@ def test_a_killed_cell_resumes_from_its_checkpoints(tmp_path, monkeypatch):
     run_quiet(spec, ref)
     saved = []
 
-    def killed_after_3(folder):
+    def killed_after_3(folder, **options):
         saved.append(Path(folder))
-        return checkpoints(folder, stop_after=3)
+        return checkpoints(folder, stop_after=3, **options)
 
     with monkeypatch.context() as patch:
         patch.setattr(sweep, "checkpoints", killed_after_3)
@@ -487,8 +487,8 @@ def test_a_killed_cell_resumes_from_its_checkpoints(tmp_path, monkeypatch):
     stores = []
 
     @contextlib.contextmanager
-    def watched(folder):
-        with checkpoints(folder) as store:
+    def watched(folder, **options):
+        with checkpoints(folder, **options) as store:
             stores.append(store)
             yield store
 
