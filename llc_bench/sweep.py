@@ -10,8 +10,8 @@ the file are never written twice. ``failed`` rows count as done: delete them (or
 to retry those cells. Inside a cell, the chains are saved chunk by chunk under
 ``<name>.checkpoints/`` beside the CSV (llc_bench.checkpoint): a cell killed midway resumes at its
 last saved chunk on the rerun and writes the rows the uninterrupted cell would have (on Ray, when
-the rerun's task can read the folder the killed one wrote). Each row records a ``fingerprint`` of where it was computed (jax/jaxlib,
-backend and device kind, CPU, XLA_FLAGS): bit-identity holds only between equal fingerprints, and
+the rerun's task can read the folder the killed one wrote). Each row records a ``fingerprint`` of
+where it was computed (jax/jaxlib, backend and device kind, CPU, XLA_FLAGS): bit-identity holds only between equal fingerprints, and
 ``--rerun-stale`` moves rows of another fingerprint to ``<name>.stale.csv`` and reruns their cells.
 A CSV from before that column reads with it empty, and gains it at its next write. The CSV belongs
 to one spec (llc_bench.sweep_spec). The file handling is llc_bench.jobs.store's, shared with the
@@ -176,10 +176,10 @@ def run_cell(cell: Cell, config_columns: list[str], runner: str | None = None,
     folder = None if checkpoint_dir is None else Path(checkpoint_dir) / f"{cell.cell_id}-seed{cell.seed}"
     with checkpoints(folder, clear_when_done=True):
         try:
-            fn = resolve_runner(runner)
-            return rows_for(cell, config_columns, fn(cell.config))
+            summary = resolve_runner(runner)(cell.config)
         except Exception as exc:  # noqa: BLE001 - a failing cell is a result, the sweep goes on
             return rows_for(cell, config_columns, None, f"{type(exc).__name__}: {exc}")
+        return rows_for(cell, config_columns, summary)
 
 
 def checkpoint_root(csv_path: str | Path) -> Path:
