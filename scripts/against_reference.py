@@ -9,7 +9,9 @@ A reference sampler run on the same posterior (by default HMC from the default r
 and its 10 × n audit where there is one) separates them: where the sampler agrees with the reference
 but both are off λ, the sampler is not what is wrong. Prints, per row, λ̂ ± SE, the reference's,
 their relative difference and its z-score (difference over the two SEs combined), then per class
-the median and largest |relative difference| and the rows more than 3 SE apart. Only instances with
+the median and largest |relative difference|, the rows more than 3 SE apart, and the difference
+against the share of λ that is quadratic (rank(H)/2 ÷ λ: a step size's bias falls on those
+directions). Only instances with
 the same name in both suites (the same suite seed) are compared.
 """
 
@@ -22,6 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from llc_bench.bench_report import CSV_NAME
 from llc_bench.bench_suite import load_recipe
@@ -59,6 +62,7 @@ def compare(profile: str | None, reference_profile: str | None, reference_sample
             "ref_audit": audit[name]["llc_audit"] if name in audit else "",
             "rel_diff": mean / ref_mean - 1, "z": (mean - ref_mean) / math.hypot(se, ref_se),
             "rel_error": row["rel_error"],
+            "quadratic_share": min(1.0, float(row["local_lower"]) / float(row["aoyagi"])),
         })
     return out
 
@@ -75,6 +79,18 @@ def _print(rows: list[dict]) -> None:
         apart = [r["instance"] for r in rows if r["class"] == cls and abs(r["z"]) > 3]
         print(f"{cls}: {diffs.size} rows; |λ̂ / reference − 1| median {np.median(diffs):.1%}, "
               f"largest {diffs.max():.1%}; more than 3 SE apart: {', '.join(apart) or 'none'}")
+        share = np.array([r["quadratic_share"] for r in rows if r["class"] == cls])
+        signed = np.array([r["rel_diff"] for r in rows if r["class"] == cls])
+        if share.size >= 3:
+            rho, p = spearmanr(share, signed)
+            whole, under = signed[share >= 0.99], signed[share < 0.5]
+            print(f"  by the quadratic share of λ (rank(H)/2 ÷ λ): λ̂ / reference − 1 has median "
+                  f"{_median(whole)} on the {whole.size} rows whose λ is all quadratic and {_median(under)} on the "
+                  f"{under.size} under half; Spearman {rho:.2f} (p = {p:.2g})")
+
+
+def _median(values: np.ndarray) -> str:
+    return f"{np.median(values):+.1%}" if values.size else "n/a"
 
 
 def main(argv=None) -> int:

@@ -480,7 +480,14 @@ def test_against_reference_script_pairs_the_committed_rows(tmp_path, capsys, mon
         assert float(pair["rel_diff"]) == pytest.approx(mean / ref_mean - 1, rel=1e-9)
         assert float(pair["z"]) == pytest.approx(
             (mean - ref_mean) / np.hypot(float(pair["llc_se"]), float(ref["llc_se"])), rel=1e-9)
-    assert "1K: 26 rows" in capsys.readouterr().out
+    rows = {r["instance"]: r for r in csv.DictReader((root / "results/benchmarks/sg_curvature_target" /
+                                                      bench_report.CSV_NAME).open())}
+    for pair in pairs:
+        row = rows[pair["instance"]]
+        assert float(pair["quadratic_share"]) == pytest.approx(
+            min(1.0, float(row["local_lower"]) / float(row["aoyagi"])), rel=1e-9)
+    printed = capsys.readouterr().out
+    assert "1K: 26 rows" in printed and "rows whose λ is all quadratic" in printed
     assert script.main(["--profile", "sg_curvature_target_seed1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "suite seed 1" in err
