@@ -25,9 +25,11 @@ COLUMNS = ("instance", "class", "widths", "rank", "generator", "truth", "sampler
            # beyond the scoreboard proper: enough to audit a row without rerunning it
            "d", "n", "n_beta", "compile_s", "chains_used", "data_rows", "warnings", "recipe",
            # the over-dispersed restart (llc_bench.restart), where the recipe asks for it and it ran
-           "restart_llc", "restart_se")
+           "restart_llc", "restart_se",
+           # the step size's estimated first-order bias of λ̂ (llc_bench.discretization), SGLD family only
+           "step_bias", "llc_debiased")
 # columns newer than some committed CSVs: those read with them empty
-ADDED_COLUMNS = ("restart_llc", "restart_se")
+ADDED_COLUMNS = ("restart_llc", "restart_se", "step_bias", "llc_debiased")
 AUDIT_COLUMNS = ("instance", "class", "sampler", "well_posed", "aoyagi", "n", "llc_n", "llc_se_n",
                  "n_audit", "llc_audit", "llc_se_audit", "shift", "flagged", "status_audit", "recipe")
 
@@ -69,7 +71,8 @@ def read_audit(path: str | Path) -> list[dict[str, Any]]:
 
 SCOREBOARD_NUMERIC = {"truth", "llc_mean", "llc_se", "rel_error", "grad_evals", "wall_s", "wnv_time",
                       "wnv_grad", "rank", "d", "n", "n_beta", "compile_s", "chains_used", "data_rows", "aoyagi",
-                      "lambda_r_eff", "local_lower", "r_eff", "sv_min", "sv_max", "restart_llc", "restart_se"}
+                      "lambda_r_eff", "local_lower", "r_eff", "sv_min", "sv_max", "restart_llc", "restart_se",
+                      "step_bias", "llc_debiased"}
 
 
 def read_scoreboard(path: str | Path) -> list[dict[str, Any]]:

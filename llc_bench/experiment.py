@@ -16,6 +16,7 @@ from llc_bench import artifacts
 from llc_bench.config import Config, to_dict, to_toml
 from llc_bench.curvature import auto_step_grad_evals, build_algorithm, step_size_summary
 from llc_bench.diagnostics import convergence, to_datatree
+from llc_bench.discretization import step_bias_summary
 from llc_bench.estimator import (
     block_bootstrap_ci,
     cross_check,
@@ -98,8 +99,9 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
                           num_steps_bw_draws=steps.num_steps_bw_draws, num_projections=run.num_projections,
                           chunk_size=run.chunk_size, progress=progress, devices=chain_devices(run.num_chains))
     restarts = restart and run.restart_scale > 0
-    result, states, estimate, flags, target = _sample_to_target(chains, run, steps.num_steps_bw_draws, source,
+    result, chains, estimate, flags, target = _sample_to_target(chains, run, steps.num_steps_bw_draws, source,
                                                                 leave_spreading=restarts)
+    states = chains.states
     num_draws = result.draw_loss.shape[1]
     check = None
     if resolve_source("auto", name) == "minibatch":  # SG: the per-step and the full-data λ̂ check each other
@@ -127,6 +129,11 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
         flags.extend(_diagnostics_missing(conv, num_draws))
     checked = final_checks(spec, posterior, algorithm, states, step["step_size"], result.diverged_at, run.seed)
     flags.extend(flag for _, flag in checked.values() if flag is not None)
+    bias = None
+    if estimate.status != "failed":
+        bias = step_bias_summary(spec, posterior, settings, chains.params, states,
+                                 jax.vmap(algorithm.position)(states), usable_chains(diverged_at=result.diverged_at),
+                                 step["step_size"], stream_key(run.seed, "step_bias"))
     flags = tuple(flags)
     summary = _summarize(spec, result, estimate, conv, flags, truth, posterior,
                          extra_grad_evals=tuning_grad_evals, source=source)
@@ -136,11 +143,13 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     summary["restart_check"] = restarted
     summary.update(step)
     summary["target_rel_se"] = target
+    summary["step_bias"] = None if bias is None else bias.record()
+    summary["llc_debiased"] = None if bias is None or summary["llc_mean"] is None else summary["llc_mean"] - bias.value
     return SamplerRun(name, result, estimate, tree, conv, flags, summary)
 
 
 def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spreading: bool = False):
-    """(result, states, estimate, health flags, target record or None) of the chains as they are
+    """(result, LiveChains, estimate, health flags, target record or None) of the chains as they are
     (run.target_rel_se = 0), or run on until SE(λ̂)/|λ̂| <= run.target_rel_se and the run is not
     `not_converged`, at most run.max_doublings times. Each time the chains draw on (LiveChains.extend):
     after a `not_converged` verdict the whole run doubles and its first half becomes burn-in (the draws
@@ -165,7 +174,7 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spread
         estimate = estimate_from_result(result, source)
         flags = check_health(result, estimate_from=source)
         if run.target_rel_se <= 0:
-            return result, chains.states, estimate, flags, None
+            return result, chains, estimate, flags, None
         agrees = None if before is None else agreement(before.mean, before.se, estimate.mean, estimate.se)
         if agrees:
             flags = [f for f in flags if f.code != "still_spreading"]
@@ -179,7 +188,7 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spread
                          "grad_evals": float(np.sum(result.grad_evals)), "tuned": result.tuned,
                          "agrees_with_previous": agrees})
         if reached or status in ("failed", "diverged") or len(attempts) > run.max_doublings:
-            return result, chains.states, estimate, flags, {
+            return result, chains, estimate, flags, {
                 "target": run.target_rel_se, "reached": reached, "num_draws": attempts[-1]["num_draws"],
                 "num_burnin_steps": burnin, "steps": total, "attempts": attempts}
         more = total if unsettled else total - burnin
@@ -360,7 +369,7 @@ def failed_summary(error: str) -> dict:
         "energy_change": None, "grad_evals": 0.0, "wall_s": 0.0, "compile_s": 0.0, "wnv_time": None,
         "wnv_grad": None, "status": "failed", "warnings": [], "error": error, "chains_used": 0,
         "chains_excluded": [], "diverged_at": [], "tuned": {}, **check_keys(),
-        "estimate_from": None, "cross_check": None,
+        "estimate_from": None, "cross_check": None, "step_bias": None, "llc_debiased": None,
     }
 
 

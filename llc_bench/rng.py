@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 # The position of a name is its fold-in index: append new streams, never reorder, or old seeds change.
-STREAMS = ("data", "teacher", "init", "training", "sampling", "projection", "noise", "restart")
+STREAMS = ("data", "teacher", "init", "training", "sampling", "projection", "noise", "restart", "step_bias")
 
 
 def stream_key(seed: int, name: str) -> jax.Array:

@@ -521,6 +521,11 @@ class LiveChains:
         self.states = carry.state
         self.result = _assemble(fixed, phases, carry, num_draws, kept, k, timings)
 
+    @property
+    def params(self):
+        """The tuned parameters the last draws used (leading axis = chains)."""
+        return self._fixed.consts.params
+
     def extend(self, num_draws: int, retune: bool = False) -> LiveChains:
         fixed = self._fixed
         if fixed.full_loss_every != 1:

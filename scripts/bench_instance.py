@@ -5,7 +5,8 @@
 
 Prints λ̂ ± SE against the instance's λ, the status and flags, the seconds taken and, with
 run.target_rel_se, every attempt (steps, burn-in, λ̂, relative SE, ε, status); --json FILE also
-writes the sampler's summary there. The run is the scoreboard's (the same posterior, and the
+writes the sampler's summary there; and, for the SGLD family, the step size's estimated bias and the
+λ̂ corrected for it. The run is the scoreboard's (the same posterior, and the
 over-dispersed restart where the recipe sets run.restart_scale). Nothing is added to the
 scoreboard's CSVs: a row there is always the recipe's own, and this is for trying a change on the
 instances it matters for.
@@ -74,6 +75,10 @@ def main(argv=None) -> int:
         print(f"  steps {a['steps']}, burn-in {a['num_burnin_steps']}: λ̂ {a['llc_mean']:.2f}, "
               f"rel SE {a['rel_se']:.2%}" + (f", ε {eps:.3g}" if eps is not None else "") + f", {a['status']}"
               + agreement_note(a))
+    if s.get("step_bias"):
+        b = s["step_bias"]
+        print(f"  step-size bias {b['value']:.3f} ± {b['se']:.3f} (ε/8 · (curvature {b['curvature']:.4g} + noise "
+              f"{b['noise']:.4g}), {b['num_products']} products): λ̂ debiased = {s['llc_debiased']:.2f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(s, fh, indent=1, default=str)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -209,6 +210,13 @@ def _retune(posterior: Posterior, settings: CurvatureSGLDSettings, auto, product
     return retune
 
 
+def preconditioner_roots(settings: CurvatureSGLDSettings, params: CurvatureParams, states) -> list:
+    """SamplerSpec.preconditioner_roots: v -> P^{1/2} v with each chain's P (as its draws used it)."""
+    del settings, states
+    return [functools.partial(apply_preconditioner, jnp.asarray(vectors), jnp.asarray(scales), power=0.5)
+            for vectors, scales in zip(np.asarray(params.vectors), np.asarray(params.scales), strict=True)]
+
+
 SPEC = SamplerSpec(
     name="curvature_sgld",
     settings=CurvatureSGLDSettings,
@@ -218,4 +226,5 @@ SPEC = SamplerSpec(
     metropolis=False,
     step_size=STEP_EPSILON,
     build_auto=build_auto,
+    preconditioner_roots=preconditioner_roots,
 )

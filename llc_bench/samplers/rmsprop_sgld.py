@@ -111,6 +111,16 @@ def chain_preconditioners(states: RMSPropSGLDState, settings: RMSPropSGLDSetting
     return 1.0 / (np.sqrt(v) + settings.eps)
 
 
+def preconditioner_roots(settings: RMSPropSGLDSettings, params, states: RMSPropSGLDState) -> list | None:
+    """SamplerSpec.preconditioner_roots: v -> G^{1/2} v per chain with the frozen G; None with
+    adapt="always", whose G moves while it draws."""
+    del params
+    if settings.adapt == "always":
+        return None
+    return [lambda v, root=root: jnp.asarray(root, v.dtype) * v
+            for root in np.sqrt(chain_preconditioners(states, settings))]
+
+
 def preconditioner_at_wstar(posterior: Posterior, settings: RMSPropSGLDSettings,
                             num_batches: int | None = None, full_batch: bool = False) -> jax.Array:
     """(d,) G = 1/(√v + a) with v = mean over fixed minibatches at w* of (∇L_m(w*))²: the stationary
@@ -227,4 +237,5 @@ SPEC = SamplerSpec(
     step_size=STEP_EPSILON,
     aliases={"rmsprop_eps": "eps", "rmsprop_alpha": "alpha"},
     diagonal_preconditioner=DiagonalPreconditioner(at_wstar=_at_wstar, of_chains=chain_preconditioners),
+    preconditioner_roots=preconditioner_roots,
 )

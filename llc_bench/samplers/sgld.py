@@ -21,6 +21,7 @@ from llc_bench.samplers.base import (
     SamplerSpec,
     StepSizeParams,
     bind,
+    identity_roots,
     minibatch_step_info,
     numeric_step_size,
     setting,
@@ -115,4 +116,5 @@ SPEC = SamplerSpec(
     metropolis=False,
     step_size=STEP_EPSILON,
     checks=(FinalCheck("mala_accept", mala_check),),
+    preconditioner_roots=identity_roots,
 )
