@@ -123,6 +123,14 @@ def test_debiased_llc_removes_the_step_size_bias(regular):
     assert run.estimate.mean - exact > 4 * se, (run.estimate.mean, exact, se)
     assert s["llc_debiased"] == pytest.approx(run.estimate.mean - bias["value"])
     assert abs(s["llc_debiased"] - exact) < 3.5 * math.hypot(se, bias["se"]), (s["llc_debiased"], exact, se, bias)
+    from rich.console import Console
+
+    from llc_bench.report import print_report
+
+    console = Console(record=True, width=300)
+    print_report({"n": posterior.n, "d": posterior.dim, "n_beta": posterior.n_beta, "gamma": posterior.gamma,
+                  "loss_at_wstar": posterior.loss_at_wstar, "truth": 4.0, "samplers": {"sgld": s}}, None, console)
+    assert f"λ̂ − it = {s['llc_debiased']:.4g}" in console.export_text()
     inst = Instance("regular", "test", 0, (4, 2), 2, "deepest", 0, posterior.dim, 4.0, posterior.n)
     row = result_row(inst, "sgld", s, n_beta=posterior.n_beta, data_rows=posterior.n, recipe_hash="x")
     assert float(row["llc_debiased"]) == pytest.approx(s["llc_debiased"], rel=1e-5)
