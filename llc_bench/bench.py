@@ -296,7 +296,7 @@ def instance_rows(recipe: Recipe, inst: Instance, samplers: list[str], progress:
             except Exception as exc:  # noqa: BLE001
                 row = failed_row(inst, name, f"{type(exc).__name__}: {exc}", recipe.fingerprint(name), record)
         if store is not None:
-            lines.extend(f"  {inst.name} {name}: resumed, {event}" for event in store.events if "reused" in event)
+            lines.extend(f"  {inst.name} {name}: resumed, {event}" for event in store.reused)
         rows.append(row)
         rel = row["rel_error"]
         rel_text = f"{float(rel):+.1%}" if rel else "n/a"

@@ -20,7 +20,7 @@ Each phase's files record a fingerprint of what it started from: the chains' sta
 array its chunks read (keys, tuned parameters, data). On a rerun whose phase starts elsewhere
 (another seed, config or code, or a computation that was not bitwise reproducible) the saved
 phase and all after it are deleted and run afresh: a checkpoint never feeds a run it does not
-belong to. `Checkpoints.events` says what was reused and what was dropped.
+belong to. `Checkpoints.events` says what was reused and what was dropped (`Checkpoints.reused`: the reuses alone).
 
 Files: <dir>/phase-NNNN.json (fingerprint, shape of the phase, chunks done, seconds) with
 phase-NNNN-chunk-MMMM.pkl (chunk MMMM's host outputs) and phase-NNNN-carry-MMMM.pkl (the state after
@@ -138,7 +138,8 @@ class Checkpoints:
         self.path = Path(path)
         self.stop_after = stop_after
         self.saved_chunks = 0
-        self.events: list[str] = []
+        self.events: list[str] = []  # what was reused and what was dropped, in order
+        self.reused: list[str] = []  # the reuses alone ("phase i: k/n chunks reused")
         self._next = 0
         self._dropped = False
 
@@ -149,7 +150,8 @@ class Checkpoints:
         self.path.mkdir(parents=True, exist_ok=True)
         phase = Phase(self, index, {**shape, "from": fingerprint(carry, consts)}, carry)
         if not self._dropped and phase.load():
-            self.events.append(f"phase {index}: {phase.done}/{shape['count']} chunks reused")
+            self.reused.append(f"phase {index}: {phase.done}/{shape['count']} chunks reused")
+            self.events.append(self.reused[-1])
             return phase
         if not self._dropped and (self.path / f"phase-{index:04d}.json").exists():
             self.events.append(f"phase {index}: saved chunks belong to another start; dropped with all later phases")

@@ -59,10 +59,10 @@ SPEC_SECTIONS = ("sweep", "base", "base_preset", "axes")
 
 METRICS = ("llc_mean", "llc_se", "truth", "rel_error", "ess_bulk", "ess_tail", "rhat", "accept_rate",
            "grad_evals", "wall_s", "compile_s", "wnv_time", "wnv_grad", "n_beta", "gamma", "d",
-           "loss_at_wstar", "step_size", "h_max", "num_hvp")
+           "loss_at_wstar", "step_size", "h_max", "num_hvp", "llc_debiased")
 TAIL = ("status", "warnings", "error", "versions", "fingerprint")
 # Columns newer than some CSVs still being resumed: an older file gets them empty.
-ADDED_COLUMNS = ("fingerprint", "step_size", "h_max", "num_hvp")
+ADDED_COLUMNS = ("fingerprint", "step_size", "h_max", "num_hvp", "llc_debiased")
 
 
 @dataclass(frozen=True)

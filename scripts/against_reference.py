@@ -11,7 +11,8 @@ but both are off λ, the sampler is not what is wrong. Prints, per row, λ̂ ± 
 their relative difference and its z-score (difference over the two SEs combined), then per class
 the median and largest |relative difference|, the rows more than 3 SE apart, and the difference
 against the share of λ that is quadratic (rank(H)/2 ÷ λ: a step size's bias falls on those
-directions). Only instances with
+directions), and where rows carry `llc_debiased` (λ̂ minus the step size's estimated bias) its
+difference from the reference too. Only instances with
 the same name in both suites (the same suite seed) are compared.
 """
 
@@ -61,6 +62,7 @@ def compare(profile: str | None, reference_profile: str | None, reference_sample
             "reference": reference_sampler, "ref_mean": ref_mean, "ref_se": ref_se, "ref_status": other["status"],
             "ref_audit": audit[name]["llc_audit"] if name in audit else "",
             "rel_diff": mean / ref_mean - 1, "z": (mean - ref_mean) / math.hypot(se, ref_se),
+            "debiased_diff": float(row["llc_debiased"]) / ref_mean - 1 if row.get("llc_debiased") else None,
             "rel_error": row["rel_error"],
             "quadratic_share": min(1.0, float(row["local_lower"]) / float(row["aoyagi"])),
         })
@@ -73,12 +75,17 @@ def _print(rows: list[dict]) -> None:
         audit = f"{float(r['ref_audit']):7.1f}" if r["ref_audit"] else " " * 7
         print(f"{r['instance']:18s} {float(r['aoyagi']):7.1f} {r['llc_mean']:8.1f} ± {r['llc_se']:4.1f} "
               f"{r['ref_mean']:8.1f} ± {r['ref_se']:4.1f} {audit} {r['rel_diff']:+6.1%} {r['z']:+5.1f}  {r['status']}"
+              + ("" if r["debiased_diff"] is None else f"  (debiased {r['debiased_diff']:+.1%})")
               + ("" if r["well_posed"] == "yes" else "  (not well-posed)"))
     for cls in sorted({r["class"] for r in rows}):
         diffs = np.array([abs(r["rel_diff"]) for r in rows if r["class"] == cls])
         apart = [r["instance"] for r in rows if r["class"] == cls and abs(r["z"]) > 3]
         print(f"{cls}: {diffs.size} rows; |λ̂ / reference − 1| median {np.median(diffs):.1%}, "
               f"largest {diffs.max():.1%}; more than 3 SE apart: {', '.join(apart) or 'none'}")
+        debiased = np.array([abs(r["debiased_diff"]) for r in rows if r["class"] == cls and r["debiased_diff"] is not None])
+        if debiased.size:
+            print(f"  {debiased.size} rows carry llc_debiased (λ̂ minus the step size's estimated bias): |llc_debiased / "
+                  f"reference − 1| median {np.median(debiased):.1%}, largest {debiased.max():.1%}")
         share = np.array([r["quadratic_share"] for r in rows if r["class"] == cls])
         signed = np.array([r["rel_diff"] for r in rows if r["class"] == cls])
         if share.size >= 3:

@@ -486,6 +486,11 @@ def test_against_reference_script_pairs_the_committed_rows(tmp_path, capsys, mon
         row = rows[pair["instance"]]
         assert float(pair["quadratic_share"]) == pytest.approx(
             min(1.0, float(row["local_lower"]) / float(row["aoyagi"])), rel=1e-9)
+        if row.get("llc_debiased"):  # rows run since the step-bias estimate exists
+            assert float(pair["debiased_diff"]) == pytest.approx(
+                float(row["llc_debiased"]) / float(pair["ref_mean"]) - 1, rel=1e-9)
+        else:
+            assert pair["debiased_diff"] == ""
     printed = capsys.readouterr().out
     assert "1K: 26 rows" in printed and "rows whose λ is all quadratic" in printed
     assert script.main(["--profile", "sg_curvature_target_seed1"]) == 2
