@@ -57,10 +57,12 @@ def step_bias(posterior: Posterior, positions, step_size: float, roots: Sequence
     gains (ε/8)(nβ tr(P H) + nβ²/m tr(P C)). (The flat directions, where B is γ's alone and C
     vanishes, do not enter λ̂; γ's share on the stiff ones is dropped, a relative error of γ/(nβ h).)
     Both traces are Hutchinson estimates with `num_probes` Rademacher vectors per chain, at each
-    chain's own position: on a singular model, where H changes along the posterior, this is the
-    Gaussian answer of the curvature there, a first-order correction for the directions that are
-    locally quadratic. With full batches and no preconditioner it is (ε/8) nβ tr H: on one
+    chain's own position. With full batches and no preconditioner it is (ε/8) nβ tr H: on one
     direction, ½ · εb/4 against the exact ½ · (1/(1 − εb/4) − 1).
+
+    Off a Gaussian the exact first-order bias of E[U] is (ε/8)(E[ΔU] − Cov(U, ΔU)), and this keeps
+    the first term only: on a direction flatter than quadratic it is too large (twice the truth on
+    U = w⁴; scripts/step_bias_quartic.py). On a singular model λ̂ minus it therefore errs low.
     """
     positions = np.asarray(positions)
     num_chains, dim = positions.shape
