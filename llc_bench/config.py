@@ -132,6 +132,10 @@ class RunConfig:
     # compare λ̂ (llc_bench.restart): a change flags restart_disagrees, no change withdraws
     # still_spreading. 0 = no restart (still_spreading then stands).
     restart_scale: float = 10.0
+    # SGLD family: at every draw one Hutchinson probe of nβ tr(P ∇²L) at each chain, so the step size's
+    # estimated bias (summary "step_bias") gets the term a non-Gaussian posterior adds
+    # (llc_bench.discretization.with_draws); costs about 4 forward passes of 4,096 rows per chain and draw.
+    step_bias_draws: bool = False
     out_dir: str = "results"  # each run writes <out_dir>/<run_id>/
 
 

@@ -1,4 +1,4 @@
-"""The step size's first-order bias of λ̂ for SGLD with a constant preconditioner, estimated where the chains ended."""
+"""The step size's first-order bias of λ̂ for SGLD with a constant preconditioner: at the chains' last positions, and optionally from a probe at every draw."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ class StepBias(NamedTuple):
     noise        mean nβ²/m·tr(P^{1/2} C P^{1/2}) at the chains (C: the per-sample gradient
                  covariance; 0 with full-data gradients)
     num_products Hessian- and covariance-vector products spent, on the full data
+    value_draws  the first-order bias with the covariance term of a non-Gaussian posterior, from
+                 one probe of nβ tr(PH) at every draw (run.step_bias_draws): (ε/8)(mean probe −
+                 Cov(φ, probe)) + the noise part; its SE over chains
+    covariance   (ε/8)·Cov(φ, nβ tr(PH)) over the draws, the part subtracted
+    curvature_draws, num_probes_draws  the mean probe and how many there were
     """
 
     value: float
@@ -35,6 +40,12 @@ class StepBias(NamedTuple):
     curvature: float
     noise: float
     num_products: int
+    # with the probes at the draws (`with_draws`; None without them)
+    value_draws: float | None = None
+    se_draws: float | None = None
+    covariance: float | None = None
+    curvature_draws: float | None = None
+    num_probes_draws: int | None = None
 
     def record(self) -> dict:
         return dict(self._asdict())
@@ -60,9 +71,9 @@ def step_bias(posterior: Posterior, positions, step_size: float, roots: Sequence
     chain's own position. With full batches and no preconditioner it is (ε/8) nβ tr H: on one
     direction, ½ · εb/4 against the exact ½ · (1/(1 − εb/4) − 1).
 
-    Off a Gaussian the exact first-order bias of E[U] is (ε/8)(E[ΔU] − Cov(U, ΔU)), and this keeps
-    the first term only: on a direction flatter than quadratic it is too large (twice the truth on
-    U = w⁴; scripts/step_bias_quartic.py). On a singular model λ̂ minus it therefore errs low.
+    Off a Gaussian the first-order bias has a second term, −(ε/8) Cov(φ, nβ tr(PH)) (`with_draws`),
+    and this keeps the first only: on a direction flatter than quadratic it is too large (twice the
+    truth on U = w⁴; scripts/step_bias_quartic.py), so λ̂ minus it errs low on a singular model.
     """
     positions = np.asarray(positions)
     num_chains, dim = positions.shape
@@ -86,18 +97,86 @@ def step_bias(posterior: Posterior, positions, step_size: float, roots: Sequence
     return StepBias(float(np.mean(values)), se, float(np.mean(curvature)), float(np.mean(noise)), products)
 
 
+def chain_roots(spec, settings, params, states, chains) -> list | None:
+    """The P^{1/2} map of each of `chains` (SamplerSpec.preconditioner_root on its params and state), or None."""
+    if spec.preconditioner_root is None:
+        return None
+    roots = [spec.preconditioner_root(settings, jax.tree.map(lambda a, c=c: a[c], params),
+                                      jax.tree.map(lambda a, c=c: a[c], states)) for c in chains]
+    return None if any(root is None for root in roots) else roots
+
+
 def step_bias_summary(spec, posterior: Posterior, settings, params, states, positions, alive, step_size,
-                      rng_key: jax.Array, full_batch: bool = False) -> StepBias | None:
+                      rng_key: jax.Array, full_batch: bool = False, result=None) -> StepBias | None:
     """`step_bias` of a finished run: positions (C, d) the chains' last positions, alive (C,) the
     chains λ̂ used. None unless the sampler declares its constant preconditioner
-    (SamplerSpec.preconditioner_roots) and has one for these chains (RMSProp-SGLD with
-    adapt="always" has not: its G moves while it draws), ε is known and some chain is alive."""
-    if spec.preconditioner_roots is None or step_size is None:
-        return None
-    roots = spec.preconditioner_roots(settings, params, states)
+    (SamplerSpec.preconditioner_root) and has one for these chains (RMSProp-SGLD with
+    adapt="always" has not: its G moves while it draws), ε is known and some chain is alive.
+    result: the run's ChainResult; when its draws carry `curvature_probe_fn`'s probes, the
+    estimate also gets the covariance term (`with_draws`)."""
     live = np.flatnonzero(np.asarray(alive, bool))
-    if roots is None or live.size == 0:
+    if step_size is None or live.size == 0:
+        return None
+    roots = chain_roots(spec, settings, params, states, live)
+    if roots is None:
         return None
     batch = None if full_batch else settings.batch_size
-    return step_bias(posterior, np.asarray(positions)[live], float(step_size), [roots[c] for c in live], batch,
-                     rng_key)
+    bias = step_bias(posterior, np.asarray(positions)[live], float(step_size), roots, batch, rng_key)
+    probes = None if result is None or result.full_draw_outputs is None else result.full_draw_outputs.get(PROBE_KEY)
+    if probes is None:
+        return bias
+    return with_draws(bias, float(step_size), result.n_beta * (result.draw_loss[live] - result.loss_at_wstar),
+                      np.asarray(probes, np.float64)[live])
+
+
+# Rows of the data each per-draw probe takes its Hessian from (a fresh uniform draw each time, so the
+# probe is unbiased for the full-data Hessian).
+PROBE_ROWS = 4096
+PROBE_KEY = "curvature_probe"
+
+
+def curvature_probe_fn(spec, settings, rng_key: jax.Array):
+    """(full_draw_fn, draw_data) for the runner: at every full draw, one Rademacher probe of
+    nβ tr(P^{1/2} ∇²L P^{1/2}) at each chain's position, ∇²L on PROBE_ROWS rows drawn afresh (with
+    replacement), under the chain's own P. `with_draws` turns them into the covariance term."""
+
+    def probe(state, chain, draw, data, params, posterior):
+        key = jax.random.fold_in(jax.random.fold_in(data, chain), draw)
+        z_key, row_key = jax.random.split(key)
+        position = state if not hasattr(state, "position") else state.position
+        root = spec.preconditioner_root(settings, params, state)
+        if root is None:  # P moves while drawing: no estimate
+            return {PROBE_KEY: jnp.full((), jnp.nan, position.dtype)}
+        u = root(jax.random.rademacher(z_key, position.shape, position.dtype))
+        rows = jax.random.randint(row_key, (PROBE_ROWS,), 0, posterior.n)
+        x, y = posterior.x[rows], posterior.y[rows]
+        hv = jax.jvp(jax.grad(lambda w: posterior.batch_loss(w, x, y)), (position,), (u,))[1]
+        return {PROBE_KEY: posterior.n_beta * jnp.vdot(u, hv)}
+
+    probe.reads_state = True
+    return probe, jax.random.key_data(rng_key)
+
+
+def with_draws(bias: StepBias, step_size: float, phi: np.ndarray, probes: np.ndarray) -> StepBias:
+    """`bias` with the first-order term that a non-Gaussian posterior adds, from the draws.
+
+    For an observable φ the first-order bias of unadjusted Langevin is ε·Cov(φ, ⅛|∇U|²_P − ¼ΔU_P)
+    (P-weighted norm and Laplacian), which integration by parts turns into
+    (ε/8)(E[∇φᵀP∇U] − Cov(φ, ΔU_P)) = (ε/8)(nβ E[tr(P H)] − Cov(φ, nβ tr(P H))) for
+    φ = nβ(L_n − L_n(w*)) (γ's part of ΔU does not depend on w). On a Gaussian tr(PH) is constant and
+    the covariance vanishes; on U = w⁴ it halves the first term. phi, probes (C, D): λ̂'s draws
+    and one probe of nβ tr(PH) at each; the noise part stays the Gaussian one of `bias`.
+    """
+    phi = np.asarray(phi, np.float64)
+    ok = np.isfinite(phi) & np.isfinite(probes)
+    if ok.sum() < 4:
+        return bias
+    centred = (phi - phi[ok].mean()) * (probes - probes[ok].mean())
+    per_chain = np.array([np.mean(probes[c][ok[c]]) - np.mean(centred[c][ok[c]])
+                          for c in range(phi.shape[0]) if ok[c].any()])
+    noise_part = step_size / 8.0 * bias.noise
+    values = step_size / 8.0 * per_chain + noise_part
+    se = float(np.std(values, ddof=1) / math.sqrt(values.size)) if values.size > 1 else math.nan
+    return bias._replace(value_draws=float(np.mean(values)), se_draws=se,
+                         covariance=float(step_size / 8.0 * np.mean(centred[ok])),
+                         curvature_draws=float(np.mean(probes[ok])), num_probes_draws=int(ok.sum()))

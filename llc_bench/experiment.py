@@ -16,7 +16,7 @@ from llc_bench import artifacts
 from llc_bench.config import Config, to_dict, to_toml
 from llc_bench.curvature import auto_step_grad_evals, build_algorithm, step_size_summary
 from llc_bench.diagnostics import convergence, to_datatree
-from llc_bench.discretization import step_bias_summary
+from llc_bench.discretization import curvature_probe_fn, step_bias_summary
 from llc_bench.estimator import (
     block_bootstrap_ci,
     cross_check,
@@ -94,10 +94,14 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     algorithm = build_algorithm(spec, posterior, settings)
     run, steps = cfg.run, cfg.schedule[name]
     source = resolve_source(run.estimate_from, name)
+    probe, probe_key = None, None
+    if run.step_bias_draws and spec.preconditioner_root is not None:
+        probe, probe_key = curvature_probe_fn(spec, settings, stream_key(run.seed, "step_bias"))
     chains = start_chains(name, algorithm, posterior, sampler_key(run.seed, name), num_chains=run.num_chains,
                           num_burnin_steps=steps.num_burnin_steps, num_draws=steps.num_draws,
                           num_steps_bw_draws=steps.num_steps_bw_draws, num_projections=run.num_projections,
-                          chunk_size=run.chunk_size, progress=progress, devices=chain_devices(run.num_chains))
+                          chunk_size=run.chunk_size, progress=progress, devices=chain_devices(run.num_chains),
+                          full_draw_fn=probe, draw_data=probe_key)
     restarts = restart and run.restart_scale > 0
     result, chains, estimate, flags, target = _sample_to_target(chains, run, steps.num_steps_bw_draws, source,
                                                                 leave_spreading=restarts)
@@ -133,7 +137,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     if estimate.status != "failed":
         bias = step_bias_summary(spec, posterior, settings, chains.params, states,
                                  jax.vmap(algorithm.position)(states), usable_chains(diverged_at=result.diverged_at),
-                                 step["step_size"], stream_key(run.seed, "step_bias"))
+                                 step["step_size"], stream_key(run.seed, "step_bias"), result=result)
     flags = tuple(flags)
     summary = _summarize(spec, result, estimate, conv, flags, truth, posterior,
                          extra_grad_evals=tuning_grad_evals, source=source)
@@ -144,7 +148,8 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     summary.update(step)
     summary["target_rel_se"] = target
     summary["step_bias"] = None if bias is None else bias.record()
-    summary["llc_debiased"] = None if bias is None or summary["llc_mean"] is None else summary["llc_mean"] - bias.value
+    summary["llc_debiased"] = (None if bias is None or summary["llc_mean"] is None else
+                               summary["llc_mean"] - (bias.value if bias.value_draws is None else bias.value_draws))
     return SamplerRun(name, result, estimate, tree, conv, flags, summary)
 
 

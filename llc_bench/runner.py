@@ -29,7 +29,9 @@ from llc_bench.types import ChainResult
 _AUTO_CHUNKS = 20  # chunk_size=0: about this many host round trips (progress updates) per phase
 
 
-# draw_fn(position (d,), chain_index (), draw_index (), draw_data) -> pytree of arrays
+# draw_fn(position (d,), chain_index (), draw_index (), draw_data) -> pytree of arrays. A full_draw_fn
+# with the attribute reads_state = True is called as fn(state, chain_index, draw_index, draw_data,
+# params, posterior) instead: one chain's sampler state and tuned parameters, and the posterior.
 DrawFn = Callable[[jax.Array, jax.Array, jax.Array, Any], Any]
 
 
@@ -171,7 +173,11 @@ def _draw(algorithm: Algorithm, posterior: Posterior, consts: _Consts, carry: _C
     dead = carry.diverged_at >= 0
 
     def per_chain(fn, positions):
-        out = jax.vmap(fn, in_axes=(0, 0, None, None))(positions, consts.chain_index, draw_index, consts.draw_data)
+        if getattr(fn, "reads_state", False):  # fn(state, chain, draw, draw_data, params, posterior)
+            out = jax.vmap(fn, in_axes=(0, 0, None, None, 0, None))(
+                carry.state, consts.chain_index, draw_index, consts.draw_data, consts.params, posterior)
+        else:
+            out = jax.vmap(fn, in_axes=(0, 0, None, None))(positions, consts.chain_index, draw_index, consts.draw_data)
         return jax.tree.map(lambda a: _nan_where(dead, a), out)
 
     def full_data(positions):

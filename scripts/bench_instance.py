@@ -78,7 +78,10 @@ def main(argv=None) -> int:
     if s.get("step_bias"):
         b = s["step_bias"]
         print(f"  step-size bias {b['value']:.3f} ± {b['se']:.3f} (ε/8 · (curvature {b['curvature']:.4g} + noise "
-              f"{b['noise']:.4g}), {b['num_products']} products): λ̂ debiased = {s['llc_debiased']:.2f}")
+              f"{b['noise']:.4g}), {b['num_products']} products)"
+              + ("" if b.get("value_draws") is None else
+                 f"; with the covariance term from {b['num_probes_draws']} probes at the draws "
+                 f"{b['value_draws']:.3f} ± {b['se_draws']:.3f}") + f": λ̂ debiased = {s['llc_debiased']:.2f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(s, fh, indent=1, default=str)

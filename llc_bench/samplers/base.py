@@ -215,10 +215,11 @@ class SamplerSpec(NamedTuple):
     build_auto  build_auto(posterior, settings, full_batch) -> Algorithm for a sampler that
                 resolves step_size = "auto" itself (its Algorithm.notes the curvature.AutoStep);
                 None: the driver's generic rule. full_batch as for diagonal_preconditioner.
-    preconditioner_roots  for a sampler whose draws are SGLD with a constant preconditioner P
-                (w ← w − ε/2 P∇U + √ε P^{1/2} η): (settings, params, states) -> per chain the map
-                v -> P^{1/2} v (None for P = I), or None when these chains' P is not constant;
-                llc_bench.discretization then estimates the step size's bias of λ̂. None: no estimate.
+    preconditioner_root  for a sampler whose draws are SGLD with a constant preconditioner P
+                (w ← w − ε/2 P∇U + √ε P^{1/2} η): (settings, params, state) of one chain -> the map
+                v -> P^{1/2} v (jnp, traceable), or None when the settings make P move while
+                drawing; llc_bench.discretization then estimates the step size's bias of λ̂.
+                None: no estimate.
     """
 
     name: str
@@ -232,13 +233,13 @@ class SamplerSpec(NamedTuple):
     aliases: dict[str, str] | None = None
     diagonal_preconditioner: DiagonalPreconditioner | None = None
     build_auto: Callable[[Posterior, Any, bool], Algorithm] | None = None
-    preconditioner_roots: Callable[[Any, Any, Any], list | None] | None = None
+    preconditioner_root: Callable[[Any, Any, Any], Callable | None] | None = None
 
 
-def identity_roots(settings, params, states) -> list:
-    """SamplerSpec.preconditioner_roots of plain SGLD: P = I on every chain."""
-    del settings, params
-    return [None] * jax.tree.leaves(states)[0].shape[0]
+def identity_root(settings, params, state) -> Callable:
+    """SamplerSpec.preconditioner_root of plain SGLD: P = I."""
+    del settings, params, state
+    return lambda v: v
 
 
 def numeric_step_size(settings, name: str) -> float:

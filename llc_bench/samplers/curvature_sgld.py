@@ -210,11 +210,10 @@ def _retune(posterior: Posterior, settings: CurvatureSGLDSettings, auto, product
     return retune
 
 
-def preconditioner_roots(settings: CurvatureSGLDSettings, params: CurvatureParams, states) -> list:
-    """SamplerSpec.preconditioner_roots: v -> P^{1/2} v with each chain's P (as its draws used it)."""
-    del settings, states
-    return [functools.partial(apply_preconditioner, jnp.asarray(vectors), jnp.asarray(scales), power=0.5)
-            for vectors, scales in zip(np.asarray(params.vectors), np.asarray(params.scales), strict=True)]
+def preconditioner_root(settings: CurvatureSGLDSettings, params: CurvatureParams, state):
+    """SamplerSpec.preconditioner_root: v -> P^{1/2} v with the chain's P (as its draws used it)."""
+    del settings, state
+    return functools.partial(apply_preconditioner, params.vectors, params.scales, power=0.5)
 
 
 SPEC = SamplerSpec(
@@ -226,5 +225,5 @@ SPEC = SamplerSpec(
     metropolis=False,
     step_size=STEP_EPSILON,
     build_auto=build_auto,
-    preconditioner_roots=preconditioner_roots,
+    preconditioner_root=preconditioner_root,
 )

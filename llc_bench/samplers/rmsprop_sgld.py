@@ -111,14 +111,16 @@ def chain_preconditioners(states: RMSPropSGLDState, settings: RMSPropSGLDSetting
     return 1.0 / (np.sqrt(v) + settings.eps)
 
 
-def preconditioner_roots(settings: RMSPropSGLDSettings, params, states: RMSPropSGLDState) -> list | None:
-    """SamplerSpec.preconditioner_roots: v -> G^{1/2} v per chain with the frozen G; None with
+def preconditioner_root(settings: RMSPropSGLDSettings, params, state: RMSPropSGLDState):
+    """SamplerSpec.preconditioner_root: v -> G^{1/2} v with the chain's frozen G; None with
     adapt="always", whose G moves while it draws."""
     del params
     if settings.adapt == "always":
         return None
-    return [lambda v, root=root: jnp.asarray(root, v.dtype) * v
-            for root in np.sqrt(chain_preconditioners(states, settings))]
+    update = rmsprop_preconditioner(settings.alpha, settings.eps, settings.bias_correction)[1]
+    frozen = state.preconditioner._replace(frozen=jnp.ones((), bool))  # G as it stands, no update
+    root = jnp.sqrt(update(jnp.zeros_like(state.position), frozen)[0])
+    return lambda v: root.astype(v.dtype) * v
 
 
 def preconditioner_at_wstar(posterior: Posterior, settings: RMSPropSGLDSettings,
@@ -237,5 +239,5 @@ SPEC = SamplerSpec(
     step_size=STEP_EPSILON,
     aliases={"rmsprop_eps": "eps", "rmsprop_alpha": "alpha"},
     diagonal_preconditioner=DiagonalPreconditioner(at_wstar=_at_wstar, of_chains=chain_preconditioners),
-    preconditioner_roots=preconditioner_roots,
+    preconditioner_root=preconditioner_root,
 )

@@ -21,7 +21,7 @@ from llc_bench.samplers.base import (
     SamplerSpec,
     StepSizeParams,
     bind,
-    identity_roots,
+    identity_root,
     minibatch_step_info,
     numeric_step_size,
     setting,
@@ -116,5 +116,5 @@ SPEC = SamplerSpec(
     metropolis=False,
     step_size=STEP_EPSILON,
     checks=(FinalCheck("mala_accept", mala_check),),
-    preconditioner_roots=identity_roots,
+    preconditioner_root=identity_root,
 )
