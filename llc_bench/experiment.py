@@ -75,7 +75,7 @@ def _finite(x) -> float | None:
 
 
 def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | None = None,
-                progress: bool = False, settings=None, restart: bool = True) -> SamplerRun:
+                progress: bool = False, settings=None, restart: bool = True, step_bias: bool = True) -> SamplerRun:
     """Sample one posterior with one sampler and turn the chains into an estimate with diagnostics.
 
     step_size = "auto": llc_bench.curvature.build_algorithm (ε at w*, re-measured where the chains
@@ -88,6 +88,10 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     With run.restart_scale > 0 (and `restart`), a run flagged still_spreading is restarted from
     farther out (llc_bench.restart); summary["restart_check"] records it (None when not run), its cost
     is not in the summary's grad_evals and seconds.
+
+    With `step_bias` (the SGLD family) the step size's first-order bias of λ̂ is estimated at the end
+    (llc_bench.discretization; summary "step_bias" and "llc_debiased", None otherwise): 8 Hessian- or
+    covariance-vector products per chain, not in grad_evals; callers that only compare runs skip it.
     """
     spec = get_spec(name)
     settings = settings if settings is not None else cfg.sampler[name]
@@ -134,7 +138,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     checked = final_checks(spec, posterior, algorithm, states, step["step_size"], result.diverged_at, run.seed)
     flags.extend(flag for _, flag in checked.values() if flag is not None)
     bias = None
-    if estimate.status != "failed":
+    if step_bias and estimate.status != "failed":
         bias = step_bias_summary(spec, posterior, settings, chains.params, states,
                                  jax.vmap(algorithm.position)(states), usable_chains(diverged_at=result.diverged_at),
                                  step["step_size"], stream_key(run.seed, "step_bias"), result=result)
@@ -299,7 +303,7 @@ def step_size_check(cfg: Config, name: str, posterior: Posterior, first: Sampler
         return None  # step size is tuned by the sampler itself
     settings = dataclasses.replace(settings, step_size=first.summary["step_size"])  # "auto" as resolved
     half = dataclasses.replace(settings, step_size=settings.step_size / 2)
-    second = run_sampler(cfg, name, posterior, settings=half, restart=False)
+    second = run_sampler(cfg, name, posterior, settings=half, restart=False, step_bias=False)
     return step_size_check_summary(first.estimate.mean, second.estimate.mean,
                                    se_eps=first.estimate.se, se_half=second.estimate.se)
 

@@ -59,7 +59,8 @@ def run_cell(cfg: Config, name: str, posterior, step_size: float | None, n_beta:
     cell_post = dataclasses.replace(posterior, n_beta=float(n_beta), gamma=float(gamma))
     start = time.perf_counter()
     try:
-        run = run_sampler(cfg, name, cell_post, settings=_settings_for(cfg, name, step_size), restart=False)
+        run = run_sampler(cfg, name, cell_post, settings=_settings_for(cfg, name, step_size), restart=False,
+                          step_bias=False)
     except Exception as exc:  # noqa: BLE001 - one bad cell must not end the search
         return failed_cell(None if step_size == "auto" else step_size, n_beta, gamma,
                            f"{type(exc).__name__}: {exc}", posterior.loss_at_wstar)

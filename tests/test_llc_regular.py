@@ -132,6 +132,10 @@ def test_debiased_llc_removes_the_step_size_bias(regular):
                   "loss_at_wstar": posterior.loss_at_wstar, "truth": 4.0, "samplers": {"sgld": s}}, None, console)
     assert f"λ̂ − it = {s['llc_debiased']:.4g}" in console.export_text()
     inst = Instance("regular", "test", 0, (4, 2), 2, "deepest", 0, posterior.dim, 4.0, posterior.n)
+    # skipped on request (tune's grid does), and the estimate never touches the chains
+    plain = run_sampler(cfg, "sgld", posterior, truth=target.truth, settings=settings, step_bias=False)
+    assert plain.summary["step_bias"] is None and plain.summary["llc_debiased"] is None
+    assert plain.estimate.mean == run.estimate.mean
     row = result_row(inst, "sgld", s, n_beta=posterior.n_beta, data_rows=posterior.n, recipe_hash="x")
     assert float(row["llc_debiased"]) == pytest.approx(s["llc_debiased"], rel=1e-5)
 
