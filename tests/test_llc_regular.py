@@ -140,6 +140,21 @@ def test_debiased_llc_removes_the_step_size_bias(regular):
     assert float(row["llc_debiased"]) == pytest.approx(s["llc_debiased"], rel=1e-5)
 
 
+def test_step_bias_draws_with_a_frozen_rmsprop_preconditioner(regular):
+    """run.step_bias_draws under RMSProp-SGLD's frozen G (read from each chain's state inside the
+    draws): on a Gaussian posterior tr(PH) does not depend on w, so the covariance term is ~0 and both
+    estimates agree; with adapt="always" there is no estimate at all."""
+    cfg, target, posterior = regular
+    cfg = replace(cfg, **{"run.step_bias_draws": True})
+    settings = dataclasses.replace(cfg.sampler["rmsprop_sgld"], step_size="auto", auto_constant=0.2)
+    bias = run_sampler(cfg, "rmsprop_sgld", posterior, settings=settings).summary["step_bias"]
+    assert bias["num_probes_draws"] == cfg.run.num_chains * cfg.schedule["rmsprop_sgld"].num_draws
+    assert abs(bias["covariance"]) < 0.02 * bias["value_draws"]
+    assert abs(bias["value_draws"] - bias["value"]) < 3.5 * math.hypot(bias["se"], bias["se_draws"])
+    always = dataclasses.replace(settings, adapt="always")
+    assert run_sampler(cfg, "rmsprop_sgld", posterior, settings=always).summary["step_bias"] is None
+
+
 @pytest.mark.parametrize("name", ["sgld", "hmc"])
 def test_one_parameter_regression_reads_ok(name):
     """λ = ½ (d = 1): a ½χ²₁-shaped loss and a mean rise below its own spread, yet nothing to flag."""
