@@ -204,7 +204,7 @@ def result_row(inst: Instance, sampler: str, summary: dict, *, n_beta: float, da
         "chains_used": summary.get("chains_used"), "data_rows": data_rows,
         "warnings": ";".join(codes), "recipe": recipe_hash,
         "restart_llc": restart.get("llc_restart"), "restart_se": restart.get("se_restart"),
-        "step_bias": (summary.get("step_bias") or {}).get("value"), "llc_debiased": summary.get("llc_debiased"),
+        "step_bias": (summary.get("step_bias") or {}).get("applied"), "llc_debiased": summary.get("llc_debiased"),
     }
     return {k: _fmt(row.get(k)) for k in COLUMNS}
 

@@ -47,8 +47,13 @@ class StepBias(NamedTuple):
     curvature_draws: float | None = None
     num_probes_draws: int | None = None
 
+    @property
+    def applied(self) -> float:
+        """The estimate `llc_debiased` subtracts: with the covariance term when the draws had probes."""
+        return self.value if self.value_draws is None else self.value_draws
+
     def record(self) -> dict:
-        return dict(self._asdict())
+        return {**self._asdict(), "applied": self.applied}
 
 
 def step_bias(posterior: Posterior, positions, step_size: float, roots: Sequence[Callable | None],
@@ -135,15 +140,16 @@ PROBE_ROWS = 4096
 PROBE_KEY = "curvature_probe"
 
 
-def curvature_probe_fn(spec, settings, rng_key: jax.Array):
+def curvature_probe_fn(spec, settings, position_of: Callable, rng_key: jax.Array):
     """(full_draw_fn, draw_data) for the runner: at every full draw, one Rademacher probe of
-    nβ tr(P^{1/2} ∇²L P^{1/2}) at each chain's position, ∇²L on PROBE_ROWS rows drawn afresh (with
-    replacement), under the chain's own P. `with_draws` turns them into the covariance term."""
+    nβ tr(P^{1/2} ∇²L P^{1/2}) at each chain's position (position_of: the algorithm's
+    state -> position), ∇²L on PROBE_ROWS rows drawn afresh (with replacement), under the chain's
+    own P. `with_draws` turns them into the covariance term."""
 
     def probe(state, chain, draw, data, params, posterior):
         key = jax.random.fold_in(jax.random.fold_in(data, chain), draw)
         z_key, row_key = jax.random.split(key)
-        position = state if not hasattr(state, "position") else state.position
+        position = position_of(state)
         root = spec.preconditioner_root(settings, params, state)
         if root is None:  # P moves while drawing: no estimate
             return {PROBE_KEY: jnp.full((), jnp.nan, position.dtype)}

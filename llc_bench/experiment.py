@@ -99,8 +99,8 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     run, steps = cfg.run, cfg.schedule[name]
     source = resolve_source(run.estimate_from, name)
     probe, probe_key = None, None
-    if run.step_bias_draws and spec.preconditioner_root is not None:
-        probe, probe_key = curvature_probe_fn(spec, settings, stream_key(run.seed, "step_bias"))
+    if step_bias and run.step_bias_draws and spec.preconditioner_root is not None:
+        probe, probe_key = curvature_probe_fn(spec, settings, algorithm.position, stream_key(run.seed, "step_bias"))
     chains = start_chains(name, algorithm, posterior, sampler_key(run.seed, name), num_chains=run.num_chains,
                           num_burnin_steps=steps.num_burnin_steps, num_draws=steps.num_draws,
                           num_steps_bw_draws=steps.num_steps_bw_draws, num_projections=run.num_projections,
@@ -152,8 +152,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     summary.update(step)
     summary["target_rel_se"] = target
     summary["step_bias"] = None if bias is None else bias.record()
-    summary["llc_debiased"] = (None if bias is None or summary["llc_mean"] is None else
-                               summary["llc_mean"] - (bias.value if bias.value_draws is None else bias.value_draws))
+    summary["llc_debiased"] = None if bias is None or summary["llc_mean"] is None else summary["llc_mean"] - bias.applied
     return SamplerRun(name, result, estimate, tree, conv, flags, summary)
 
 

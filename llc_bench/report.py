@@ -101,9 +101,14 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
                           f"{s['mala_accept']:.2f} (below 0.5 suggests a smaller ε)")
         bias = s.get("step_bias")
         if bias:
-            console.print(f"{name}: the step size's first-order bias of λ̂, estimated where the chains ended: "
-                          f"{bias['value']:.3g} ± {bias['se']:.2g} (λ̂ − it = {s['llc_debiased']:.4g}; exact on a "
-                          "Gaussian, too large along directions flatter than quadratic)", highlight=False)
+            if bias["value_draws"] is None:
+                what = (f"estimated where the chains ended: {bias['value']:.3g} ± {bias['se']:.2g} (exact on a "
+                        "Gaussian, too large along directions flatter than quadratic)")
+            else:
+                what = (f"with the covariance term from the draws: {bias['value_draws']:.3g} ± {bias['se_draws']:.2g} "
+                        f"(the Gaussian term alone {bias['value']:.3g})")
+            console.print(f"{name}: the step size's first-order bias of λ̂, {what}; λ̂ − it = {s['llc_debiased']:.4g}",
+                          highlight=False)
         restart = s.get("restart_check")
         if restart and restart.get("llc_restart") is not None:
             verdict = {True: "agrees: the chains spread along directions λ̂ does not depend on",

@@ -138,6 +138,7 @@ def test_debiased_llc_removes_the_step_size_bias(regular):
     assert plain.estimate.mean == run.estimate.mean
     row = result_row(inst, "sgld", s, n_beta=posterior.n_beta, data_rows=posterior.n, recipe_hash="x")
     assert float(row["llc_debiased"]) == pytest.approx(s["llc_debiased"], rel=1e-5)
+    assert float(row["step_bias"]) == pytest.approx(bias["applied"], rel=1e-5) and bias["applied"] == bias["value"]
 
 
 def test_step_bias_draws_with_a_frozen_rmsprop_preconditioner(regular):
@@ -151,6 +152,7 @@ def test_step_bias_draws_with_a_frozen_rmsprop_preconditioner(regular):
     assert bias["num_probes_draws"] == cfg.run.num_chains * cfg.schedule["rmsprop_sgld"].num_draws
     assert abs(bias["covariance"]) < 0.02 * bias["value_draws"]
     assert abs(bias["value_draws"] - bias["value"]) < 3.5 * math.hypot(bias["se"], bias["se_draws"])
+    assert bias["applied"] == bias["value_draws"]  # what llc_debiased subtracts when the draws had probes
     always = dataclasses.replace(settings, adapt="always")
     assert run_sampler(cfg, "rmsprop_sgld", posterior, settings=always).summary["step_bias"] is None
 
