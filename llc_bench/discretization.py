@@ -55,6 +55,15 @@ class StepBias(NamedTuple):
     def record(self) -> dict:
         return {**self._asdict(), "applied": self.applied}
 
+    def scaled(self, factor: float) -> StepBias:
+        """The bias of λ̂ read at factor × the sampled posterior's nβ (the values, SEs and covariance
+        scaled; the traces, properties of the sampled posterior, kept)."""
+        def scale(value):
+            return None if value is None else factor * value
+
+        return self._replace(value=factor * self.value, se=factor * self.se, value_draws=scale(self.value_draws),
+                             se_draws=scale(self.se_draws), covariance=scale(self.covariance))
+
 
 def step_bias(posterior: Posterior, positions, step_size: float, roots: Sequence[Callable | None],
               batch_size: int | None, rng_key: jax.Array, num_probes: int = NUM_PROBES) -> StepBias:

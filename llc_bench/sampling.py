@@ -3,7 +3,7 @@
 sample() is a thin adapter over the experiment pipeline's engine, in four stages: validate (the
 arguments, once, at the edge: llc_bench.sampling_options), build (the posterior of
 llc_bench.sampling_posterior, the registry's sampler wrapped by llc_bench.samplers.wrappers, the draw
-functions), run (llc_bench.runner.run_chains) and assemble (the tree: llc_bench.sampling_store).
+functions), run (llc_bench.runner.start_chains) and assemble (the tree: llc_bench.sampling_store).
 Post-processing of the tree is in llc_bench.sampling_estimates; every name is importable from here.
 """
 
@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llc_bench.curvature import build_algorithm
+from llc_bench.curvature import build_algorithm, step_size_summary
+from llc_bench.discretization import curvature_probe_fn, step_bias_summary
 from llc_bench.jaxcache import enable_compilation_cache
-from llc_bench.runner import run_chains
+from llc_bench.rules import usable_chains
+from llc_bench.runner import LiveChains, run_chains, start_chains
 from llc_bench.samplers.base import wrap
 from llc_bench.samplers.wrappers import clip_to_box, full_batch, initial_noise
 from llc_bench.sampling_estimates import (
@@ -57,7 +59,6 @@ from llc_bench.sampling_options import (
 )
 from llc_bench.sampling_posterior import Restriction, SamplingPosterior, free_mask, param_paths
 from llc_bench.sampling_store import _check_output_path, _reuse_store, sample_tree, write_and_reopen
-from llc_bench.types import ChainResult
 
 __all__ = [
     "FORMAT_VERSION", "FULL_LOSS_STEPS", "METHOD_ALIASES", "V1_NAMES", "LLCResult", "LossFn", "Restriction",
@@ -150,7 +151,7 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
            param_masks=None, batches_per_draw: int = 3, seed: int = 0, output_path: str | Path | None = None,
            save_metrics: bool = False, overwrite: bool = False, progress: bool = True, full_batch: bool = False,
            per_sample_losses: bool = True, full_loss_every: int | None = None, sampling_loss: bool = False,
-           **devinterp_v1):
+           step_bias: bool = False, **devinterp_v1):
     """Sample the local posterior of `params` and record per-sample losses at every draw (devinterp's sample()).
 
     Model and loss: `loss_fn(apply_fn, params, x, y) -> (m,)` per-sample negative log-likelihoods
@@ -214,6 +215,14 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
         draw (devinterp's estimate, compute_llc(source="sampling"); costs batches_per_draw forward
         passes per draw). Off by default: the per-step loss is the same estimate for free.
       full_loss_every: draws between full-data L_n evaluations (see above); 1 = every draw.
+      step_bias: estimate the step size's first-order bias of λ̂ (llc_bench.discretization; sgld,
+        rmsprop_sgld with its default adapt="burnin", curvature_sgld): one probe of nβ tr(P ∇²L) per
+        chain at every full-data draw (a Hessian-vector product on 4,096 rows drawn afresh), and at
+        the end 4 Hutchinson probes per chain at the chains' last positions on the full data (with
+        minibatches, as many gradient-covariance products too). attrs["run"]["step_bias"] holds the
+        record, in λ̂'s units; compute_llc subtracts its `applied` value (the first-order bias with
+        the covariance term a non-Gaussian posterior adds) as LLCResult.llc_debiased. The formula
+        assumes unclipped steps: with bounding_box_size it holds only while the box is not reached.
       seed: an integer in [0, 2^32) (JAX keys keep 32 bits). Chains use the experiment pipeline's key (llc_bench.experiment.sampler_key(seed,
         method)); the sampling batches at draws use sampler_key(seed, "sample:sampling_batches")
         folded with chain and draw; observable points come from `observable_indices(seed, n)`.
@@ -236,6 +245,8 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
       index_<obs>(batch_<obs>, sample)    those points' indices in the observable's dataset
       distance(chain, full_draw)          ‖w − w*‖ over the free entries
       diverged_at(chain)                  first non-finite step, −1 if none (its draws are NaN)
+      curvature_probe(chain, full_draw)   with step_bias: one Rademacher probe of nβ tr(P ∇²L) (nβ
+                                          tempered by noise_level as the chains are)
       full_loss_at_wstar ()               full-data L_n(w*), computed as full_loss is (λ̂'s baseline)
       n_beta ()                           nβ as given
       metrics_{accept,energy_change,diverging}(chain, step)  more per-step sampler info (save_metrics)
@@ -271,8 +282,8 @@ def sample(apply_fn: Callable, params, loss_fn: LossFn, dataset, *, observables=
             return reused
     _enable_cache_once()
     built = _build(apply_fn, params, loss_fn, request)
-    result = _run(request, built)
-    return _assemble(request, built, result)
+    chains = _run(request, built)
+    return _assemble(request, built, chains)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +326,7 @@ class _Built:
     init_loss: jax.Array  # (n,) per-sample losses at w*
     executables: dict
     draw_fn: Callable | None
+    full_draw_fn: Callable
     draw_data: dict
     obs_index: dict  # name -> (k, b) the observable's fixed points
 
@@ -343,7 +355,8 @@ def _build(apply_fn: Callable, params, loss_fn: LossFn, request: Request) -> _Bu
     if args.full_batch:
         algorithm = wrap(algorithm, posterior, lambda a, p: full_batch(a, p.x, p.y), "full_batch")
     draw_fn, draw_data, obs_index = _draw_functions(request)
-    return _Built(posterior, algorithm, init_loss, executables, draw_fn, draw_data, obs_index)
+    full_draw_fn = _full_draw_function(request, algorithm, draw_data)
+    return _Built(posterior, algorithm, init_loss, executables, draw_fn, full_draw_fn, draw_data, obs_index)
 
 
 def _wrap_algorithm(algorithm, posterior, init_noise: float | None, box: float | None):
@@ -360,7 +373,7 @@ def _wrap_algorithm(algorithm, posterior, init_noise: float | None, box: float |
 
 
 def _draw_functions(request: Request):
-    """(draw_fn or None, draw_data, obs_index): what run_chains evaluates at every draw (the
+    """(draw_fn or None, draw_data, obs_index): what the runner evaluates at every draw (the
     observables' fixed points and, with sampling_loss, fresh random sampling batches)."""
     args, per_sample_loss = request.args, request.per_sample_loss
     batch_size, k_sampling, n = args.batch_size, args.batches_per_draw, request.n
@@ -397,21 +410,59 @@ def _distance(w, chain, draw, data):
     return {"distance": jnp.linalg.norm(w - data["w_star"])}
 
 
-def _run(request: Request, built: _Built) -> ChainResult:
+def _full_draw_function(request: Request, algorithm, draw_data: dict) -> Callable:
+    """What every full-data draw evaluates besides L_n: ‖w − w*‖, and with step_bias the per-draw
+    curvature probe (llc_bench.discretization.curvature_probe_fn; its key goes into draw_data)."""
+    if not request.args.step_bias:
+        return _distance
+    probe, probe_key = curvature_probe_fn(request.spec, request.settings, algorithm.position,
+                                          _key(request.args.seed, "sample:step_bias"))
+    draw_data["step_bias_key"] = probe_key
+    position = algorithm.position
+
+    def distance_and_probe(state, chain, draw, data, params, posterior):
+        return {**_distance(position(state), chain, draw, data),
+                **probe(state, chain, draw, data["step_bias_key"], params, posterior)}
+
+    distance_and_probe.reads_state = True
+    return distance_and_probe
+
+
+def _run(request: Request, built: _Built) -> LiveChains:
     """The chains, on the pipeline's runner with the pipeline's key for this sampler."""
     args = request.args
     _prefetch_imports_once()
-    return run_chains(request.method, built.algorithm, built.posterior, _key(args.seed, request.method),
-                      num_chains=args.num_chains, num_burnin_steps=args.num_burnin_steps, num_draws=args.num_draws,
-                      num_steps_bw_draws=args.num_steps_bw_draws, progress=args.progress,
-                      draw_fn=built.draw_fn, draw_data=built.draw_data,
-                      full_loss_every=request.full_loss_every, full_draw_fn=_distance,
-                      executables=built.executables)
+    return start_chains(request.method, built.algorithm, built.posterior, _key(args.seed, request.method),
+                        num_chains=args.num_chains, num_burnin_steps=args.num_burnin_steps, num_draws=args.num_draws,
+                        num_steps_bw_draws=args.num_steps_bw_draws, progress=args.progress,
+                        draw_fn=built.draw_fn, draw_data=built.draw_data,
+                        full_loss_every=request.full_loss_every, full_draw_fn=built.full_draw_fn,
+                        executables=built.executables)
 
 
-def _assemble(request: Request, built: _Built, result: ChainResult):
+def _step_bias(request: Request, built: _Built, chains: LiveChains) -> dict | None:
+    """step_bias's record (llc_bench.discretization.step_bias_summary at the chains' last positions,
+    with the per-draw probes' covariance term), in the units of λ̂ at the nβ given to sample(): the
+    chains sample the posterior tempered by noise_level, whose nβ is nβ / σ², so its bias of
+    nβ E[L_n − L_n(w*)] is scaled by σ². None without step_bias or when no estimate exists."""
+    if not request.args.step_bias:
+        return None
+    result, algorithm = chains.result, built.algorithm
+    step = step_size_summary(request.settings, algorithm.notes)["step_size"]
+    bias = step_bias_summary(request.spec, built.posterior, request.settings, chains.params, chains.states,
+                             jax.vmap(algorithm.position)(chains.states),
+                             usable_chains(diverged_at=result.diverged_at), step,
+                             _key(request.args.seed, "sample:step_bias_end"), full_batch=request.args.full_batch,
+                             result=result)
+    if bias is None:
+        return None
+    return bias.scaled(float(request.args.n_beta) / float(built.posterior.n_beta)).record()
+
+
+def _assemble(request: Request, built: _Built, chains: LiveChains):
     """The tree, written to and read back from output_path when one is given."""
-    tree = sample_tree(request, result, built.init_loss, built.obs_index, built.algorithm.notes)
+    tree = sample_tree(request, chains.result, built.init_loss, built.obs_index, built.algorithm.notes,
+                       step_bias=_step_bias(request, built, chains))
     if request.path is None:
         return tree
     return write_and_reopen(tree, request.path)

@@ -40,6 +40,8 @@ class LLCResult:
     yet stationary), "diverged" (chains excluded), "failed" (none usable).
     cross_check: SG methods, the per-step λ̂ beside the full-data draws' (llc_bench.estimator.
     cross_check; a disagreement is the flag `estimates_disagree`); None otherwise.
+    step_bias, llc_debiased: with sample(..., step_bias=True), the step size's estimated first-order
+    bias of λ̂ (attrs["run"]["step_bias"]["applied"]) and llc_mean minus it; None otherwise.
     """
 
     llc_mean: float
@@ -53,6 +55,8 @@ class LLCResult:
     source: str
     num_burnin_draws: int
     cross_check: dict | None = None
+    step_bias: float | None = None
+    llc_debiased: float | None = None
 
 
 def _resolve_llc_source(ds, source: str) -> str:
@@ -135,8 +139,10 @@ def compute_llc(tree, num_burnin_draws: int = 0, source: str = "full") -> LLCRes
     if cross_check_flag(check) is not None:
         flags.append(cross_check_flag(check))
     status = run_status(estimate.status, flags)
+    bias = (ds.attrs.get("run", {}).get("step_bias") or {}).get("applied")
+    debiased = None if bias is None or estimate.mean is None or not np.isfinite(estimate.mean) else estimate.mean - bias
     return LLCResult(estimate.mean, estimate.se, estimate.per_chain, status, tuple(flags), estimate,
-                     loss_at_wstar, n_beta, source, burn, check)
+                     loss_at_wstar, n_beta, source, burn, check, bias, debiased)
 
 
 def chain_result(tree, num_burnin_draws: int = 0, source: str = "full") -> ChainResult:

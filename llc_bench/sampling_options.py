@@ -244,6 +244,7 @@ class SampleArgs:
     per_sample_losses: bool
     full_loss_every: int | None
     sampling_loss: bool
+    step_bias: bool
 
     @classmethod
     def of(cls, arguments: Mapping) -> SampleArgs:
@@ -318,7 +319,23 @@ def check_method(args: SampleArgs):
         method, lr=args.lr, batch_size=args.batch_size, accumulation=args.gradient_accumulation_steps,
         noise_level=float(args.noise_level), kwargs=args.sampling_method_kwargs,
         aliased={"rmsprop_eps": args.rmsprop_eps, "rmsprop_alpha": args.rmsprop_alpha})
+    _check_step_bias(args.step_bias, method, spec, settings)
     return method, spec, settings
+
+
+def _check_step_bias(step_bias, method: str, spec, settings) -> None:
+    """step_bias: a bool, and True only for a sampler whose draws are SGLD under a constant
+    preconditioner (SamplerSpec.preconditioner_root), which RMSProp-SGLD's adapt="always" is not."""
+    if not isinstance(step_bias, bool | np.bool_):
+        raise ValueError(f"step_bias must be True or False, got {step_bias!r}")
+    if not step_bias:
+        return
+    allowed = [n for n in SAMPLER_NAMES if get_spec(n).preconditioner_root is not None]
+    if spec.preconditioner_root is None:
+        raise ValueError(f"step_bias applies to {allowed} (SGLD under a constant preconditioner), not {method!r}")
+    if getattr(settings, "adapt", None) == "always":
+        raise ValueError(f'step_bias needs a fixed preconditioner: {method!r} with adapt="always" moves it '
+                         f'while drawing; use adapt="burnin"')
 
 
 def check_dataset_sizes(args: SampleArgs, method: str, n: int) -> int:
@@ -355,6 +372,7 @@ def options_record(args: SampleArgs, *, method: str, settings, full_loss_every: 
         "batches_per_draw": a.batches_per_draw, "seed": a.seed, "save_metrics": a.save_metrics,
         "full_batch": bool(a.full_batch), "per_sample_losses": bool(a.per_sample_losses),
         "full_loss_every": int(full_loss_every), "sampling_loss": bool(a.sampling_loss),
+        "step_bias": bool(a.step_bias),
         "apply_fn": _fn_name(apply_fn), "loss_fn": _fn_name(loss_fn),
         "params_sha256": _sha256(*jax.tree_util.tree_leaves(params)),
         "param_paths": param_paths(params),

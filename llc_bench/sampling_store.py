@@ -12,6 +12,7 @@ import numpy as np
 
 from llc_bench.artifacts import write_datatree_atomic
 from llc_bench.curvature import auto_step_grad_evals, step_size_summary
+from llc_bench.discretization import PROBE_KEY
 from llc_bench.sampling_options import Request, _json_normalize
 from llc_bench.types import ChainResult
 
@@ -21,13 +22,17 @@ ARVIZ_SAMPLE_DIMS = ("chain", "full_draw")
 _VOLATILE_ATTRS = ("created_at",)
 
 
-def sample_tree(request: Request, result: ChainResult, init_loss, obs_index: dict, notes):
+def sample_tree(request: Request, result: ChainResult, init_loss, obs_index: dict, notes, step_bias: dict | None = None):
     """The DataTree sample() returns: the root dataset (sample()'s docstring lists it), with the
-    ArviZ groups `posterior` and `sample_stats` as children."""
+    ArviZ groups `posterior` and `sample_stats` as children. step_bias: the step_bias option's
+    record (attrs["run"]["step_bias"]; None without the option or an estimate)."""
     import xarray as xr  # deferred: loaded in the background while the chains run (sampling._prefetch_imports_once)
 
     root = _root_dataset(request, result, init_loss, obs_index)
-    root.attrs = {"options": request.options, "run": _json_normalize(_run_info(request, result, notes))}
+    run_info = _run_info(request, result, notes)
+    if request.args.step_bias:
+        run_info["step_bias"] = step_bias
+    root.attrs = {"options": request.options, "run": _json_normalize(run_info)}
     return xr.DataTree.from_dict({"/": root, **_arviz_groups(request, result)})
 
 
@@ -42,6 +47,7 @@ def _root_dataset(request: Request, result: ChainResult, init_loss, obs_index: d
         "full_loss": (("chain", "full_draw"), result.draw_loss),
         "metrics_loss": (("chain", "step"), result.loss_trace),
         "distance": (("chain", "full_draw"), result.full_draw_outputs["distance"]),
+        **({PROBE_KEY: (("chain", "full_draw"), result.full_draw_outputs[PROBE_KEY])} if a.step_bias else {}),
         "diverged_at": (("chain",), result.diverged_at),
         "full_loss_at_wstar": ((), np.float64(result.loss_at_wstar)),
         "n_beta": ((), np.float64(a.n_beta)),

@@ -211,7 +211,7 @@ def test_store_reused_only_when_options_match(stored, problem, monkeypatch):
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled although the store matched")
 
-    monkeypatch.setattr(llc_bench.sampling, "run_chains", no_sampling)
+    monkeypatch.setattr(llc_bench.sampling, "start_chains", no_sampling)
     kwargs = dict(observables=_observables(x, y), param_masks=MASKS, save_metrics=True, output_path=path)
     reused = sample(apply_linear, params, squared_error, (x, y), **kwargs, **COMMON)
     xr.testing.assert_identical(reused.to_dataset(), tree.to_dataset())
@@ -531,6 +531,10 @@ def test_full_batch_samplers_restricted_llc(problem, method, kwargs):
     ({"lr": float("nan")}, "lr must be a finite number > 0"),
     ({"batch_size": 2001}, r"batch_size × gradient_accumulation_steps = 2001 must be <= the dataset size n = 2000"),
     ({"batch_size": 1000, "gradient_accumulation_steps": 3}, "must be <= the dataset size n = 2000"),
+    ({"step_bias": "yes"}, "step_bias must be True or False, got 'yes'"),
+    ({"sampling_method": "hmc", "lr": None, "step_bias": True}, r"step_bias applies to \['sgld', .*not 'hmc'"),
+    ({"sampling_method": "rmsprop_sgld", "sampling_method_kwargs": {"adapt": "always"}, "step_bias": True},
+     'step_bias needs a fixed preconditioner: .* adapt="always"'),
 ])
 def test_invalid_options_raise_clear_errors(problem, overrides, match):
     params, x, y = problem
@@ -592,7 +596,7 @@ def test_unusable_output_path_is_refused_before_sampling(problem, tmp_path, monk
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled before refusing the output path")
 
-    monkeypatch.setattr(llc_bench.sampling, "run_chains", no_sampling)
+    monkeypatch.setattr(llc_bench.sampling, "start_chains", no_sampling)
     params, x, y = problem
     blocker = tmp_path / "afile"
     blocker.write_text("keep")
@@ -704,3 +708,36 @@ def test_compute_llc_reports_chains_still_spreading_along_flat_directions(locali
     assert ("still_spreading" in codes) == spreading, codes
     if spreading:
         assert result.status == "not_converged"
+
+
+def test_step_bias_takes_the_step_size_bias_off_a_regular_model(problem):
+    """sample(step_bias=True): SGLD at c = 0.3 with batches of 32 reads λ̂ several SE above the exact
+    posterior's ½ Σ nβh/(nβh + γ) (4 free weights, so about 2); compute_llc's llc_debiased, λ̂ minus
+    the recorded first-order bias, is within the Monte Carlo error of it. With noise_level σ = 2 the
+    chains sample nβ/4 and the record is in λ̂'s units: σ² × (ε/8)(curvature + noise) of that posterior."""
+    params, x, y = problem
+    kwargs = {**COMMON, "lr": "auto", "sampling_method_kwargs": {"auto_constant": 0.3}, "batch_size": 32,
+              "num_draws": 4000, "num_steps_bw_draws": 4, "num_burnin_steps": 400, "sampling_loss": False,
+              "step_bias": True}
+    tree = sample(apply_linear, params, squared_error, (x, y), **kwargs)
+    design = np.concatenate([np.asarray(x), np.ones((x.shape[0], 1))], axis=1)
+    h = np.linalg.eigvalsh(design.T @ design / x.shape[0])
+    exact = 0.5 * np.sum(N_BETA * h / (N_BETA * h + 1.0))
+    record = tree.attrs["run"]["step_bias"]
+    assert record["noise"] > 0 and record["num_probes_draws"] == C * 4000  # a probe at every full-data draw
+    assert tree["curvature_probe"].shape == (C, 4000)
+    est = compute_llc(tree, source="full")
+    assert est.step_bias == record["applied"] == record["value_draws"]
+    assert est.llc_mean - exact > 3 * est.llc_se, (est.llc_mean, exact, est.llc_se)
+    assert est.llc_debiased == pytest.approx(est.llc_mean - est.step_bias)
+    assert abs(est.llc_debiased - exact) < 3.5 * np.hypot(est.llc_se, record["se_draws"]), (est.llc_debiased, exact)
+    # off by default: no record, no probes, and λ̂ the same to the last digit (the probes leave the chains alone)
+    plain = sample(apply_linear, params, squared_error, (x, y), **{**kwargs, "step_bias": False})
+    assert "step_bias" not in plain.attrs["run"] and "curvature_probe" not in plain
+    plain_est = compute_llc(plain, source="full")
+    assert plain_est.llc_mean == est.llc_mean and plain_est.llc_debiased is None
+    tempered = sample(apply_linear, params, squared_error, (x, y), **{**kwargs, "num_draws": 20, "noise_level": 2.0})
+    run = tempered.attrs["run"]
+    assert run["step_bias"]["value"] == pytest.approx(
+        4.0 * run["step_size"] / 8.0 * (run["step_bias"]["curvature"] + run["step_bias"]["noise"]), rel=1e-5)
+    assert run["step_bias"]["curvature"] == pytest.approx(N_BETA / 4.0 * h.sum(), rel=0.5)  # Hutchinson, 16 probes
