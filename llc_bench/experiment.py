@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import shutil
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from llc_bench.estimator import (
 from llc_bench.health import check_health, step_size_check_summary
 from llc_bench.posterior import Posterior
 from llc_bench.progress import progress_enabled
-from llc_bench.report import print_report
+from llc_bench.report import attempt_line, print_report
 from llc_bench.restart import agreement, run_restart
 from llc_bench.rng import sampler_key, stream_key
 from llc_bench.rules import NOT_CONVERGED_CODES, run_status, usable_chains
@@ -40,6 +41,9 @@ from llc_bench.samplers.base import STEP_EPSILON
 from llc_bench.target import build_target
 from llc_bench.types import ChainResult, HealthFlag, LLCEstimate
 
+# Each attempt of run.target_rel_se is logged (INFO) as it ends, for whoever listens: a long run that
+# is stopped keeps what it said (scripts/bench_instance.py prints them).
+_LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SamplerRun:
@@ -195,6 +199,7 @@ def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spread
                          "llc_mean": _finite(estimate.mean), "rel_se": _finite(rel_se), "status": status,
                          "grad_evals": float(np.sum(result.grad_evals)), "tuned": result.tuned,
                          "agrees_with_previous": agrees})
+        _LOG.info("attempt %d: %s", len(attempts), attempt_line(attempts[-1]))
         if reached or status in ("failed", "diverged") or len(attempts) > run.max_doublings:
             return result, chains, estimate, flags, {
                 "target": run.target_rel_se, "reached": reached, "num_draws": attempts[-1]["num_draws"],

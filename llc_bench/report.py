@@ -25,6 +25,14 @@ def agreement_note(attempt: dict) -> str:
         attempt.get("agrees_with_previous"), "")
 
 
+def attempt_line(attempt: dict) -> str:
+    """One attempt of run.target_rel_se in words: its steps, burn-in, draws, ε, λ̂, relative SE and status."""
+    a = attempt
+    return (f"{a['steps']} steps, burn-in {a['num_burnin_steps']}, {a['num_draws']} draws"
+            + (f" at ε {a['tuned']['step_size']:.3g}" if "step_size" in a.get("tuned", {}) else "")
+            + f": λ̂ {_num(a['llc_mean'], '.4g')}, {_num(a['rel_se'], '.1%')} {a['status']}" + agreement_note(a))
+
+
 def _accept_or_energy(name: str, s: dict) -> str:
     if s.get("accept_rate") is not None:
         return f"acc {s['accept_rate']:.2f}"
@@ -89,10 +97,7 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
                           highlight=False)
         target = s.get("target_rel_se")
         if target:
-            trail = ", ".join(f"{a['steps']} steps, burn-in {a['num_burnin_steps']}, {a['num_draws']} draws"
-                              + (f" at ε {a['tuned']['step_size']:.3g}" if "step_size" in a.get("tuned", {}) else "")
-                              + f": λ̂ {_num(a['llc_mean'], '.4g')}, {_num(a['rel_se'], '.1%')} {a['status']}"
-                              + agreement_note(a) for a in target["attempts"])
+            trail = ", ".join(attempt_line(a) for a in target["attempts"])
             console.print(f"{name}: target relative SE {target['target']:.1%} "
                           f"{'reached' if target['reached'] else 'NOT reached'} after {target['steps']} steps per "
                           f"chain ({trail})", highlight=False)

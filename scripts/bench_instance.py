@@ -3,10 +3,10 @@
     uv run python scripts/bench_instance.py 10K-chained-018 --profile sg_curvature \
         --sampler curvature_sgld --set run.target_rel_se=0.02 --set run.max_doublings=3
 
-Prints λ̂ ± SE against the instance's λ, the status and flags, the seconds taken and, with
-run.target_rel_se, every attempt (steps, burn-in, λ̂, relative SE, ε, status); --json FILE also
-writes the sampler's summary there; and, for the SGLD family, the step size's estimated bias and the
-λ̂ corrected for it. The run is the scoreboard's (the same posterior, and the
+Prints, with run.target_rel_se, every attempt as it ends (steps, burn-in, draws, ε, λ̂, relative SE,
+status); then λ̂ ± SE against the instance's λ, the status and flags and the seconds taken; and, for
+the SGLD family, the step size's estimated bias and the λ̂ corrected for it. --json FILE also writes
+the sampler's summary there. The run is the scoreboard's (the same posterior, and the
 over-dispersed restart where the recipe sets run.restart_scale). Nothing is added to the
 scoreboard's CSVs: a row there is always the recipe's own, and this is for trying a change on the
 instances it matters for.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 
@@ -51,6 +52,16 @@ def _config(args):
     return recipe, suite[args.instance], replace(cfg, **dict(parse_override(text) for text in args.overrides))
 
 
+def _print_attempts_as_they_end() -> None:
+    """Each attempt of run.target_rel_se on stdout as soon as it ends (the pipeline logs them), so
+    that a long run stopped before its end still leaves what it measured."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("  %(message)s"))
+    log = logging.getLogger("llc_bench.experiment")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
     args = _arguments(argv)
     try:
@@ -60,8 +71,8 @@ def main(argv=None) -> int:
         return 2
     from llc_bench.bench import build_instance
     from llc_bench.experiment import run_sampler
-    from llc_bench.report import agreement_note
 
+    _print_attempts_as_they_end()
     _, _, data_posterior, reduced_posterior, record = build_instance(recipe, inst, args.sampler, cfg=cfg)
     posterior = reduced_posterior if full_batch(args.sampler) else data_posterior  # as the scoreboard does
     start = time.perf_counter()
@@ -70,11 +81,6 @@ def main(argv=None) -> int:
     print(f"{inst.name} {args.sampler}: λ̂ = {run.estimate.mean:.2f} ± {run.estimate.se:.2f} against λ = "
           f"{record.truth} ({s['status']}; flags: {', '.join(f.code for f in run.flags) or 'none'}; "
           f"{time.perf_counter() - start:.0f} s)")
-    for a in (s["target_rel_se"] or {}).get("attempts", []):
-        eps = a["tuned"].get("step_size")
-        print(f"  steps {a['steps']}, burn-in {a['num_burnin_steps']}: λ̂ {a['llc_mean']:.2f}, "
-              f"rel SE {a['rel_se']:.2%}" + (f", ε {eps:.3g}" if eps is not None else "") + f", {a['status']}"
-              + agreement_note(a))
     if s.get("step_bias"):
         b = s["step_bias"]
         print(f"  step-size bias {b['value']:.3f} ± {b['se']:.3f} (ε/8 · (curvature {b['curvature']:.4g} + noise "

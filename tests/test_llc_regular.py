@@ -1,6 +1,7 @@
 """End-to-end estimator checks against known LLCs: a regular model (λ = d/2) and a deep linear network."""
 
 import dataclasses
+import logging
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from llc_bench.config import from_dict, replace
 from llc_bench.estimator import estimate_llc
 from llc_bench.experiment import build_posterior, run_sampler
+from llc_bench.report import attempt_line
 from llc_bench.samplers.sghmc import SGHMCSettings
 from llc_bench.target import build_target
 from llc_bench.truth import dln_learning_coefficient
@@ -216,13 +218,18 @@ def test_dln_llc_matches_aoyagi(name):
     assert run.estimate.mean == pytest.approx(target.truth, rel=0.15)
 
 
-def test_target_rel_se_doubles_the_draws_until_reached(regular):
-    """run.target_rel_se: draws 25 → 50 → … until SE/λ̂ <= 3% (and no drift); each attempt extends the last."""
+def test_target_rel_se_doubles_the_draws_until_reached(regular, caplog):
+    """run.target_rel_se: draws 25 → 50 → … until SE/λ̂ <= 3% (and no drift); each attempt extends the
+    last, and is logged as it ends."""
     cfg, target, posterior = regular
     cfg = replace(cfg, **{"run.target_rel_se": 0.03, "run.max_doublings": 4, "sampler.hmc.num_draws": 25,
                           "run.samplers": ["hmc"], "sampler.hmc.num_warmup": 100})
-    run = run_sampler(cfg, "hmc", posterior, truth=target.truth)
+    with caplog.at_level(logging.INFO, logger="llc_bench.experiment"):
+        run = run_sampler(cfg, "hmc", posterior, truth=target.truth)
     record = run.summary["target_rel_se"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "llc_bench.experiment"]
+    assert logged == [f"attempt {i + 1}: {attempt_line(a)}" for i, a in enumerate(record["attempts"])]
+    assert f"λ̂ {record['attempts'][0]['llc_mean']:.4g}" in logged[0]
     draws = [a["num_draws"] for a in record["attempts"]]
     assert draws == [25 * 2**i for i in range(len(draws))] and len(draws) >= 2
     assert record["reached"] and record["num_draws"] == draws[-1] == run.result.draw_loss.shape[1]
