@@ -355,7 +355,8 @@ def _build(apply_fn: Callable, params, loss_fn: LossFn, request: Request) -> _Bu
     if args.full_batch:
         algorithm = wrap(algorithm, posterior, lambda a, p: full_batch(a, p.x, p.y), "full_batch")
     draw_fn, draw_data, obs_index = _draw_functions(request)
-    full_draw_fn = _full_draw_function(request, algorithm, draw_data)
+    full_draw_fn, full_draw_data = _full_draw_function(request, algorithm)
+    draw_data = {**draw_data, **full_draw_data}
     return _Built(posterior, algorithm, init_loss, executables, draw_fn, full_draw_fn, draw_data, obs_index)
 
 
@@ -410,14 +411,14 @@ def _distance(w, chain, draw, data):
     return {"distance": jnp.linalg.norm(w - data["w_star"])}
 
 
-def _full_draw_function(request: Request, algorithm, draw_data: dict) -> Callable:
-    """What every full-data draw evaluates besides L_n: ‖w − w*‖, and with step_bias the per-draw
-    curvature probe (llc_bench.discretization.curvature_probe_fn; its key goes into draw_data)."""
+def _full_draw_function(request: Request, algorithm) -> tuple[Callable, dict]:
+    """(full_draw_fn, what it adds to draw_data): what every full-data draw evaluates besides L_n:
+    ‖w − w*‖, and with step_bias the per-draw curvature probe
+    (llc_bench.discretization.curvature_probe_fn) with its key."""
     if not request.args.step_bias:
-        return _distance
+        return _distance, {}
     probe, probe_key = curvature_probe_fn(request.spec, request.settings, algorithm.position,
                                           _key(request.args.seed, "sample:step_bias"))
-    draw_data["step_bias_key"] = probe_key
     position = algorithm.position
 
     def distance_and_probe(state, chain, draw, data, params, posterior):
@@ -425,7 +426,7 @@ def _full_draw_function(request: Request, algorithm, draw_data: dict) -> Callabl
                 **probe(state, chain, draw, data["step_bias_key"], params, posterior)}
 
     distance_and_probe.reads_state = True
-    return distance_and_probe
+    return distance_and_probe, {"step_bias_key": probe_key}
 
 
 def _run(request: Request, built: _Built) -> LiveChains:
