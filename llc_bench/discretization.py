@@ -112,12 +112,13 @@ def step_bias(posterior: Posterior, positions, step_size: float, roots: Sequence
 
 
 def chain_roots(spec, settings, params, states, chains) -> list | None:
-    """The P^{1/2} map of each of `chains` (SamplerSpec.preconditioner_root on its params and state), or None."""
-    if spec.preconditioner_root is None:
+    """The P^{1/2} map of each of `chains` (SamplerSpec.preconditioner_root on its params and
+    state), or None when the sampler or its settings have no constant P."""
+    root_of = spec.constant_root(settings)
+    if root_of is None:
         return None
-    roots = [spec.preconditioner_root(settings, jax.tree.map(lambda a, c=c: a[c], params),
-                                      jax.tree.map(lambda a, c=c: a[c], states)) for c in chains]
-    return None if any(root is None for root in roots) else roots
+    return [root_of(jax.tree.map(lambda a, c=c: a[c], params), jax.tree.map(lambda a, c=c: a[c], states))
+            for c in chains]
 
 
 def step_bias_summary(spec, posterior: Posterior, settings, params, states, positions, alive, step_size,
@@ -149,20 +150,21 @@ PROBE_ROWS = 4096
 PROBE_KEY = "curvature_probe"
 
 
-def curvature_probe_fn(spec, settings, position_of: Callable, rng_key: jax.Array):
+def curvature_probe_fn(spec, settings, position_of: Callable, rng_key: jax.Array) -> tuple | None:
     """(full_draw_fn, draw_data) for the runner: at every full draw, one Rademacher probe of
     nβ tr(P^{1/2} ∇²L P^{1/2}) at each chain's position (position_of: the algorithm's
     state -> position), ∇²L on PROBE_ROWS rows drawn afresh (with replacement), under the chain's
-    own P. `with_draws` turns them into the covariance term."""
+    own P. `with_draws` turns them into the covariance term. None when the sampler or its
+    settings have no constant P (SamplerSpec.constant_root)."""
+    root_of = spec.constant_root(settings)
+    if root_of is None:
+        return None
 
     def probe(state, chain, draw, data, params, posterior):
         key = jax.random.fold_in(jax.random.fold_in(data, chain), draw)
         z_key, row_key = jax.random.split(key)
         position = position_of(state)
-        root = spec.preconditioner_root(settings, params, state)
-        if root is None:  # P moves while drawing: no estimate
-            return {PROBE_KEY: jnp.full((), jnp.nan, position.dtype)}
-        u = root(jax.random.rademacher(z_key, position.shape, position.dtype))
+        u = root_of(params, state)(jax.random.rademacher(z_key, position.shape, position.dtype))
         rows = jax.random.randint(row_key, (PROBE_ROWS,), 0, posterior.n)
         x, y = posterior.x[rows], posterior.y[rows]
         hv = jax.jvp(jax.grad(lambda w: posterior.batch_loss(w, x, y)), (position,), (u,))[1]

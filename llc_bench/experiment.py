@@ -102,9 +102,9 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     algorithm = build_algorithm(spec, posterior, settings)
     run, steps = cfg.run, cfg.schedule[name]
     source = resolve_source(run.estimate_from, name)
-    probe, probe_key = None, None
-    if step_bias and run.step_bias_draws and spec.preconditioner_root is not None:
-        probe, probe_key = curvature_probe_fn(spec, settings, algorithm.position, stream_key(run.seed, "step_bias"))
+    probing = step_bias and run.step_bias_draws and curvature_probe_fn(
+        spec, settings, algorithm.position, stream_key(run.seed, "step_bias"))
+    probe, probe_key = probing or (None, None)
     chains = start_chains(name, algorithm, posterior, sampler_key(run.seed, name), num_chains=run.num_chains,
                           num_burnin_steps=steps.num_burnin_steps, num_draws=steps.num_draws,
                           num_steps_bw_draws=steps.num_steps_bw_draws, num_projections=run.num_projections,

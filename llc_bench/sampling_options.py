@@ -324,18 +324,31 @@ def check_method(args: SampleArgs):
 
 
 def _check_step_bias(step_bias, method: str, spec, settings) -> None:
-    """step_bias: a bool, and True only for a sampler whose draws are SGLD under a constant
-    preconditioner (SamplerSpec.preconditioner_root), which RMSProp-SGLD's adapt="always" is not."""
+    """step_bias: a bool, and True only for a sampler whose draws are SGLD under a preconditioner
+    that these settings keep constant (SamplerSpec.constant_root)."""
     if not isinstance(step_bias, bool | np.bool_):
         raise ValueError(f"step_bias must be True or False, got {step_bias!r}")
     if not step_bias:
         return
-    allowed = [n for n in SAMPLER_NAMES if get_spec(n).preconditioner_root is not None]
     if spec.preconditioner_root is None:
+        allowed = [n for n in SAMPLER_NAMES if get_spec(n).preconditioner_root is not None]
         raise ValueError(f"step_bias applies to {allowed} (SGLD under a constant preconditioner), not {method!r}")
-    if getattr(settings, "adapt", None) == "always":
-        raise ValueError(f'step_bias needs a fixed preconditioner: {method!r} with adapt="always" moves it '
-                         f'while drawing; use adapt="burnin"')
+    if spec.constant_root(settings) is None:
+        raise ValueError(f"step_bias needs a preconditioner fixed while drawing; {method!r} moves it "
+                         f"{_what_moves_it(spec, settings)}")
+
+
+def _what_moves_it(spec, settings) -> str:
+    """Which settings make spec's preconditioner move while drawing: each one whose default value
+    alone would keep it constant, as 'with name=value (name=default keeps it fixed)'."""
+    default = spec.settings()
+    culprits = [f.name for f in dataclasses.fields(settings)
+                if getattr(settings, f.name) != getattr(default, f.name)
+                and spec.constant_root(dataclasses.replace(settings, **{f.name: getattr(default, f.name)}))]
+    if not culprits:
+        return "with these settings"
+    return "with " + ", ".join(f"{name}={getattr(settings, name)!r} ({name}={getattr(default, name)!r} keeps it fixed)"
+                               for name in culprits)
 
 
 def check_dataset_sizes(args: SampleArgs, method: str, n: int) -> int:

@@ -89,7 +89,7 @@ def test_samplers_declare_their_constant_preconditioner(regression):
     states = jnp.zeros((3, 8))
     v = jnp.arange(8.0)
     np.testing.assert_array_equal(chain_roots(get_spec("sgld"), SGLDSettings(), None, states, [0, 2])[1](v), v)
-    assert get_spec("sghmc").preconditioner_root is None  # another dynamics: no estimate
+    assert get_spec("sghmc").constant_root(None) is None  # another dynamics: no estimate
     # RMSProp-SGLD: G frozen after burn-in has one; adapting while drawing has none
     spec = get_spec("rmsprop_sgld")
     alg = spec.build(post, RMSPropSGLDSettings(step_size=1e-4, batch_size=8))
@@ -97,6 +97,7 @@ def test_samplers_declare_their_constant_preconditioner(regression):
     state = state._replace(preconditioner=state.preconditioner._replace(  # as after some burn-in
         square_avg=jnp.abs(jax.random.normal(jax.random.key(1), (3, 8))), count=jnp.full((3,), 7, jnp.int32)))
     assert chain_roots(spec, RMSPropSGLDSettings(adapt="always"), None, state, [0, 1]) is None
+    assert spec.constant_root(RMSPropSGLDSettings(adapt="always")) is None  # known from the settings alone
     roots = chain_roots(spec, RMSPropSGLDSettings(), None, state, [0, 1])
     np.testing.assert_allclose(roots[1](roots[1](v)), chain_preconditioners(state, RMSPropSGLDSettings())[1] * v,
                                rtol=1e-5)

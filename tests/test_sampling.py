@@ -534,7 +534,8 @@ def test_full_batch_samplers_restricted_llc(problem, method, kwargs):
     ({"step_bias": "yes"}, "step_bias must be True or False, got 'yes'"),
     ({"sampling_method": "hmc", "lr": None, "step_bias": True}, r"step_bias applies to \['sgld', .*not 'hmc'"),
     ({"sampling_method": "rmsprop_sgld", "sampling_method_kwargs": {"adapt": "always"}, "step_bias": True},
-     'step_bias needs a fixed preconditioner: .* adapt="always"'),
+     r"step_bias needs a preconditioner fixed while drawing; 'rmsprop_sgld' moves it with "
+     r"adapt='always' \(adapt='burnin' keeps it fixed\)$"),
 ])
 def test_invalid_options_raise_clear_errors(problem, overrides, match):
     params, x, y = problem

@@ -216,10 +216,11 @@ class SamplerSpec(NamedTuple):
                 resolves step_size = "auto" itself (its Algorithm.notes the curvature.AutoStep);
                 None: the driver's generic rule. full_batch as for diagonal_preconditioner.
     preconditioner_root  for a sampler whose draws are SGLD with a constant preconditioner P
-                (w ← w − ε/2 P∇U + √ε P^{1/2} η): (settings, params, state) of one chain -> the map
-                v -> P^{1/2} v (jnp, traceable), or None when the settings make P move while
-                drawing; llc_bench.discretization then estimates the step size's bias of λ̂.
-                None: no estimate.
+                (w ← w − ε/2 P∇U + √ε P^{1/2} η): settings -> None when they make P move while
+                drawing, else a function (params, state) of one chain -> the map v -> P^{1/2} v
+                (jnp, traceable); llc_bench.discretization then estimates the step size's bias
+                of λ̂. Asking with the settings alone is how a request for that estimate is
+                checked before any work. None: no estimate for any settings.
     """
 
     name: str
@@ -233,13 +234,17 @@ class SamplerSpec(NamedTuple):
     aliases: dict[str, str] | None = None
     diagonal_preconditioner: DiagonalPreconditioner | None = None
     build_auto: Callable[[Posterior, Any, bool], Algorithm] | None = None
-    preconditioner_root: Callable[[Any, Any, Any], Callable | None] | None = None
+    preconditioner_root: Callable[[Any], Callable[[Any, Any], Callable] | None] | None = None
+
+    def constant_root(self, settings) -> Callable[[Any, Any], Callable] | None:
+        """preconditioner_root(settings), or None when the sampler or these settings have none."""
+        return None if self.preconditioner_root is None else self.preconditioner_root(settings)
 
 
-def identity_root(settings, params, state) -> Callable:
-    """SamplerSpec.preconditioner_root of plain SGLD: P = I."""
-    del settings, params, state
-    return lambda v: v
+def identity_root(settings) -> Callable:
+    """SamplerSpec.preconditioner_root of plain SGLD: P = I for every chain."""
+    del settings
+    return lambda params, state: lambda v: v
 
 
 def numeric_step_size(settings, name: str) -> float:

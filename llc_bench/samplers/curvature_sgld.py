@@ -210,10 +210,16 @@ def _retune(posterior: Posterior, settings: CurvatureSGLDSettings, auto, product
     return retune
 
 
-def preconditioner_root(settings: CurvatureSGLDSettings, params: CurvatureParams, state):
-    """SamplerSpec.preconditioner_root: v -> P^{1/2} v with the chain's P (as its draws used it)."""
-    del settings, state
-    return functools.partial(apply_preconditioner, params.vectors, params.scales, power=0.5)
+def preconditioner_root(settings: CurvatureSGLDSettings):
+    """SamplerSpec.preconditioner_root: (params, state) -> v -> P^{1/2} v with the chain's P (as
+    its draws used it); every setting keeps P fixed while drawing."""
+    del settings
+
+    def root_of(params: CurvatureParams, state):
+        del state
+        return functools.partial(apply_preconditioner, params.vectors, params.scales, power=0.5)
+
+    return root_of
 
 
 SPEC = SamplerSpec(

@@ -111,16 +111,20 @@ def chain_preconditioners(states: RMSPropSGLDState, settings: RMSPropSGLDSetting
     return 1.0 / (np.sqrt(v) + settings.eps)
 
 
-def preconditioner_root(settings: RMSPropSGLDSettings, params, state: RMSPropSGLDState):
-    """SamplerSpec.preconditioner_root: v -> G^{1/2} v with the chain's frozen G; None with
-    adapt="always", whose G moves while it draws."""
-    del params
+def preconditioner_root(settings: RMSPropSGLDSettings):
+    """SamplerSpec.preconditioner_root: (params, state) -> v -> G^{1/2} v with the chain's frozen
+    G; None with adapt="always", whose G moves while it draws."""
     if settings.adapt == "always":
         return None
     update = rmsprop_preconditioner(settings.alpha, settings.eps, settings.bias_correction)[1]
-    frozen = state.preconditioner._replace(frozen=jnp.ones((), bool))  # G as it stands, no update
-    root = jnp.sqrt(update(jnp.zeros_like(state.position), frozen)[0])
-    return lambda v: root.astype(v.dtype) * v
+
+    def root_of(params, state: RMSPropSGLDState):
+        del params
+        frozen = state.preconditioner._replace(frozen=jnp.ones((), bool))  # G as it stands, no update
+        root = jnp.sqrt(update(jnp.zeros_like(state.position), frozen)[0])
+        return lambda v: root.astype(v.dtype) * v
+
+    return root_of
 
 
 def preconditioner_at_wstar(posterior: Posterior, settings: RMSPropSGLDSettings,
