@@ -342,9 +342,15 @@ def _what_moves_it(spec, settings) -> str:
     """Which settings make spec's preconditioner move while drawing: each one whose default value
     alone would keep it constant, as 'with name=value (name=default keeps it fixed)'."""
     default = spec.settings()
+
+    def fixed_by_default(name: str) -> bool:
+        try:
+            return spec.constant_root(dataclasses.replace(settings, **{name: getattr(default, name)})) is not None
+        except ValueError:  # the default does not combine with the other settings
+            return False
+
     culprits = [f.name for f in dataclasses.fields(settings)
-                if getattr(settings, f.name) != getattr(default, f.name)
-                and spec.constant_root(dataclasses.replace(settings, **{f.name: getattr(default, f.name)}))]
+                if getattr(settings, f.name) != getattr(default, f.name) and fixed_by_default(f.name)]
     if not culprits:
         return "with these settings"
     return "with " + ", ".join(f"{name}={getattr(settings, name)!r} ({name}={getattr(default, name)!r} keeps it fixed)"
