@@ -28,9 +28,10 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llc_bench.bench import build_instance  # noqa: E402
+from llc_bench.bench import build_posteriors  # noqa: E402
 from llc_bench.bench_suite import instance_config, load_recipe, make_suite  # noqa: E402
 from llc_bench.samplers.curvature_sgld import CurvatureParams, CurvatureSGLDSettings, make  # noqa: E402
+from llc_bench.target import build_target  # noqa: E402
 from llc_bench.types import ConfigError  # noqa: E402
 
 SAMPLER = "curvature_sgld"
@@ -45,23 +46,24 @@ def _arguments(argv):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="results/bench/curvature_step.json")
-    args = p.parse_args(argv)
-    for name in ("chains", "steps", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if any(k < 0 for k in args.ranks):
-        p.error(f"--ranks must be >= 0, got {args.ranks}")
-    return args
+    return p.parse_args(argv)
 
 
 def _posterior(args):
+    """(posterior, batch size) of the instance under the recipe, or ConfigError naming the bad
+    argument, before any work."""
+    for name in ("chains", "steps", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name}: must be >= 1, got {getattr(args, name)}")
+    if any(k < 0 for k in args.ranks):
+        raise ConfigError(f"--ranks: each must be >= 0, got {args.ranks}")
     recipe = load_recipe(None, profile=args.profile)
     suite = {inst.name: inst for inst in make_suite(recipe.classes, recipe.suite_seed, recipe.generators,
                                                     recipe.size_classes)}
     if args.instance not in suite:
         raise ConfigError(f"instance {args.instance!r}: not in this recipe's suite (e.g. {next(iter(suite))})")
     cfg = instance_config(recipe, suite[args.instance], SAMPLER)
-    posterior = build_instance(recipe, suite[args.instance], SAMPLER, cfg=cfg)[2]
+    posterior = build_posteriors(cfg, build_target(cfg), "data")[0]  # the SG samplers' (the n rows)
     return posterior, cfg.sampler[SAMPLER].batch_size
 
 

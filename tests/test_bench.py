@@ -3,6 +3,7 @@
 import copy
 import csv
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -436,6 +437,16 @@ def test_summary_counts_what_the_restart_decided():
     assert "The restart:" not in bench_report.summary_markdown(rows[-1:])
 
 
+def _load_script(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["1K-chained-999", "--sampler", "hmc"], "instance '1K-chained-999': not in this recipe's suite"),
     (["1K-chained-000", "--sampler", "fast"], "--sampler 'fast': must be one of"),
@@ -443,12 +454,7 @@ def test_summary_counts_what_the_restart_decided():
     (["1K-chained-000", "--sampler", "hmc", "--profile", "nope"], "nope"),
 ])
 def test_bench_instance_script_refuses_bad_input(args, expected, tmp_path, capsys):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_instance.py"
-    spec = importlib.util.spec_from_file_location("bench_instance", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _load_script("bench_instance")
     out = tmp_path / "s.json"
     assert script.main([*args, "--json", str(out)]) == 2
     err = capsys.readouterr().err
@@ -456,17 +462,38 @@ def test_bench_instance_script_refuses_bad_input(args, expected, tmp_path, capsy
     assert not out.exists()
 
 
+def test_curvature_step_script_times_each_rank(tmp_path, capsys):
+    """scripts/bench_curvature_step.py on a 1K instance: one row per k with the instance's d, the
+    bytes of V a step reads (two passes over every chain's d × k float32 matrix) and k = 0 as the
+    unit of the ratios; bad arguments are refused in one line, before any work."""
+    script = _load_script("bench_curvature_step")
+    out = tmp_path / "step.json"
+    assert script.main(["1K-chained-000", "--ranks", "0", "16", "--chains", "2", "--steps", "3",
+                        "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["k"] for r in rows] == [0, 16]
+    d = rows[0]["d"]
+    assert 300 <= d <= 3200  # the 1K class: [1000/√10, 1000·√10)
+    assert [r["v_bytes_read_per_step"] for r in rows] == [0, 2 * 2 * d * 16 * 4]
+    assert rows[0]["ratio_to_k0"] == 1.0 and rows[1]["ratio_to_k0"] == rows[1]["ms_per_step"] / rows[0]["ms_per_step"]
+    assert rows[0]["batch_size"] == 500  # the recipe's
+    capsys.readouterr()
+    for bad, expected in [(["--chains", "0"], "--chains: must be >= 1, got 0"),
+                          (["--ranks", "-1"], "--ranks: each must be >= 0"),
+                          (["--profile", "nope"], "nope")]:
+        assert script.main(["1K-chained-000", *bad, "--out", str(tmp_path / "bad.json")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+    assert not (tmp_path / "bad.json").exists()
+
+
 def test_against_reference_script_pairs_the_committed_rows(tmp_path, capsys, monkeypatch):
     """scripts/against_reference.py: each sg_curvature_target row beside the default recipe's HMC row
     of the same instance, with the relative difference and z-score recomputed here from the CSVs; a
     profile of another suite seed is refused in one line."""
-    import importlib.util
-
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
-    spec = importlib.util.spec_from_file_location("against_reference", root / "scripts" / "against_reference.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _load_script("against_reference")
     out = tmp_path / "pairs.csv"
     assert script.main(["--profile", "sg_curvature_target", "--csv", str(out)]) == 0
     pairs = list(csv.DictReader(out.open()))
