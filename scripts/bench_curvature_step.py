@@ -51,7 +51,7 @@ def _arguments(argv):
 
 def _posterior(args):
     """(posterior, batch size) of the instance under the recipe, or ConfigError naming the bad
-    argument, before any work."""
+    argument (k above d is known once the posterior is built), before any timing."""
     for name in ("chains", "steps", "repeats"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name}: must be >= 1, got {getattr(args, name)}")
@@ -64,11 +64,15 @@ def _posterior(args):
         raise ConfigError(f"instance {args.instance!r}: not in this recipe's suite (e.g. {next(iter(suite))})")
     cfg = instance_config(recipe, suite[args.instance], SAMPLER)
     posterior = build_posteriors(cfg, build_target(cfg), "data")[0]  # the SG samplers' (the n rows)
+    d = posterior.w_star.shape[0]
+    if max(args.ranks) > d:
+        raise ConfigError(f"--ranks: each must be <= d = {d} of {args.instance}, got {args.ranks}")
     return posterior, cfg.sampler[SAMPLER].batch_size
 
 
 def _steps_function(posterior, batch_size: int, k: int, chains: int, steps: int):
-    """(jitted fn(key, positions) -> positions, params): `steps` vmapped steps under a random orthonormal V of k columns."""
+    """(jitted fn(key, positions, params) -> positions, params): `steps` vmapped steps under a random
+    orthonormal V of k columns."""
     d, dtype = posterior.w_star.shape[0], posterior.w_star.dtype
     vectors = jnp.linalg.qr(jax.random.normal(jax.random.key(0), (d, k), dtype))[0] if k else jnp.zeros((d, 0), dtype)
     scales = jnp.full((k,), 0.5, dtype)

@@ -480,6 +480,7 @@ def test_curvature_step_script_times_each_rank(tmp_path, capsys):
     capsys.readouterr()
     for bad, expected in [(["--chains", "0"], "--chains: must be >= 1, got 0"),
                           (["--ranks", "-1"], "--ranks: each must be >= 0"),
+                          (["--ranks", "0", "100000"], f"--ranks: each must be <= d = {d} of 1K-chained-000"),
                           (["--profile", "nope"], "nope")]:
         assert script.main(["1K-chained-000", *bad, "--out", str(tmp_path / "bad.json")]) == 2
         err = capsys.readouterr().err
