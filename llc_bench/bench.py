@@ -329,6 +329,13 @@ def _run_logged(fn: Callable, jobs: list[tuple], board: Scoreboard, describe: Ca
     run_jobs(fn, jobs, done, **execution)
 
 
+def job_order(todo: list[tuple[Instance, list[str]]], resuming: set[str]) -> list[tuple[Instance, list[str]]]:
+    """The order bench runs its jobs in: instances begun before first (their saved chunks are not
+    redone by a later interruption), then the smallest d first, so rows land soonest and an
+    interrupted bench has finished the many quick rows rather than sat in one that takes hours."""
+    return sorted(todo, key=lambda job: (job[0].name not in resuming, job[0].d))
+
+
 def run_bench(recipe: Recipe, out_dir: str | Path, progress: bool = False, log=print, figures: bool = True,
               audit: bool = False, rerun_stale: bool = False, workers: int = 1, backend: str = "local",
               address: str | None = None) -> Path:
@@ -357,8 +364,7 @@ def run_bench(recipe: Recipe, out_dir: str | Path, progress: bool = False, log=p
             if saved is not None:
                 resuming.add(inst.name)
                 log(f"  {inst.name} {name}: resumes from its checkpoints ({saved})")
-    # instances begun before run first (in suite order otherwise): their rows come soonest
-    todo = sorted(todo, key=lambda job: job[0].name not in resuming)
+    todo = job_order(todo, resuming)
     jobs = [(recipe, inst, names, progress, out / CHECKPOINTS) for inst, names in todo]
     _run_logged(instance_rows, jobs, board, describe, log, **execution)
     log(f"sampling done in {time.perf_counter() - start:.0f}s")

@@ -112,6 +112,16 @@ def test_dln_loss_and_reduced_posterior_match_the_target(tiny_recipe):
     assert reduced.n == inst.widths[0]
 
 
+def test_jobs_run_resumed_first_then_smallest_d_first(tiny_recipe):
+    # deepest before chained in the suite, but chained has fewer parameters
+    suite = bench_suite.make_suite(tiny_recipe.classes, 0, {"deepest": 1, "chained": 1}, tiny_recipe.size_classes)
+    assert [i.d for i in suite] == [28, 26]
+    todo = [(inst, ["sgld"]) for inst in suite]
+    assert [i.name for i, _ in bench.job_order(todo, set())] == ["1K-chained-000", "1K-deepest-000"]
+    assert [i.name for i, _ in bench.job_order(todo[::-1], {"1K-deepest-000"})] == ["1K-deepest-000",
+                                                                                   "1K-chained-000"]
+
+
 def test_two_instance_miniature_writes_the_scoreboard(tiny_recipe, tmp_path):
     logged = []
     path = bench.run_bench(tiny_recipe, tmp_path, log=logged.append)
