@@ -43,8 +43,9 @@ tables): after a sampler's settings change, its rows are refused until `--rerun-
 to dln_scoreboard.stale.csv to be computed again, while the other samplers' rows stay.
 
 Inside an instance, the chains are saved chunk by chunk under checkpoints/ beside the CSV
-(llc_bench.checkpoint; not committed): a job killed midway, even after hours, resumes at its last
-saved chunk on the next `bench` and ends with the row the uninterrupted job would have written.
+(llc_bench.checkpoint): a job killed midway, even after hours, resumes at its last saved chunk on
+the next `bench` and ends with the row the uninterrupted job would have written. Jobs run in
+`job_order`: those with saved chunks first, then the smallest instances.
 
 Parallelism (llc_bench.jobs.executor, as for sweeps): each instance is one job, run in this
 process, in `--workers N` local processes, or as a Ray task (`--backend ray`); only the driver
@@ -330,9 +331,9 @@ def _run_logged(fn: Callable, jobs: list[tuple], board: Scoreboard, describe: Ca
 
 
 def job_order(todo: list[tuple[Instance, list[str]]], resuming: set[str]) -> list[tuple[Instance, list[str]]]:
-    """The order bench runs its jobs in: instances begun before first (their saved chunks are not
-    redone by a later interruption), then the smallest d first, so rows land soonest and an
-    interrupted bench has finished the many quick rows rather than sat in one that takes hours."""
+    """The order bench runs its jobs in: instances with saved chunks first (work already paid for
+    becomes a row soonest), then the smallest d first, so that a bench stopped partway has written
+    the many quick rows rather than sat in one instance that takes hours."""
     return sorted(todo, key=lambda job: (job[0].name not in resuming, job[0].d))
 
 
