@@ -128,9 +128,10 @@ class RunConfig:
     # when λ̂ holds across a doubling (llc_bench.experiment._sample_to_target); 0 = one run of num_draws
     target_rel_se: float = 0.0
     max_doublings: int = 3
-    # > 0: when a run is still_spreading, restart its chains at w* + restart_scale·(w_end − w*) and
-    # compare λ̂ (llc_bench.restart): a change flags restart_disagrees, no change withdraws
-    # still_spreading. 0 = no restart (still_spreading then stands).
+    # > 0: when a run is still_spreading, restart its chains at w* + s·(w_end − w*) and compare λ̂
+    # (llc_bench.restart): a change flags restart_disagrees, no change withdraws still_spreading. s is
+    # the largest of restart_scale, restart_scale/√2, … (not below 2; curvature_sgld: not above 3) from
+    # which a short probe loses no chain. 0 = no restart (still_spreading then stands).
     restart_scale: float = 10.0
     # SGLD family: at every draw one Hutchinson probe of nβ tr(P ∇²L) at each chain, so the step size's
     # estimated bias (summary "step_bias") gets the term a non-Gaussian posterior adds

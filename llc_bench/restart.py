@@ -22,13 +22,29 @@ three deep 10K-parameter instances with λ ≈ 1.2–1.3 · rank(H)/2 read the s
 them checked at s = 10 moved (126.7 → 453, 176.7 → 590), while instances with λ = rank(H)/2 (level
 valleys) agreed at s = 10 (280.6 / 285.3, 346.0 / 347.0, 69.5 / 68.2).
 
+How far out. s must reach the higher-order terms, yet a start too far out is one where the
+sampler's ε is no longer stable: the chains of curvature_sgld, whose ε is about kappa times plain
+SGLD's, spread ~10× farther in the same steps, and restarted at s = 10 every chain diverged within two
+steps (1K instances of the scoreboard; the same at s = 5 on one of them). So the restart first probes
+its starts: PROBE_STEPS steps from w* + s·(w_c − w*) for s = run.restart_scale, then s/√2, s/2, …
+(not below RESTART_MIN_SCALE); it runs from the largest s at which no chain diverged (the record's
+`scale`, with every s tried in `scales_tried`). A sampler with a stiff subspace (SamplerSpec.stiff_basis:
+curvature_sgld's preconditioned directions) keeps each chain's component in it, which is already in
+equilibrium, and scales only the rest.
+Measured with curvature_sgld (20,000 burn-in steps; `scale` 2–3): chains held 1,000 + 6,000 steps on
+a five-layer plateau (λ̂ = 31.8, λ = 70.5) read 70.0 from s = 2 and 71.9 from s = 3; after 5,000 + 12,000
+steps on instances whose λ is all quadratic they read within 0.8% of λ̂ from s = 2 and 3 (274.0 /
+274.1; 107.1 / 106.5, 106.8; 347.6 / 346.0, 345.0); and the nine-layer 10K instance whose scoreboard
+row reads 911.9 on the plateau rank(H)/2 = 907.5 (λ = 1009.5, HMC 968.7), restarted from its chains
+after 50,000 steps, read 947.2 ± 2.4 from s = 2, still rising.
+
 The verdict (restart_verdict): the two λ̂ differ by more than RESTART_Z combined standard errors
-AND by more than RESTART_MIN_FRACTION of λ̂: flag `restart_disagrees` (not converged). They agree
-when the difference plus RESTART_EQUIV_Z combined standard errors is within RESTART_MIN_FRACTION of
-λ̂: the spreading is along directions λ̂ does not depend on, and the run's `still_spreading` flag is
-withdrawn (llc_bench.experiment.run_sampler). Anything in between (a restart too noisy to tell: its
-chains start far out and may still be coming down) and a restart with no usable chain decide
-nothing: `still_spreading` stands.
+AND by more than RESTART_MIN_SHIFT of λ̂ (the drift test's materiality): flag `restart_disagrees`
+(not converged). Otherwise they agree when the difference plus RESTART_EQUIV_Z combined standard
+errors is within RESTART_MIN_FRACTION of λ̂: the spreading is along directions λ̂ does not depend on,
+and the run's `still_spreading` flag is withdrawn (llc_bench.experiment.run_sampler). Anything in
+between (a restart too noisy to tell: its chains start far out and may still be coming down) and a
+restart with no usable chain, or none that could start, decide nothing: `still_spreading` stands.
 """
 
 from __future__ import annotations
@@ -63,25 +79,57 @@ RESTART_BURNIN_FRACTION = 1.0
 RESTART_Z = 4.0
 RESTART_EQUIV_Z = 2.0
 RESTART_MIN_FRACTION = 0.05
+# A shift of λ̂ this large (and RESTART_Z SEs) is a disagreement even where it is inside
+# RESTART_MIN_FRACTION: the deep plateau above moved 3.9% within the restart's first draws, while the
+# restarts of λ = rank(H)/2 instances moved at most 0.8% (with up to 6.6 SEs).
+RESTART_MIN_SHIFT = 0.02
+# The probe of each candidate scale: this many burn-in steps (at most the run's burn-in) from its
+# starts; every measured divergence came within the first few. Candidates step down by SCALE_STEP (the
+# spread halves). Below RESTART_MIN_SCALE a plateau may move less than RESTART_MIN_SHIFT (the deep
+# plateau above moved 3.9% from s = 2) and the equivalence test could then withdraw still_spreading
+# on it: the restart is not run there.
+PROBE_STEPS = 500
+SCALE_STEP = math.sqrt(2.0)
+RESTART_MIN_SCALE = 2.0
 
 
-def restart_positions(w_star: jax.Array, positions: jax.Array, scale: float) -> jax.Array:
-    """(C, d) starts w* + scale · (w_c − w*)."""
+def restart_positions(w_star: jax.Array, positions: jax.Array, scale: float, stiff: jax.Array | None = None) -> jax.Array:
+    """(C, d) starts w* + scale · (w_c − w*); with stiff (C, d, k) orthonormal columns per chain, the
+    component of w_c − w* in them is kept as it is and only the rest is scaled."""
     w_star = jnp.asarray(w_star)
-    return w_star + scale * (jnp.asarray(positions) - w_star)
+    offset = jnp.asarray(positions) - w_star
+    if stiff is None:
+        return w_star + scale * offset
+    kept = jnp.einsum("cdk,ck->cd", stiff, jnp.einsum("cdk,cd->ck", stiff, offset))
+    return w_star + kept + scale * (offset - kept)
+
+
+def capped_scale(spec, requested: float) -> float:
+    """run.restart_scale for this sampler: cut to its SamplerSpec.restart_scale_cap, if it has one."""
+    return requested if spec.restart_scale_cap is None else min(requested, spec.restart_scale_cap)
+
+
+def candidate_scales(scale: float) -> list[float]:
+    """scale, scale/√2, scale/2, … down to RESTART_MIN_SCALE (just scale when it is below that)."""
+    out = [float(scale)]
+    while scale / SCALE_STEP ** len(out) >= RESTART_MIN_SCALE * (1 - 1e-9):  # 4/√2/√2 must count as 2
+        out.append(scale / SCALE_STEP ** len(out))
+    return out
 
 
 def agreement(llc: float, se: float, other: float, other_se: float, z: float = RESTART_Z,
-              min_fraction: float = RESTART_MIN_FRACTION, equiv_z: float = RESTART_EQUIV_Z) -> bool | None:
+              min_fraction: float = RESTART_MIN_FRACTION, equiv_z: float = RESTART_EQUIV_Z,
+              min_shift: float | None = None) -> bool | None:
     """Do two λ̂ (each with its own SE) agree? False when they differ by more than z combined SEs and
-    by more than min_fraction of |llc|; True when the difference plus equiv_z combined SEs is within
-    min_fraction of |llc| (an equivalence test: a comparison too noisy to tell shows nothing); else,
-    and when a value is not finite, None."""
+    by more than min_shift (None: min_fraction) of |llc|; else True when the difference plus equiv_z
+    combined SEs is within min_fraction of |llc| (an equivalence test: a comparison too noisy to tell
+    shows nothing); else, and when a value is not finite, None."""
     if not all(math.isfinite(float(v)) for v in (llc, se, other, other_se)):
         return None
     diff, combined = float(other) - float(llc), float(np.hypot(se, other_se))
     tolerance = min_fraction * abs(float(llc))
-    if abs(diff) > z * combined and abs(diff) > tolerance:
+    shift = tolerance if min_shift is None else min_shift * abs(float(llc))
+    if abs(diff) > z * combined and abs(diff) > shift:
         return False
     if abs(diff) + equiv_z * combined <= tolerance:
         return True
@@ -90,7 +138,8 @@ def agreement(llc: float, se: float, other: float, other_se: float, z: float = R
 
 def restart_verdict(llc: float, se: float, llc_restart: float, se_restart: float, scale: float,
                     z: float = RESTART_Z, min_fraction: float = RESTART_MIN_FRACTION,
-                    equiv_z: float = RESTART_EQUIV_Z) -> tuple[dict[str, Any], HealthFlag | None]:
+                    equiv_z: float = RESTART_EQUIV_Z,
+                    min_shift: float = RESTART_MIN_SHIFT) -> tuple[dict[str, Any], HealthFlag | None]:
     """(JSON-ready record, `restart_disagrees` flag or None) of λ̂ against the restart's λ̂.
 
     agrees (`agreement`): False is flagged; True withdraws still_spreading (the caller's part); None
@@ -98,7 +147,7 @@ def restart_verdict(llc: float, se: float, llc_restart: float, se_restart: float
     finite = all(math.isfinite(float(v)) for v in (llc, se, llc_restart, se_restart))
     diff = float(llc_restart) - float(llc) if finite else math.nan
     combined = float(np.hypot(se, se_restart)) if finite else math.nan
-    agrees = agreement(llc, se, llc_restart, se_restart, z, min_fraction, equiv_z)
+    agrees = agreement(llc, se, llc_restart, se_restart, z, min_fraction, equiv_z, min_shift)
     record = {"scale": float(scale), "llc": float(llc), "llc_restart": float(llc_restart) if finite else None,
               "se_restart": float(se_restart) if finite else None, "diff": diff if finite else None,
               "z": diff / combined if finite and combined > 0 else None, "agrees": agrees}
@@ -113,26 +162,63 @@ def restart_verdict(llc: float, se: float, llc_restart: float, se_restart: float
     return record, flag
 
 
+def stable_scale(name: str, algorithm: Algorithm, posterior: Posterior, positions: jax.Array, *, seed: int,
+                 scale: float, num_chains: int, num_burnin_steps: int, stiff: jax.Array | None = None,
+                 devices=None) -> tuple[float | None, list[float], float]:
+    """(the largest of candidate_scales(scale) from whose starts no chain diverges within the probe's
+    min(PROBE_STEPS, num_burnin_steps) steps, or None; the scales probed; the probes' gradient
+    evaluations). Chains whose start is not finite (lost in the run) are left out of the judgement;
+    no such chain at all: None."""
+    finite = np.all(np.isfinite(np.asarray(positions)), axis=1)
+    tried: list[float] = []
+    spent = 0.0
+    if not finite.any():
+        return None, tried, spent
+    probe = algorithm._replace(retune=None)  # the probe is burn-in only: nothing to retune after it
+    for s in candidate_scales(scale):
+        tried.append(s)
+        result, _ = run_chains_with_state(
+            name, probe, posterior, sampler_key(seed, name, "restart_probe"), num_chains=num_chains,
+            num_burnin_steps=max(1, min(PROBE_STEPS, num_burnin_steps)), num_draws=1, num_steps_bw_draws=1,
+            num_projections=0, devices=devices,
+            initial_positions=restart_positions(posterior.w_star, positions, s, stiff))
+        spent += float(np.sum(result.grad_evals))
+        if not np.any(np.asarray(result.diverged_at)[finite] >= 0):
+            return s, tried, spent
+    return None, tried, spent
+
+
 def run_restart(name: str, algorithm: Algorithm, posterior: Posterior, states, estimate: LLCEstimate, *,
                 seed: int, scale: float, num_chains: int, num_burnin_steps: int, num_draws: int,
                 num_steps_bw_draws: int, num_projections: int, source: str, chunk_size: int = 0,
-                devices=None, progress: bool = False) -> tuple[dict[str, Any], HealthFlag | None]:
-    """Restart every chain from w* + scale · (its final position − w*) (keys of the "restart" stream)
-    and compare the λ̂ (restart_verdict). The record adds the restart's cost: grad_evals (its
-    retune's included), seconds. The algorithm's tuning notes (AutoStep) take the restart's retune:
-    read what the draws used before calling this."""
+                stiff: jax.Array | None = None, devices=None,
+                progress: bool = False) -> tuple[dict[str, Any], HealthFlag | None]:
+    """Restart every chain from w* + s · (its final position − w*) (keys of the "restart" stream), s
+    the largest scale up to `scale` its starts are stable at (stable_scale; stiff: (C, d, k) directions
+    whose component is kept, see restart_positions), and compare the λ̂ (restart_verdict). The record
+    adds the scales probed and the restart's cost: grad_evals (its probes and retune included),
+    seconds. With no stable scale nothing is run and the record's `agrees` is None. The algorithm's
+    tuning notes (AutoStep) take the restart's retune: read what the draws used before calling this."""
     start, tuning = time.perf_counter(), auto_step_grad_evals(algorithm.notes)
     positions = jax.vmap(algorithm.position)(states)
+    chosen, tried, probe_evals = stable_scale(name, algorithm, posterior, positions, seed=seed, scale=scale, num_chains=num_chains,
+                                 num_burnin_steps=num_burnin_steps, stiff=stiff, devices=devices)
+    if chosen is None:
+        record, flag = restart_verdict(estimate.mean, estimate.se, math.nan, math.nan, scale)
+        record.update(scales_tried=tried, grad_evals=probe_evals, seconds=time.perf_counter() - start,
+                      num_burnin_steps=0, chains_used=0)
+        return record, flag
     result, _ = run_chains_with_state(
         name, algorithm, posterior, sampler_key(seed, name, "restart"), num_chains=num_chains,
         num_burnin_steps=max(1, round(RESTART_BURNIN_FRACTION * num_burnin_steps)), num_draws=num_draws,
         num_steps_bw_draws=num_steps_bw_draws, num_projections=num_projections, chunk_size=chunk_size,
         progress=progress, devices=devices,
-        initial_positions=restart_positions(posterior.w_star, positions, scale))
+        initial_positions=restart_positions(posterior.w_star, positions, chosen, stiff))
     again = estimate_from_result(result, source)
-    record, flag = restart_verdict(estimate.mean, estimate.se, again.mean, again.se, scale)
-    # the chains' gradients plus the retune after the restart's burn-in (step_size = "auto")
-    record.update(grad_evals=float(np.sum(result.grad_evals)) + auto_step_grad_evals(algorithm.notes) - tuning,
+    record, flag = restart_verdict(estimate.mean, estimate.se, again.mean, again.se, chosen)
+    # the chains' gradients, the probes', and the retune after the restart's burn-in (step_size = "auto")
+    record.update(scales_tried=tried,
+                  grad_evals=float(np.sum(result.grad_evals)) + probe_evals + auto_step_grad_evals(algorithm.notes) - tuning,
                   seconds=time.perf_counter() - start,
                   num_burnin_steps=result.num_burnin_steps, chains_used=int(again.num_chains_used))
     return record, flag

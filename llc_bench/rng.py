@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 # The position of a name is its fold-in index: append new streams, never reorder, or old seeds change.
-STREAMS = ("data", "teacher", "init", "training", "sampling", "projection", "noise", "restart", "step_bias")
+STREAMS = ("data", "teacher", "init", "training", "sampling", "projection", "noise", "restart", "step_bias", "restart_probe")
 
 
 def stream_key(seed: int, name: str) -> jax.Array:
@@ -24,7 +24,8 @@ def stream_key(seed: int, name: str) -> jax.Array:
 
 def sampler_key(seed: int, name: str, stream: str = "sampling") -> jax.Array:
     """Each sampler's chains get their own stream, stable when other samplers are added or removed
-    (`stream` "restart": the chains of the over-dispersed restart, llc_bench.restart)."""
+    (`stream` "restart": the chains of the over-dispersed restart, llc_bench.restart; "restart_probe":
+    the short runs that choose its scale)."""
     return jax.random.fold_in(stream_key(seed, stream), zlib.crc32(name.encode()) & 0x7FFFFFFF)
 
 

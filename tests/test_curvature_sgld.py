@@ -164,3 +164,38 @@ def test_continuing_an_unconverged_run_rebuilds_p_where_the_chains_are():
     np.testing.assert_allclose(np.asarray(params.step_size), auto.step_size, rtol=1e-6)
     assert more.result.tuned["step_size"] == pytest.approx(auto.step_size, rel=1e-6)
     assert auto.num_products > first_products + 2 * settings.max_rank
+
+
+def test_restart_keeps_each_chains_stiff_directions_and_its_scale_cap():
+    """The over-dispersed restart of curvature_sgld: run.restart_scale = 10 is cut to the sampler's cap,
+    its stiff basis is each chain's V (orthonormal columns), and the restart keeps the component of
+    w − w* in V while scaling the rest."""
+    from llc_bench.estimator import estimate_from_result
+    from llc_bench.restart import capped_scale, restart_positions, run_restart
+    from llc_bench.samplers.curvature_sgld import RESTART_SCALE_CAP
+
+    post = dln_posterior()
+    settings = CurvatureSGLDSettings(batch_size=200, kappa=4.0, max_rank=8)
+    spec = get_spec("curvature_sgld")
+    alg = build_algorithm(spec, post, settings)
+    live = start_chains("curvature_sgld", alg, post, jax.random.key(1), num_chains=2, num_burnin_steps=300,
+                        num_draws=20, num_steps_bw_draws=20, progress=False)
+    stiff = spec.stiff_basis(live.params)
+    assert stiff.shape[:2] == (2, post.dim)
+    for c in range(2):
+        np.testing.assert_allclose(np.asarray(stiff[c].T @ stiff[c]), np.eye(stiff.shape[2]), atol=1e-4)
+    assert capped_scale(spec, 10.0) == RESTART_SCALE_CAP and capped_scale(get_spec("sgld"), 10.0) == 10.0
+    positions = np.asarray(live.states)
+    starts = np.asarray(restart_positions(post.w_star, positions, 3.0, stiff))
+    offset, moved = positions - np.asarray(post.w_star), starts - np.asarray(post.w_star)
+    for c in range(2):
+        v = np.asarray(stiff[c])
+        np.testing.assert_allclose(v.T @ moved[c], v.T @ offset[c], atol=1e-4)  # kept
+        flat = offset[c] - v @ (v.T @ offset[c])
+        np.testing.assert_allclose(moved[c] - v @ (v.T @ moved[c]), 3.0 * flat, atol=1e-4)  # scaled
+    estimate = estimate_from_result(live.result, "minibatch")
+    record, _ = run_restart("curvature_sgld", alg, post, live.states, estimate, seed=0,
+                            scale=capped_scale(spec, 10.0), num_chains=2, num_burnin_steps=300, num_draws=20,
+                            num_steps_bw_draws=20, num_projections=0, source="minibatch", stiff=stiff)
+    assert record["scales_tried"][0] == RESTART_SCALE_CAP and record["chains_used"] == 2
+    assert np.isfinite(record["llc_restart"]) and record["grad_evals"] > 0

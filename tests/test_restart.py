@@ -9,7 +9,16 @@ import pytest
 from llc_bench.config import from_dict
 from llc_bench.experiment import run_sampler
 from llc_bench.posterior import Posterior
-from llc_bench.restart import RESTART_MIN_FRACTION, RESTART_Z, restart_positions, restart_verdict
+from llc_bench.restart import (
+    RESTART_MIN_FRACTION,
+    RESTART_MIN_SCALE,
+    RESTART_MIN_SHIFT,
+    RESTART_Z,
+    candidate_scales,
+    restart_positions,
+    restart_verdict,
+    stable_scale,
+)
 from llc_bench.rules import run_status
 from llc_bench.samplers.sgld import SGLDSettings
 
@@ -27,8 +36,11 @@ def test_restart_verdict_needs_both_significance_and_size():
     assert record["agrees"] is None and flag is None  # 5.1% apart, within the noise: undecided
     record, flag = restart_verdict(100.0, 0.5, 101.0, 0.5, 3.0)
     assert record["agrees"] is True and flag is None  # 1 + 2·0.71 <= 5: shown equal within 5%
-    record, flag = restart_verdict(100.0, 0.01, 100.0 + 0.5 * RESTART_MIN_FRACTION * 100, 0.01, 3.0)
+    record, flag = restart_verdict(100.0, 0.01, 100.0 + 0.5 * RESTART_MIN_SHIFT * 100, 0.01, 3.0)
     assert record["agrees"] is True and flag is None  # significant but immaterial
+    shift = 0.5 * (RESTART_MIN_SHIFT + RESTART_MIN_FRACTION) * 100  # material, inside the equivalence margin
+    record, flag = restart_verdict(100.0, 0.01, 100.0 + shift, 0.01, 3.0)
+    assert record["agrees"] is False and flag.code == "restart_disagrees"
     record, flag = restart_verdict(20.7, 0.2, 599.0, 300.0, 10.0)
     assert record["agrees"] is None and flag is None  # a restart far too noisy withdraws nothing
     record, flag = restart_verdict(28.0, 0.3, 46.0, 0.8, 3.0)
@@ -37,6 +49,43 @@ def test_restart_verdict_needs_both_significance_and_size():
     assert run_status("ok", [flag]) == "not_converged"
     record, flag = restart_verdict(28.0, 0.3, float("nan"), float("nan"), 3.0)
     assert record["agrees"] is None and flag is None  # no evidence either way
+
+
+def test_restart_positions_keep_the_stiff_component():
+    """Only the part of w − w* outside a chain's stiff directions is scaled."""
+    w_star = jnp.array([1.0, 0.0, 0.0])
+    stiff = jnp.array([[[1.0], [0.0], [0.0]], [[0.0], [0.6], [0.8]]])  # (C = 2, d = 3, k = 1)
+    offsets = jnp.array([[2.0, 1.0, -1.0], [0.0, 0.6, 0.8]])
+    got = np.asarray(restart_positions(w_star, w_star + offsets, 5.0, stiff))
+    np.testing.assert_allclose(got, [[3.0, 5.0, -5.0], [1.0, 0.6, 0.8]], atol=1e-6)
+
+
+def test_candidate_scales_halve_down_to_the_floor():
+    np.testing.assert_allclose(candidate_scales(10.0), [10.0, 7.0711, 5.0, 3.5355, 2.5], rtol=1e-4)
+    np.testing.assert_allclose(candidate_scales(4.0), [4.0, 2.8284, 2.0], rtol=1e-4)
+    assert candidate_scales(3.0)[-1] > RESTART_MIN_SCALE and candidate_scales(1.5) == [1.5]
+    assert min(candidate_scales(100.0)) >= RESTART_MIN_SCALE
+
+
+def test_stable_scale_steps_back_from_starts_where_the_step_size_is_unstable():
+    """L = ½h‖w₁..₄‖² + q Σ w⁴ over 100 flat-at-w* directions, SGLD at ε nβ h = 0.1, q = 1/2. A flat
+    coordinate follows w ← w − (ε/2) nβ 4q w³ (noise aside), which overshoots without bound once
+    (ε/2) nβ 4q w² > 2: from |w| = s that is 0.025 s², 2.5 at s = 10 and 1.25 at s = 10/√2, so the
+    probe must drop 10 and keep 10/√2; from |w| = 4s every scale down to 2.5 is unstable. Lost chains
+    (NaN) do not count against a scale."""
+    from llc_bench.samplers import get_spec
+
+    post = valley_posterior(0.5)
+    settings = SGLDSettings(step_size=0.1 / (post.n_beta * H), batch_size=10)
+    algorithm = get_spec("sgld").build(post, settings)
+    positions = jnp.concatenate([jnp.zeros((4, CURVED)), jnp.ones((4, FLAT))], axis=1)
+    positions = positions.at[3].set(jnp.nan)
+    scale, tried, spent = stable_scale("sgld", algorithm, post, positions, seed=0, scale=10.0, num_chains=4,
+                                       num_burnin_steps=2000)
+    assert scale == pytest.approx(10 / math.sqrt(2)) and len(tried) == 2 and spent > 0
+    scale, tried, _ = stable_scale("sgld", algorithm, post, positions * 4.0, seed=0, scale=10.0, num_chains=4,
+                                   num_burnin_steps=2000)
+    assert scale is None and tried == candidate_scales(10.0)  # unstable even at the smallest scale: no restart
 
 
 def valley_posterior(quartic: float) -> Posterior:

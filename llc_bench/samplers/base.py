@@ -221,6 +221,12 @@ class SamplerSpec(NamedTuple):
                 (jnp, traceable); llc_bench.discretization then estimates the step size's bias
                 of λ̂. Asking with the settings alone is how a request for that estimate is
                 checked before any work. None: no estimate for any settings.
+    stiff_basis  params of the chains (C, ...) -> (C, d, k) orthonormal directions per chain that
+                the sampler treats as stiff (curvature_sgld: its preconditioned directions). The
+                over-dispersed restart (llc_bench.restart) keeps each chain's component in them,
+                already in equilibrium, and scales only the rest. None: every direction is scaled.
+    restart_scale_cap  the largest scale of that restart for this sampler (run.restart_scale above it
+                is cut to it); None: no cap.
     """
 
     name: str
@@ -235,6 +241,8 @@ class SamplerSpec(NamedTuple):
     diagonal_preconditioner: DiagonalPreconditioner | None = None
     build_auto: Callable[[Posterior, Any, bool], Algorithm] | None = None
     preconditioner_root: Callable[[Any], Callable[[Any, Any], Callable] | None] | None = None
+    stiff_basis: Callable[[Any], Any] | None = None
+    restart_scale_cap: float | None = None
 
     def constant_root(self, settings) -> Callable[[Any, Any], Callable] | None:
         """preconditioner_root(settings), or None when the sampler or these settings have none."""
