@@ -25,8 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from bench_instance import _config
+
 from llc_bench.types import ConfigError
 
 SAMPLER = "curvature_sgld"
