@@ -135,7 +135,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
             devices=chain_devices(run.num_chains), progress=progress)
         if flag is not None:
             flags.append(flag)
-        elif restarted["agrees"]:
+        elif restarted["agrees"] or restarted["walls_bind"]:
             flags = [f for f in flags if f.code != "still_spreading"]
     tree = to_datatree(result, running_at_draws(estimate, result, source))
     conv = convergence(tree)

@@ -44,14 +44,18 @@ AND by more than RESTART_MIN_SHIFT of λ̂ (the drift test's materiality): flag 
 errors is within RESTART_MIN_FRACTION of λ̂: the spreading is along directions λ̂ does not depend on,
 and the run's `still_spreading` flag is withdrawn (llc_bench.experiment.run_sampler). Anything in
 between (a restart too noisy to tell: its chains start far out and may still be coming down) and a
-restart with no usable chain, or none that could start, decide nothing: `still_spreading` stands.
+restart with no usable chain decide nothing: `still_spreading` stands. When no scale down to
+RESTART_MIN_SCALE can start, every chain being lost from the smallest while the chains' own positions
+hold, the loss already rises steeply within a factor RESTART_MIN_SCALE of where the chains have spread
+(`walls_bind`): they have reached the higher-order terms, which a plateau has not, and
+`still_spreading` is withdrawn. Any other failure to start decides nothing.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -162,30 +166,56 @@ def restart_verdict(llc: float, se: float, llc_restart: float, se_restart: float
     return record, flag
 
 
+class ScaleProbe(NamedTuple):
+    """What stable_scale found: the scale to restart from (None: none holds), every scale probed, the
+    probes' gradient evaluations, and walls_bind: no candidate holds, every chain was lost from the
+    smallest, and none from the chains' own positions (the control, s = 1)."""
+
+    scale: float | None
+    tried: list
+    grad_evals: float
+    walls_bind: bool
+
+
 def stable_scale(name: str, algorithm: Algorithm, posterior: Posterior, positions: jax.Array, *, seed: int,
                  scale: float, num_chains: int, num_burnin_steps: int, stiff: jax.Array | None = None,
-                 devices=None) -> tuple[float | None, list[float], float]:
-    """(the largest of candidate_scales(scale) from whose starts no chain diverges within the probe's
-    min(PROBE_STEPS, num_burnin_steps) steps, or None; the scales probed; the probes' gradient
-    evaluations). Chains whose start is not finite (lost in the run) are left out of the judgement;
-    no such chain at all: None."""
+                 devices=None) -> ScaleProbe:
+    """The largest of candidate_scales(scale) from whose starts no chain diverges within the probe's
+    min(PROBE_STEPS, num_burnin_steps) steps (ScaleProbe). Chains whose start is not finite (lost in
+    the run) are left out of the judgement; no such chain at all: nothing holds.
+
+    When no candidate holds and the smallest lost every chain, the chains' own positions are probed
+    too: if they hold, the loss rises so steeply within RESTART_MIN_SCALE× the chains' spread that
+    the sampler cannot start there (walls_bind). That is the opposite of the plateau the restart
+    looks for, where the chains have not reached the higher-order terms and starts 2–3× out hold
+    (measured with curvature_sgld on deep linear networks: chains equilibrated at λ̂ = 68.4, λ = 70.5,
+    lost every chain from 2.1× and 3× within three steps, one of four from 1.5×, none from 1×; the
+    same instance's plateau, and a nine-layer 10K plateau, held from 2× and 3×)."""
     finite = np.all(np.isfinite(np.asarray(positions)), axis=1)
     tried: list[float] = []
     spent = 0.0
     if not finite.any():
-        return None, tried, spent
+        return ScaleProbe(None, tried, spent, False)
     probe = algorithm._replace(retune=None)  # the probe is burn-in only: nothing to retune after it
-    for s in candidate_scales(scale):
-        tried.append(s)
+
+    def lost(s: float) -> float:
+        nonlocal spent
         result, _ = run_chains_with_state(
             name, probe, posterior, sampler_key(seed, name, "restart_probe"), num_chains=num_chains,
             num_burnin_steps=max(1, min(PROBE_STEPS, num_burnin_steps)), num_draws=1, num_steps_bw_draws=1,
             num_projections=0, devices=devices,
             initial_positions=restart_positions(posterior.w_star, positions, s, stiff))
         spent += float(np.sum(result.grad_evals))
-        if not np.any(np.asarray(result.diverged_at)[finite] >= 0):
-            return s, tried, spent
-    return None, tried, spent
+        return float(np.mean(np.asarray(result.diverged_at)[finite] >= 0))
+
+    fraction = 0.0
+    for s in candidate_scales(scale):
+        tried.append(s)
+        fraction = lost(s)
+        if fraction == 0.0:
+            return ScaleProbe(s, tried, spent, False)
+    walls_bind = fraction == 1.0 and lost(1.0) == 0.0
+    return ScaleProbe(None, tried, spent, walls_bind)
 
 
 def run_restart(name: str, algorithm: Algorithm, posterior: Posterior, states, estimate: LLCEstimate, *,
@@ -196,17 +226,19 @@ def run_restart(name: str, algorithm: Algorithm, posterior: Posterior, states, e
     """Restart every chain from w* + s · (its final position − w*) (keys of the "restart" stream), s
     the largest scale up to `scale` its starts are stable at (stable_scale; stiff: (C, d, k) directions
     whose component is kept, see restart_positions), and compare the λ̂ (restart_verdict). The record
-    adds the scales probed and the restart's cost: grad_evals (its probes and retune included),
-    seconds. With no stable scale nothing is run and the record's `agrees` is None. The algorithm's
+    adds the scales probed, walls_bind (stable_scale) and the restart's cost: grad_evals (its probes
+    and retune included), seconds. With no stable scale nothing is run and the record's `agrees` is
+    None; the caller withdraws still_spreading when walls_bind is true. The algorithm's
     tuning notes (AutoStep) take the restart's retune: read what the draws used before calling this."""
     start, tuning = time.perf_counter(), auto_step_grad_evals(algorithm.notes)
     positions = jax.vmap(algorithm.position)(states)
-    chosen, tried, probe_evals = stable_scale(name, algorithm, posterior, positions, seed=seed, scale=scale, num_chains=num_chains,
-                                 num_burnin_steps=num_burnin_steps, stiff=stiff, devices=devices)
+    probed = stable_scale(name, algorithm, posterior, positions, seed=seed, scale=scale, num_chains=num_chains,
+                          num_burnin_steps=num_burnin_steps, stiff=stiff, devices=devices)
+    chosen, tried, probe_evals = probed.scale, probed.tried, probed.grad_evals
     if chosen is None:
         record, flag = restart_verdict(estimate.mean, estimate.se, math.nan, math.nan, scale)
-        record.update(scales_tried=tried, grad_evals=probe_evals, seconds=time.perf_counter() - start,
-                      num_burnin_steps=0, chains_used=0)
+        record.update(scales_tried=tried, walls_bind=probed.walls_bind, grad_evals=probe_evals,
+                      seconds=time.perf_counter() - start, num_burnin_steps=0, chains_used=0)
         return record, flag
     result, _ = run_chains_with_state(
         name, algorithm, posterior, sampler_key(seed, name, "restart"), num_chains=num_chains,
@@ -217,7 +249,7 @@ def run_restart(name: str, algorithm: Algorithm, posterior: Posterior, states, e
     again = estimate_from_result(result, source)
     record, flag = restart_verdict(estimate.mean, estimate.se, again.mean, again.se, chosen)
     # the chains' gradients, the probes', and the retune after the restart's burn-in (step_size = "auto")
-    record.update(scales_tried=tried,
+    record.update(scales_tried=tried, walls_bind=False,
                   grad_evals=float(np.sum(result.grad_evals)) + probe_evals + auto_step_grad_evals(algorithm.notes) - tuning,
                   seconds=time.perf_counter() - start,
                   num_burnin_steps=result.num_burnin_steps, chains_used=int(again.num_chains_used))

@@ -71,8 +71,8 @@ def test_stable_scale_steps_back_from_starts_where_the_step_size_is_unstable():
     """L = ½h‖w₁..₄‖² + q Σ w⁴ over 100 flat-at-w* directions, SGLD at ε nβ h = 0.1, q = 1/2. A flat
     coordinate follows w ← w − (ε/2) nβ 4q w³ (noise aside), which overshoots without bound once
     (ε/2) nβ 4q w² > 2: from |w| = s that is 0.025 s², 2.5 at s = 10 and 1.25 at s = 10/√2, so the
-    probe must drop 10 and keep 10/√2; from |w| = 4s every scale down to 2.5 is unstable. Lost chains
-    (NaN) do not count against a scale."""
+    probe must drop 10 and keep 10/√2; from |w| = 4s every scale down to 2.5 is unstable while the
+    chains' own positions (0.4) are not: the walls bind. Lost chains (NaN) do not count against a scale."""
     from llc_bench.samplers import get_spec
 
     post = valley_posterior(0.5)
@@ -80,12 +80,17 @@ def test_stable_scale_steps_back_from_starts_where_the_step_size_is_unstable():
     algorithm = get_spec("sgld").build(post, settings)
     positions = jnp.concatenate([jnp.zeros((4, CURVED)), jnp.ones((4, FLAT))], axis=1)
     positions = positions.at[3].set(jnp.nan)
-    scale, tried, spent = stable_scale("sgld", algorithm, post, positions, seed=0, scale=10.0, num_chains=4,
-                                       num_burnin_steps=2000)
-    assert scale == pytest.approx(10 / math.sqrt(2)) and len(tried) == 2 and spent > 0
-    scale, tried, _ = stable_scale("sgld", algorithm, post, positions * 4.0, seed=0, scale=10.0, num_chains=4,
-                                   num_burnin_steps=2000)
-    assert scale is None and tried == candidate_scales(10.0)  # unstable even at the smallest scale: no restart
+    probed = stable_scale("sgld", algorithm, post, positions, seed=0, scale=10.0, num_chains=4, num_burnin_steps=2000)
+    assert probed.scale == pytest.approx(10 / math.sqrt(2)) and len(probed.tried) == 2 and probed.grad_evals > 0
+    assert not probed.walls_bind
+    # from |w| = 4: unstable at every scale down to 2.5 (|w| = 10), stable where the chains are
+    probed = stable_scale("sgld", algorithm, post, positions * 4.0, seed=0, scale=10.0, num_chains=4,
+                          num_burnin_steps=2000)
+    assert probed.scale is None and probed.tried == candidate_scales(10.0) and probed.walls_bind
+    # from |w| = 40 the chains' own positions are unstable too: that shows nothing about the walls
+    probed = stable_scale("sgld", algorithm, post, positions * 40.0, seed=0, scale=10.0, num_chains=4,
+                          num_burnin_steps=2000)
+    assert probed.scale is None and not probed.walls_bind
 
 
 def valley_posterior(quartic: float) -> Posterior:
