@@ -52,7 +52,8 @@ SPLIT_RHAT_MAX = 1.1
 # g ≈ 0.1–0.3 with a correct λ̂. g must also exceed SPREAD_Z standard errors (across chains).
 # Not specific on its own: on a DLN scoreboard with automatic-ε SGLD it caught 40 of the 46 rows off
 # by more than 10%, but fired on 78 of 90 rows, since chains also diffuse along valleys of equal
-# loss. llc_bench.restart tells the two apart and withdraws it when λ̂ does not move.
+# loss. llc_bench.restart tells the two apart and withdraws it when λ̂ does not move (or when no
+# start 2× out holds: the higher-order terms already bind).
 SPREAD_EXPONENT_MAX = 0.5
 SPREAD_Z = 3.0
 # spikes: a point above median + SPIKE_K · log10(N) robust standard deviations (1.4826 · MAD), N
@@ -95,7 +96,8 @@ REMEDIES = {
         "(sampler curvature_sgld). Until they equilibrate λ̂ may sit near the quadratic value rank(H)/2, "
         "far below λ; chains spreading along a valley of equal loss read λ correctly. The over-dispersed "
         "restart (run.restart_scale > 0, on by default) tells the two apart and withdraws this flag "
-        "when λ̂ does not move."
+        "when λ̂ does not move, or when the chains cannot even start 2× out (the higher-order terms "
+        "already bind there)."
     ),
     "restart_disagrees": (
         "The directions flat at w* have not equilibrated and λ̂ is likely too low (near rank(H)/2 on a "

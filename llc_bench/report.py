@@ -121,8 +121,15 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
                        None: "inconclusive: too noisy to tell; still_spreading stands"}[restart["agrees"]]
             console.print(f"{name}: restart at {restart['scale']:g}× the distance from w*: λ̂ = "
                           f"{restart['llc_restart']:.4g} ± {restart['se_restart']:.2g} ({verdict})", highlight=False)
+        elif restart and restart.get("walls_bind"):
+            tried = ", ".join(f"{v:.3g}×" for v in restart["scales_tried"])
+            console.print(f"{name}: restart: no start held ({tried} the distance from w*, every chain lost) while "
+                          "the chains' own positions do: the higher-order terms already bind, still_spreading "
+                          "withdrawn", highlight=False)
         elif restart:
-            console.print(f"{name}: restart at {restart['scale']:g}× the distance from w* gave no usable chain")
+            tried = ", ".join(f"{v:.3g}×" for v in restart.get("scales_tried") or [restart["scale"]])
+            console.print(f"{name}: restart at {tried} the distance from w* gave no usable chain; still_spreading "
+                          "stands", highlight=False)
         check = s.get("step_size_check")
         if check:
             console.print(f"{name}: step-size check: λ̂ at ε/2 changed by {100 * check['rel_change']:+.1f}%"
