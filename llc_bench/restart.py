@@ -31,10 +31,11 @@ its starts: PROBE_STEPS steps from w* + s·(w_c − w*) for s = run.restart_scal
 `scale`, with every s tried in `scales_tried`). A sampler with a stiff subspace (SamplerSpec.stiff_basis:
 curvature_sgld's preconditioned directions) keeps each chain's component in it, which is already in
 equilibrium, and scales only the rest.
-Measured with curvature_sgld (20,000 burn-in steps; `scale` 2–3): chains held 1,000 + 6,000 steps on
-a five-layer plateau (λ̂ = 31.8, λ = 70.5) read 70.0 from s = 2 and 71.9 from s = 3; after 5,000 + 12,000
+Measured with curvature_sgld (restarts of 3,000–5,000 burn-in steps and 20–40 draws 300 steps apart,
+scripts/restart_check.py): chains held 1,000 + 6,000 steps on
+a six-layer plateau (λ̂ = 31.8, λ = 70.5) read 70.0 from s = 2 and 71.9 from s = 3; after 5,000 + 12,000
 steps on instances whose λ is all quadratic they read within 0.8% of λ̂ from s = 2 and 3 (274.0 /
-274.1; 107.1 / 106.5, 106.8; 347.6 / 346.0, 345.0); and the nine-layer 10K instance whose scoreboard
+272.9, 274.1; 107.1 / 106.5, 106.8; 347.6 / 346.0, 345.0); and the nine-layer 10K instance whose scoreboard
 row reads 911.9 on the plateau rank(H)/2 = 907.5 (λ = 1009.5, HMC 968.7), restarted from its chains
 after 50,000 steps, read 947.2 ± 2.4 from s = 2, still rising.
 
