@@ -18,6 +18,7 @@ restart's scale cap for curvature_sgld (llc_bench.restart); nothing is written.
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import sys
 import time
@@ -52,6 +53,12 @@ def main(argv=None) -> int:
     args = _arguments(argv)
     if any(s <= 0 for s in args.scales) or min(args.burnin, args.draws, args.k) < 1:
         print("error: --scales must be > 0 and --burnin, --draws, --k at least 1", file=sys.stderr)
+        return 2
+    if args.carry and not os.path.isfile(args.carry):
+        print(f"error: --carry {args.carry!r}: no such file (a checkpoint's phase-NNNN-carry-MMMM.pkl)", file=sys.stderr)
+        return 2
+    if args.pre and (args.pre[0] < 0 or args.pre[1] < 1):
+        print("error: --pre BURNIN DRAWS: BURNIN must be >= 0 and DRAWS at least 1", file=sys.stderr)
         return 2
     try:
         recipe, inst, cfg = _config(argparse.Namespace(instance=args.instance, spec=None, profile=args.profile,

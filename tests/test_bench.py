@@ -472,6 +472,20 @@ def test_bench_instance_script_refuses_bad_input(args, expected, tmp_path, capsy
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["1K-chained-999", "--pre", "10", "2"], "instance '1K-chained-999': not in this recipe's suite"),
+    (["1K-chained-000", "--pre", "10", "2", "--scales", "2", "0"], "--scales must be > 0"),
+    (["1K-chained-000", "--pre", "10", "0"], "DRAWS at least 1"),
+    (["1K-chained-000", "--carry", "no/such/carry.pkl"], "--carry 'no/such/carry.pkl': no such file"),
+])
+def test_restart_check_script_refuses_bad_input(args, expected, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))  # it imports bench_instance
+    script = _load_script("restart_check")
+    assert script.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
+
+
 def test_curvature_step_script_times_each_rank(tmp_path, capsys):
     """scripts/bench_curvature_step.py on a 1K instance: one row per k with the instance's d, the
     bytes of V a step reads (two passes over every chain's d × k float32 matrix) and k = 0 as the
