@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         positions = run(None, args.pre[0], args.pre[1], f"from w* ({args.pre[0]} + {args.pre[1]} draws)", 1)
     offset = positions - w_star
     stiff = np.broadcast_to(vectors, (positions.shape[0],) + vectors.shape)
-    kept = offset @ vectors @ vectors.T
+    kept = np.asarray(restart_positions(post.w_star, positions, 0.0, stiff)) - w_star  # the part in V, kept at any s
     print(f"  share of ‖w − w*‖² outside V: {np.round(np.sum((offset - kept) ** 2, 1) / np.sum(offset ** 2, 1), 4)}")
     base = float(full_data_loss(post, jnp.asarray(w_star)[None], post.x, post.y)[0])
     for s in (1.0, 1.5, 2.0, 3.0, 5.0, 10.0):
