@@ -90,6 +90,7 @@ from llc_bench.jobs.store import ResultsStore
 from llc_bench.models import kernels
 from llc_bench.posterior import Posterior
 from llc_bench.progress import progress_enabled
+from llc_bench.restart import restart_outcome
 from llc_bench.target import build_target, dln_teacher_layers64
 from llc_bench.truth import dln_num_parameters
 from llc_bench.types import ConfigError
@@ -192,7 +193,7 @@ def result_row(inst: Instance, sampler: str, summary: dict, *, n_beta: float, da
                recipe_hash: str, record: WellPosedness | None = None) -> dict[str, str]:
     """One CSV row from run_sampler's summary dict (rel_error is against `truth`, empty when unknown)."""
     codes = sorted({w.split(":", 1)[0] for w in summary.get("warnings", [])})
-    restart = summary.get("restart_check") or {}
+    restart = summary.get("restart_check")
     row = {
         "instance": inst.name, "class": inst.size_class, "widths": "-".join(map(str, inst.widths)),
         "rank": inst.rank, "generator": inst.generator, "truth": None, "sampler": sampler,
@@ -204,7 +205,8 @@ def result_row(inst: Instance, sampler: str, summary: dict, *, n_beta: float, da
         "d": inst.d, "n": inst.n, "n_beta": n_beta, "compile_s": summary.get("compile_s"),
         "chains_used": summary.get("chains_used"), "data_rows": data_rows,
         "warnings": ";".join(codes), "recipe": recipe_hash,
-        "restart_llc": restart.get("llc_restart"), "restart_se": restart.get("se_restart"),
+        "restart_llc": (restart or {}).get("llc_restart"), "restart_se": (restart or {}).get("se_restart"),
+        "restart_outcome": restart_outcome(restart), "restart_scale": (restart or {}).get("scale"),
         "step_bias": (summary.get("step_bias") or {}).get("applied"), "llc_debiased": summary.get("llc_debiased"),
     }
     return {k: _fmt(row.get(k)) for k in COLUMNS}

@@ -26,10 +26,12 @@ COLUMNS = ("instance", "class", "widths", "rank", "generator", "truth", "sampler
            "d", "n", "n_beta", "compile_s", "chains_used", "data_rows", "warnings", "recipe",
            # the over-dispersed restart (llc_bench.restart), where the recipe asks for it and it ran
            "restart_llc", "restart_se",
+           # ... what it decided (llc_bench.restart.restart_outcome) and the scale it restarted from
+           "restart_outcome", "restart_scale",
            # the step size's estimated first-order bias of λ̂ (llc_bench.discretization), SGLD family only
            "step_bias", "llc_debiased")
 # columns newer than some committed CSVs: those read with them empty
-ADDED_COLUMNS = ("restart_llc", "restart_se", "step_bias", "llc_debiased")
+ADDED_COLUMNS = ("restart_llc", "restart_se", "step_bias", "llc_debiased", "restart_outcome", "restart_scale")
 AUDIT_COLUMNS = ("instance", "class", "sampler", "well_posed", "aoyagi", "n", "llc_n", "llc_se_n",
                  "n_audit", "llc_audit", "llc_se_audit", "shift", "flagged", "status_audit", "recipe")
 
@@ -72,7 +74,7 @@ def read_audit(path: str | Path) -> list[dict[str, Any]]:
 SCOREBOARD_NUMERIC = {"truth", "llc_mean", "llc_se", "rel_error", "grad_evals", "wall_s", "wnv_time",
                       "wnv_grad", "rank", "d", "n", "n_beta", "compile_s", "chains_used", "data_rows", "aoyagi",
                       "lambda_r_eff", "local_lower", "r_eff", "sv_min", "sv_max", "restart_llc", "restart_se",
-                      "step_bias", "llc_debiased"}
+                      "restart_scale", "step_bias", "llc_debiased"}
 
 
 def read_scoreboard(path: str | Path) -> list[dict[str, Any]]:
@@ -265,26 +267,40 @@ def _flag_validity(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _restart_outcome(row: dict[str, Any]) -> str | None:
+    """The row's restart_outcome; for CSVs older than that column, read from restart_llc and the flags."""
+    if row.get("restart_outcome"):
+        return row["restart_outcome"]
+    if not math.isfinite(row.get("restart_llc", math.nan)):
+        return None
+    codes = row["warnings"].split(";")
+    return "disagrees" if "restart_disagrees" in codes else "inconclusive" if "still_spreading" in codes else "agrees"
+
+
 def _restart_lines(rows: list[dict[str, Any]]) -> list[str]:
     """How the over-dispersed restart (run.restart_scale) decided, where the recipe asked for it."""
-    restarted = [r for r in rows if math.isfinite(r.get("restart_llc", math.nan))]
+    outcomes = {r["instance"] + "/" + r["sampler"]: _restart_outcome(r) for r in rows}
+    restarted = [r for r in rows if outcomes[r["instance"] + "/" + r["sampler"]]]
     if not restarted:
         return []
-    def outcome(r) -> str:
-        codes = r["warnings"].split(";")
-        return "disagree" if "restart_disagrees" in codes else "unclear" if "still_spreading" in codes else "agree"
 
-    disagree, agree, unclear = ([r for r in restarted if outcome(r) == o] for o in ("disagree", "agree", "unclear"))
+    def group(*names: str) -> list[dict[str, Any]]:
+        return [r for r in restarted if outcomes[r["instance"] + "/" + r["sampler"]] in names]
 
-    def bad(group) -> int:
-        return sum(abs(r["rel_error"]) > BAD_ERROR for r in group if math.isfinite(r["rel_error"]))
+    def counted(rows_: list[dict[str, Any]]) -> str:
+        bad = sum(abs(r["rel_error"]) > BAD_ERROR for r in rows_ if math.isfinite(r["rel_error"]))
+        return f"{len(rows_)} ({bad} of them off by more than {BAD_ERROR:.0%})" if rows_ else "0"
 
+    walls = group("walls_bind")
+    withdrawn = (f"It was shown not to move on {counted(group('agrees'))}"
+                 + (f", and on {counted(walls)} no start 2× out or farther held while the chains' own positions did "
+                    "(the higher-order terms already bind, `walls_bind`)" if walls else "")
+                 + ": `still_spreading` was withdrawn. ")
     return ["", f"The restart: {len(restarted)} scored rows were still spreading from w* and were restarted farther "
             "out along their own displacement. "
-            f"On {len(disagree)} λ̂ moved (`restart_disagrees`; {bad(disagree)} of them off by more than "
-            f"{BAD_ERROR:.0%}); on {len(agree)} it was shown not to move, and `still_spreading` was withdrawn "
-            f"({bad(agree)} of them off by more than {BAD_ERROR:.0%}); on {len(unclear)} the restart was too noisy "
-            f"to tell and `still_spreading` stands ({bad(unclear)} of them off by more than {BAD_ERROR:.0%}). "
+            f"λ̂ moved on {counted(group('disagrees'))}: `restart_disagrees`. " + withdrawn
+            + f"On {counted(group('inconclusive', 'no_start'))} the restart was too noisy to tell or could not start, "
+            "and `still_spreading` stands. "
             "The restart's own λ̂ (`restart_llc`) is a signal, not an estimate: its chains may still be coming "
             "down from above."]
 

@@ -126,9 +126,12 @@ def print_report(summary: dict, out_dir: Path | None, console: Console | None = 
             console.print(f"{name}: restart: no start held ({tried} the distance from w*, every chain lost) while "
                           "the chains' own positions do: the higher-order terms already bind, still_spreading "
                           "withdrawn", highlight=False)
-        elif restart:
-            tried = ", ".join(f"{v:.3g}×" for v in restart.get("scales_tried") or [restart["scale"]])
+        elif restart and restart.get("scales_tried"):
+            tried = ", ".join(f"{v:.3g}×" for v in restart["scales_tried"])
             console.print(f"{name}: restart at {tried} the distance from w* gave no usable chain; still_spreading "
+                          "stands", highlight=False)
+        elif restart:
+            console.print(f"{name}: restart: no chain ended at a finite position to restart from; still_spreading "
                           "stands", highlight=False)
         check = s.get("step_size_check")
         if check:

@@ -98,6 +98,22 @@ SCALE_STEP = math.sqrt(2.0)
 RESTART_MIN_SCALE = 2.0
 
 
+# What a restart decided (restart_outcome), as the scoreboard records it.
+RESTART_OUTCOMES = ("disagrees", "agrees", "inconclusive", "walls_bind", "no_start")
+
+
+def restart_outcome(record: dict[str, Any] | None) -> str | None:
+    """One word for a run_restart record (None: no restart ran): `disagrees`, `agrees` or
+    `inconclusive` (restart_verdict) when the restart gave a λ̂; `walls_bind` when no scale could start
+    and the chains' own positions held (stable_scale); `no_start` when no scale could start otherwise
+    or the restarted chains were all lost."""
+    if record is None:
+        return None
+    if record.get("llc_restart") is not None:
+        return {True: "agrees", False: "disagrees", None: "inconclusive"}[record["agrees"]]
+    return "walls_bind" if record.get("walls_bind") else "no_start"
+
+
 def restart_positions(w_star: jax.Array, positions: jax.Array, scale: float, stiff: jax.Array | None = None) -> jax.Array:
     """(C, d) starts w* + scale · (w_c − w*); with stiff (C, d, k) orthonormal columns per chain, the
     component of w_c − w* in them is kept as it is and only the rest is scaled."""
@@ -229,7 +245,7 @@ def run_restart(name: str, algorithm: Algorithm, posterior: Posterior, states, e
     whose component is kept, see restart_positions), and compare the λ̂ (restart_verdict). The record
     adds the scales probed, walls_bind (stable_scale) and the restart's cost: grad_evals (its probes
     and retune included), seconds. With no stable scale nothing is run and the record's `agrees` is
-    None; the caller withdraws still_spreading when walls_bind is true. The algorithm's
+    None and its `scale` None; the caller withdraws still_spreading when walls_bind is true. The algorithm's
     tuning notes (AutoStep) take the restart's retune: read what the draws used before calling this."""
     start, tuning = time.perf_counter(), auto_step_grad_evals(algorithm.notes)
     positions = jax.vmap(algorithm.position)(states)
@@ -238,7 +254,7 @@ def run_restart(name: str, algorithm: Algorithm, posterior: Posterior, states, e
     chosen, tried, probe_evals = probed.scale, probed.tried, probed.grad_evals
     if chosen is None:
         record, flag = restart_verdict(estimate.mean, estimate.se, math.nan, math.nan, scale)
-        record.update(scales_tried=tried, walls_bind=probed.walls_bind, grad_evals=probe_evals,
+        record.update(scale=None, scales_tried=tried, walls_bind=probed.walls_bind, grad_evals=probe_evals,
                       seconds=time.perf_counter() - start, num_burnin_steps=0, chains_used=0)
         return record, flag
     result, _ = run_chains_with_state(

@@ -429,22 +429,45 @@ def test_flag_validity_counts_recall_and_precision():
 
 
 def test_summary_counts_what_the_restart_decided():
-    """Rows with a restart λ̂ are counted by verdict, with how many of each were off by > 10%."""
+    """Rows restarted are counted by outcome, with how many of each were off by > 10%: from the
+    restart_outcome column, or (CSVs older than it) from restart_llc and the row's flags."""
     nan = float("nan")
     rows = [_row("sgld", "1K-000", 10.0, 0.3, status="not_converged", warnings="restart_disagrees;still_spreading",
-                 restart_llc=40.0),  # plateau caught
+                 restart_llc=40.0),  # plateau caught (an old row: no restart_outcome)
             _row("sgld", "1K-001", 10.0, 1.08, status="not_converged", warnings="restart_disagrees;still_spreading",
-                 restart_llc=12.0),  # moved, within 10%
+                 restart_llc=12.0, restart_outcome="disagrees"),  # moved, within 10%
             _row("sgld", "1K-002", 10.0, 1.01, status="ok", restart_llc=10.1),  # level valley: withdrawn
-            _row("sgld", "1K-003", 10.0, 0.5, status="ok", restart_llc=5.1),  # agreed, yet wrong
+            _row("sgld", "1K-003", 10.0, 0.5, status="ok", restart_llc=5.1, restart_outcome="agrees"),  # agreed, wrong
             _row("sgld", "1K-005", 10.0, 0.4, status="not_converged", warnings="still_spreading",
                  restart_llc=60.0),  # too noisy to tell
-            _row("sgld", "1K-004", 10.0, 1.0, status="ok", restart_llc=nan)]  # not restarted
+            _row("sgld", "1K-006", 10.0, 0.85, status="ok", restart_llc=nan, restart_outcome="walls_bind"),
+            _row("sgld", "1K-007", 10.0, 0.7, status="not_converged", warnings="still_spreading", restart_llc=nan,
+                 restart_outcome="no_start"),
+            _row("sgld", "1K-004", 10.0, 1.0, status="ok", restart_llc=nan, restart_outcome="")]  # not restarted
     text = bench_report.summary_markdown(rows)
-    assert ("5 scored rows were still spreading" in text and "On 2 λ̂ moved (`restart_disagrees`; 1 of them" in text
-            and "on 2 it was shown not to move, and `still_spreading` was withdrawn (1 of them" in text
-            and "on 1 the restart was too noisy to tell and `still_spreading` stands (1 of them" in text)
+    assert ("7 scored rows were still spreading" in text
+            and "λ̂ moved on 2 (1 of them off by more than 10%): `restart_disagrees`" in text
+            and "It was shown not to move on 2 (1 of them off by more than 10%), and on 1 (1 of them" in text
+            and "(the higher-order terms already bind, `walls_bind`): `still_spreading` was withdrawn." in text
+            and "On 2 (2 of them off by more than 10%) the restart was too noisy to tell or could not start" in text)
     assert "The restart:" not in bench_report.summary_markdown(rows[-1:])
+    assert "walls_bind" not in bench_report.summary_markdown(rows[:5])
+
+
+@pytest.mark.parametrize(("record", "outcome", "scale"), [
+    (None, "", ""),
+    ({"scale": 2.0, "llc_restart": 12.0, "se_restart": 0.1, "agrees": False}, "disagrees", "2"),
+    ({"scale": 3.0, "llc_restart": 10.0, "se_restart": 0.1, "agrees": True}, "agrees", "3"),
+    ({"scale": 2.0, "llc_restart": 10.0, "se_restart": 3.0, "agrees": None}, "inconclusive", "2"),
+    ({"scale": None, "llc_restart": None, "agrees": None, "walls_bind": True}, "walls_bind", ""),
+    ({"scale": None, "llc_restart": None, "agrees": None, "walls_bind": False}, "no_start", ""),
+])
+def test_scoreboard_row_records_the_restart_outcome_and_scale(record, outcome, scale):
+    inst = bench_suite.make_suite({"1K": 1}, suite_seed=0)[0]
+    row = bench.result_row(inst, "sgld", {"llc_mean": 9.0, "llc_se": 0.1, "status": "ok", "restart_check": record},
+                           n_beta=10.0, data_rows=10, recipe_hash="x")
+    assert (row["restart_outcome"], row["restart_scale"]) == (outcome, scale)
+    assert row["restart_llc"] == ("" if record is None or record["llc_restart"] is None else f"{record['llc_restart']:.6g}")
 
 
 def _load_script(name: str):
