@@ -32,7 +32,7 @@ from llc_bench.health import check_health, step_size_check_summary
 from llc_bench.posterior import Posterior
 from llc_bench.progress import progress_enabled
 from llc_bench.report import attempt_line, print_report
-from llc_bench.restart import agreement, capped_scale, run_restart
+from llc_bench.restart import agreement, run_restart
 from llc_bench.rng import sampler_key, stream_key
 from llc_bench.rules import NOT_CONVERGED_CODES, run_status, usable_chains
 from llc_bench.runner import LiveChains, start_chains
@@ -128,10 +128,10 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
             f.code == "still_spreading" for f in flags):
         restarted, flag = run_restart(
             name, algorithm, posterior, states, estimate, seed=run.seed,
-            scale=capped_scale(spec, run.restart_scale),
+            scale=run.restart_scale,
             num_chains=run.num_chains, num_burnin_steps=result.num_burnin_steps, num_draws=num_draws,
             num_steps_bw_draws=steps.num_steps_bw_draws, num_projections=run.num_projections, source=source,
-            chunk_size=run.chunk_size, stiff=None if spec.stiff_basis is None else spec.stiff_basis(chains.params),
+            chunk_size=run.chunk_size, params=chains.params,
             devices=chain_devices(run.num_chains), progress=progress)
         if flag is not None:
             flags.append(flag)

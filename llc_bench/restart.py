@@ -68,6 +68,7 @@ from llc_bench.health import make_flag
 from llc_bench.posterior import Posterior
 from llc_bench.rng import sampler_key
 from llc_bench.runner import run_chains_with_state
+from llc_bench.samplers import get_spec
 from llc_bench.samplers.base import Algorithm
 from llc_bench.types import HealthFlag, LLCEstimate
 
@@ -238,16 +239,20 @@ def stable_scale(name: str, algorithm: Algorithm, posterior: Posterior, position
 def run_restart(name: str, algorithm: Algorithm, posterior: Posterior, states, estimate: LLCEstimate, *,
                 seed: int, scale: float, num_chains: int, num_burnin_steps: int, num_draws: int,
                 num_steps_bw_draws: int, num_projections: int, source: str, chunk_size: int = 0,
-                stiff: jax.Array | None = None, devices=None,
+                params: Any = None, devices=None,
                 progress: bool = False) -> tuple[dict[str, Any], HealthFlag | None]:
     """Restart every chain from w* + s · (its final position − w*) (keys of the "restart" stream), s
-    the largest scale up to `scale` its starts are stable at (stable_scale; stiff: (C, d, k) directions
-    whose component is kept, see restart_positions), and compare the λ̂ (restart_verdict). The record
+    the largest scale up to `scale` (run.restart_scale, cut to the sampler's cap: capped_scale) its
+    starts are stable at (stable_scale), and compare the λ̂ (restart_verdict). For a sampler with a
+    stiff basis, its directions from the chains' `params` keep their component (restart_positions). The record
     adds the scales probed, walls_bind (stable_scale) and the restart's cost: grad_evals (its probes
     and retune included), seconds. With no stable scale nothing is run and the record's `agrees` is
     None and its `scale` None; the caller withdraws still_spreading when walls_bind is true. The algorithm's
     tuning notes (AutoStep) take the restart's retune: read what the draws used before calling this."""
     start, tuning = time.perf_counter(), auto_step_grad_evals(algorithm.notes)
+    spec = get_spec(name)
+    scale = capped_scale(spec, scale)
+    stiff = None if spec.stiff_basis is None else spec.stiff_basis(params)
     positions = jax.vmap(algorithm.position)(states)
     probed = stable_scale(name, algorithm, posterior, positions, seed=seed, scale=scale, num_chains=num_chains,
                           num_burnin_steps=num_burnin_steps, stiff=stiff, devices=devices)
