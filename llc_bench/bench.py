@@ -45,7 +45,9 @@ to dln_scoreboard.stale.csv to be computed again, while the other samplers' rows
 Inside an instance, the chains are saved chunk by chunk under checkpoints/ beside the CSV
 (llc_bench.checkpoint): a job killed midway, even after hours, resumes at its last saved chunk on
 the next `bench` and ends with the row the uninterrupted job would have written. Jobs run in
-`job_order`: those with saved chunks first, then the smallest instances.
+`job_order`: those with saved chunks first, then the smallest instances. Where each row's chains
+stopped is kept under final_chains/ (one .npy per row, `final_chains_path`): a check that starts
+them again, such as the over-dispersed restart of scripts/restart_check.py, needs no rerun.
 
 Parallelism (llc_bench.jobs.executor, as for sweeps): each instance is one job, run in this
 process, in `--workers N` local processes, or as a Ray task (`--backend ray`); only the driver
@@ -54,6 +56,7 @@ writes the CSVs, and the rows do not depend on where they were computed.
 
 from __future__ import annotations
 
+import io
 import math
 import sys
 import time
@@ -97,6 +100,7 @@ from llc_bench.types import ConfigError
 from llc_bench.wellposed import DEFAULT_MARGIN, WellPosedness, assess
 
 CHECKPOINTS = "checkpoints"  # folder beside the CSV for the chains of unfinished jobs
+FINAL_CHAINS = "final_chains"  # folder beside the CSV for where each row's chains stopped
 
 # ---------------------------------------------------------------------------------------------
 # Posteriors
@@ -268,15 +272,23 @@ def checkpoint_folder(root: str | Path, inst: Instance, sampler: str, recipe: Re
     return Path(root) / f"{inst.name}-{sampler}-{recipe.fingerprint(sampler)}"
 
 
+def final_chains_path(root: str | Path, inst: Instance, sampler: str, recipe: Recipe) -> Path:
+    """Where a row's final chain positions are kept: a (chains, d) .npy named like its checkpoint folder."""
+    return Path(root) / f"{checkpoint_folder(root, inst, sampler, recipe).name}.npy"
+
+
 def instance_rows(recipe: Recipe, inst: Instance, samplers: list[str], progress: bool = False,
-                  checkpoint_dir: str | Path | None = None) -> tuple[list[dict[str, str]], list[str]]:
+                  checkpoint_dir: str | Path | None = None,
+                  chains_dir: str | Path | None = None) -> tuple[list[dict[str, str]], list[str]]:
     """(CSV rows, log lines) of `samplers` on one instance, its target built once. Never raises: a
     failure is a `failed` row. One job of the executor (in this process, a worker or a Ray task).
 
     checkpoint_dir: each sampler's chains are saved there chunk by chunk as they run
     (llc_bench.checkpoint), in a folder named by instance, sampler and recipe fingerprint, so a job
     killed midway resumes where it stopped, with the same result; the folder is removed once its row
-    is made."""
+    is made. chains_dir: each row's chains, where they stopped, are kept there (final_chains_path),
+    written before the row, so that a check that restarts them (scripts/restart_check.py --chains)
+    needs no rerun."""
     try:
         cfgs = {name: instance_config(recipe, inst, name) for name in samplers}
         _, _, data_post, reduced_post, record = build_instance(recipe, inst, samplers[0], cfg=cfgs[samplers[0]])
@@ -296,6 +308,11 @@ def instance_rows(recipe: Recipe, inst: Instance, samplers: list[str], progress:
                 run = run_sampler(cfgs[name], name, post, truth=record.truth, progress=progress)
                 row = result_row(inst, name, run.summary, n_beta=post.n_beta, data_rows=post.n,
                                  recipe_hash=recipe.fingerprint(name), record=record)
+                if chains_dir is not None:
+                    Path(chains_dir).mkdir(parents=True, exist_ok=True)
+                    buffer = io.BytesIO()
+                    np.save(buffer, np.asarray(run.positions))
+                    artifacts.write_bytes_atomic(final_chains_path(chains_dir, inst, name, recipe), buffer.getvalue())
             except Exception as exc:  # noqa: BLE001
                 row = failed_row(inst, name, f"{type(exc).__name__}: {exc}", recipe.fingerprint(name), record)
         if store is not None:
@@ -368,7 +385,7 @@ def run_bench(recipe: Recipe, out_dir: str | Path, progress: bool = False, log=p
                 resuming.add(inst.name)
                 log(f"  {inst.name} {name}: resumes from its checkpoints ({saved})")
     todo = job_order(todo, resuming)
-    jobs = [(recipe, inst, names, progress, out / CHECKPOINTS) for inst, names in todo]
+    jobs = [(recipe, inst, names, progress, out / CHECKPOINTS, out / FINAL_CHAINS) for inst, names in todo]
     _run_logged(instance_rows, jobs, board, describe, log, **execution)
     log(f"sampling done in {time.perf_counter() - start:.0f}s")
     if audit:

@@ -8,6 +8,7 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -56,6 +57,7 @@ class SamplerRun:
     convergence: dict
     flags: tuple
     summary: dict
+    positions: Any = None  # (C, d) numpy: every chain's position where it stopped (a restart can start from it)
 
 
 def build_posterior(cfg: Config, target) -> Posterior:
@@ -159,7 +161,8 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     summary["target_rel_se"] = target
     summary["step_bias"] = None if bias is None else bias.record()
     summary["llc_debiased"] = None if bias is None or summary["llc_mean"] is None else summary["llc_mean"] - bias.applied
-    return SamplerRun(name, result, estimate, tree, conv, flags, summary)
+    return SamplerRun(name, result, estimate, tree, conv, flags, summary,
+                      positions=np.asarray(jax.vmap(algorithm.position)(states)))
 
 
 def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spreading: bool = False):

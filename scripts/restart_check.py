@@ -3,10 +3,13 @@
     uv run python scripts/restart_check.py 1K-chained-013 --pre 1000 20 --scales 2 3 --burnin 3000 --draws 20
     uv run python scripts/restart_check.py 10K-chained-016 --carry CHECKPOINT_DIR/phase-0001-carry-0012.pkl \
         --scales 2 3 --burnin 5000 --draws 20
+    uv run python scripts/restart_check.py 10K-chained-000 \
+        --chains results/benchmarks/sg_curvature_target/final_chains/10K-chained-000-curvature_sgld-HASH.npy
 
-The chains are either run from w* first (--pre BURNIN DRAWS, with the recipe's settings) or taken
+The chains are either run from w* first (--pre BURNIN DRAWS, with the recipe's settings), taken
 from a saved checkpoint of a scoreboard run (--carry: the carry file of a phase, whose first entry is
-every chain's position). Each is then restarted at w* + V Vᵀ δ + s (δ − V Vᵀ δ) for each scale s,
+every chain's position), or from where a scoreboard row's chains stopped (--chains: the row's .npy
+under final_chains/). Each is then restarted at w* + V Vᵀ δ + s (δ − V Vᵀ δ) for each scale s,
 δ = w − w*, V the preconditioner's directions at w* (with --full: w* + s δ), and run --burnin steps
 and --draws draws --k steps apart. Printed per run: λ̂ ± SE, λ̂ over five windows of its draws (a
 restart still coming down, or still rising, shows there), ‖w − w*‖² per chain at the end, and the
@@ -39,6 +42,7 @@ def _arguments(argv):
     parser.add_argument("--profile", default="sg_curvature_target", help="recipe profile (default sg_curvature_target)")
     start = parser.add_mutually_exclusive_group(required=True)
     start.add_argument("--carry", help="a checkpoint's phase-NNNN-carry-MMMM.pkl: the chains to restart")
+    start.add_argument("--chains", help="a scoreboard row's final_chains/*.npy: the chains to restart")
     start.add_argument("--pre", type=int, nargs=2, metavar=("BURNIN", "DRAWS"),
                        help="run the chains from w* first, this many burn-in steps and draws")
     parser.add_argument("--scales", type=float, nargs="+", default=[2.0, 3.0])
@@ -57,6 +61,9 @@ def main(argv=None) -> int:
     if args.carry and not os.path.isfile(args.carry):
         print(f"error: --carry {args.carry!r}: no such file (a checkpoint's phase-NNNN-carry-MMMM.pkl)", file=sys.stderr)
         return 2
+    if args.chains and not (args.chains.endswith(".npy") and os.path.isfile(args.chains)):
+        print(f"error: --chains {args.chains!r}: no such .npy file (a row's final_chains/*.npy)", file=sys.stderr)
+        return 2
     if args.pre and (args.pre[0] < 0 or args.pre[1] < 1):
         print("error: --pre BURNIN DRAWS: BURNIN must be >= 0 and DRAWS at least 1", file=sys.stderr)
         return 2
@@ -66,6 +73,16 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.chains:
+        try:
+            saved = np.load(args.chains)
+        except (OSError, ValueError) as exc:
+            print(f"error: --chains {args.chains!r}: not a saved array ({exc})", file=sys.stderr)
+            return 2
+        if saved.ndim != 2 or saved.shape[1] != inst.d:
+            print(f"error: --chains {args.chains!r}: positions of shape {saved.shape}, not (chains, {inst.d}) as "
+                  f"{inst.name} needs", file=sys.stderr)
+            return 2
     from llc_bench.bench import build_instance
     from llc_bench.curvature import build_algorithm
     from llc_bench.estimator import estimate_from_result
@@ -102,6 +119,8 @@ def main(argv=None) -> int:
     if args.carry:
         with open(args.carry, "rb") as fh:
             positions = np.asarray(pickle.load(fh)[0])
+    elif args.chains:
+        positions = saved
     else:
         positions = run(None, args.pre[0], args.pre[1], f"from w* ({args.pre[0]} + {args.pre[1]} draws)", 1)
     offset = positions - w_star

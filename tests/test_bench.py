@@ -199,10 +199,10 @@ except checkpoint.Interrupted:
 def test_a_killed_instance_resumes_from_its_checkpoints(tiny_recipe, tmp_path):
     """The last instance's job killed after 3 saved chunks in another process: the next `bench` says
     it resumes, runs it first, reuses them, writes the row an uninterrupted job writes (seconds aside)
-    and removes the folder."""
+    and keeps the same final chains, and removes the folder."""
     inst = bench_suite.make_suite(tiny_recipe.classes, tiny_recipe.suite_seed, tiny_recipe.generators,
                                   tiny_recipe.size_classes)[-1]
-    expected, _ = bench.instance_rows(tiny_recipe, inst, ["sgld"])
+    expected, _ = bench.instance_rows(tiny_recipe, inst, ["sgld"], chains_dir=tmp_path / "alone")
     spec, out = tmp_path / "tiny.toml", tmp_path / "out"
     spec.write_text(tomli_w.dumps(_tiny_raw()))
     root = out / bench.CHECKPOINTS
@@ -221,6 +221,11 @@ def test_a_killed_instance_resumes_from_its_checkpoints(tiny_recipe, tmp_path):
     assert {k: v for k, v in row.items() if k not in TIMING} == {
         k: v for k, v in expected[0].items() if k not in TIMING}
     assert not any(root.iterdir()) and saved_progress(folder) is None
+    # the chains where they stopped are kept beside the row, as the uninterrupted job leaves them
+    kept = np.load(bench.final_chains_path(out / bench.FINAL_CHAINS, inst, "sgld", tiny_recipe))
+    alone = np.load(bench.final_chains_path(tmp_path / "alone", inst, "sgld", tiny_recipe))
+    assert kept.shape == (2, inst.d) and np.all(np.isfinite(kept))  # the tiny recipe's 2 chains
+    np.testing.assert_array_equal(kept, alone)
 
 
 def test_two_workers_write_the_rows_of_one_process(tiny_recipe, tmp_path, capsys):
@@ -500,10 +505,15 @@ def test_bench_instance_script_refuses_bad_input(args, expected, tmp_path, capsy
     (["1K-chained-000", "--pre", "10", "2", "--scales", "2", "0"], "--scales must be > 0"),
     (["1K-chained-000", "--pre", "10", "0"], "DRAWS at least 1"),
     (["1K-chained-000", "--carry", "no/such/carry.pkl"], "--carry 'no/such/carry.pkl': no such file"),
+    (["1K-chained-000", "--chains", "no/such/chains.npy"], "--chains 'no/such/chains.npy': no such .npy file"),
+    (["1K-chained-000", "--chains", "WRONG_D"], "positions of shape (4, 7), not (chains, "),
 ])
-def test_restart_check_script_refuses_bad_input(args, expected, capsys, monkeypatch):
+def test_restart_check_script_refuses_bad_input(args, expected, capsys, monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))  # it imports bench_instance
     script = _load_script("restart_check")
+    if "WRONG_D" in args:
+        np.save(tmp_path / "wrong.npy", np.zeros((4, 7), np.float32))
+        args = [str(tmp_path / "wrong.npy") if a == "WRONG_D" else a for a in args]
     assert script.main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
