@@ -99,10 +99,6 @@ SCALE_STEP = math.sqrt(2.0)
 RESTART_MIN_SCALE = 2.0
 
 
-# What a restart decided (restart_outcome), as the scoreboard records it.
-RESTART_OUTCOMES = ("disagrees", "agrees", "inconclusive", "walls_bind", "no_start")
-
-
 def restart_outcome(record: dict[str, Any] | None) -> str | None:
     """One word for a run_restart record (None: no restart ran): `disagrees`, `agrees` or
     `inconclusive` (restart_verdict) when the restart gave a λ̂; `walls_bind` when no scale could start
