@@ -581,3 +581,39 @@ def test_against_reference_script_pairs_the_committed_rows(tmp_path, capsys, mon
     assert script.main(["--profile", "sg_curvature_target_seed1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "suite seed 1" in err
+
+
+def test_bench_progress_script_reads_a_jobs_checkpoints(tiny_recipe, tmp_path, capsys, monkeypatch):
+    """scripts/bench_progress.py on a job's saved chunks: the λ̂ of its draws is the run's own full-data
+    estimate, in windows of --window draws; bad arguments are one line, exit 2, before any work."""
+    from llc_bench import checkpoint
+    from llc_bench.estimator import estimate_from_result
+    from llc_bench.experiment import run_sampler
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))  # it imports bench_instance
+    script = _load_script("bench_progress")
+    spec, out = tmp_path / "tiny.toml", tmp_path / "out"
+    spec.write_text(tomli_w.dumps(_tiny_raw()))
+    inst = bench_suite.make_suite(tiny_recipe.classes, tiny_recipe.suite_seed, tiny_recipe.generators,
+                                  tiny_recipe.size_classes)[0]
+    args = [inst.name, "--spec", str(spec), "--sampler", "sgld", "--out", str(out), "--window", "4"]
+    assert script.main(args) == 0 and "nothing saved" in capsys.readouterr().out
+    cfg = bench_suite.instance_config(tiny_recipe, inst, "sgld")
+    _, _, post, _, _ = bench.build_instance(tiny_recipe, inst, "sgld", cfg=cfg)
+    with checkpoint.checkpoints(bench.checkpoint_folder(out / bench.CHECKPOINTS, inst, "sgld", tiny_recipe)):
+        run = run_sampler(cfg, "sgld", post, restart=False, step_bias=False)
+    full = estimate_from_result(run.result, "full")
+    assert script.main(args) == 0
+    text = capsys.readouterr().out
+    (line,) = [t for t in text.splitlines() if " draws: λ̂ = " in t]
+    draws = run.result.draw_loss.shape[1]
+    assert f", {draws} draws: " in line
+    assert float(line.split("λ̂ = ")[1].split()[0]) == pytest.approx(full.mean, abs=0.006)
+    (windows,) = [t for t in text.splitlines() if "λ̂ by 4 draws" in t]
+    assert len(windows.split(":")[1].split(",")) == -(-draws // 4)
+    for bad, expected in ((["--window", "0"], "--window must be at least 1"),
+                          (["--sampler", "hmc"], "not in"), ([], "name one")):
+        given = [inst.name, "--spec", str(spec), "--out", str(out)] + bad
+        assert script.main(given) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: ") and expected in err, err
