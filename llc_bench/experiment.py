@@ -116,6 +116,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     result, chains, estimate, flags, target = _sample_to_target(chains, run, steps.num_steps_bw_draws, source,
                                                                 leave_spreading=restarts)
     states = chains.states
+    positions = np.asarray(jax.vmap(algorithm.position)(states))  # (C, d): where every chain stopped
     num_draws = result.draw_loss.shape[1]
     check = None
     if resolve_source("auto", name) == "minibatch":  # SG: the per-step and the full-data λ̂ check each other
@@ -129,7 +130,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     if restarts and estimate.status != "failed" and any(
             f.code == "still_spreading" for f in flags):
         restarted, flag = run_restart(
-            name, algorithm, posterior, states, estimate, seed=run.seed,
+            name, algorithm, posterior, positions, estimate, seed=run.seed,
             scale=run.restart_scale,
             num_chains=run.num_chains, num_burnin_steps=result.num_burnin_steps, num_draws=num_draws,
             num_steps_bw_draws=steps.num_steps_bw_draws, num_projections=run.num_projections, source=source,
@@ -143,12 +144,12 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     conv = convergence(tree)
     if estimate.status != "failed":
         flags.extend(_diagnostics_missing(conv, num_draws))
-    checked = final_checks(spec, posterior, algorithm, states, step["step_size"], result.diverged_at, run.seed)
+    checked = final_checks(spec, posterior, positions, step["step_size"], result.diverged_at, run.seed)
     flags.extend(flag for _, flag in checked.values() if flag is not None)
     bias = None
     if step_bias and estimate.status != "failed":
         bias = step_bias_summary(spec, posterior, settings, chains.params, states,
-                                 jax.vmap(algorithm.position)(states), usable_chains(diverged_at=result.diverged_at),
+                                 positions, usable_chains(diverged_at=result.diverged_at),
                                  step["step_size"], stream_key(run.seed, "step_bias"), result=result)
     flags = tuple(flags)
     summary = _summarize(spec, result, estimate, conv, flags, truth, posterior,
@@ -161,8 +162,7 @@ def run_sampler(cfg: Config, name: str, posterior: Posterior, *, truth: float | 
     summary["target_rel_se"] = target
     summary["step_bias"] = None if bias is None else bias.record()
     summary["llc_debiased"] = None if bias is None or summary["llc_mean"] is None else summary["llc_mean"] - bias.applied
-    return SamplerRun(name, result, estimate, tree, conv, flags, summary,
-                      positions=np.asarray(jax.vmap(algorithm.position)(states)))
+    return SamplerRun(name, result, estimate, tree, conv, flags, summary, positions=positions)
 
 
 def _sample_to_target(chains: LiveChains, run, k: int, source: str, leave_spreading: bool = False):
@@ -234,13 +234,14 @@ def check_keys() -> dict:
     return {check.summary_key: None for name in SAMPLER_NAMES for check in get_spec(name).checks}
 
 
-def final_checks(spec, posterior: Posterior, algorithm, states, step_size, diverged_at, seed: int) -> dict:
+def final_checks(spec, posterior: Posterior, positions, step_size, diverged_at, seed: int) -> dict:
     """summary key -> (value, HealthFlag or None) of each FinalCheck the sampler declares (spec.checks),
-    run at the live chains' final positions; a key is (None, None) when no chain is live."""
+    run at the live chains' final positions (of all chains: positions (C, d)); a key is (None, None)
+    when no chain is live."""
     out = {key: (None, None) for key in check_keys()}
     if not spec.checks:
         return out
-    positions = np.asarray(jax.vmap(algorithm.position)(states))[usable_chains(diverged_at=diverged_at)]
+    positions = np.asarray(positions)[usable_chains(diverged_at=diverged_at)]
     for check in spec.checks:
         if positions.shape[0]:
             out[check.summary_key] = check.run(posterior, positions, step_size, stream_key(seed, "projection"))

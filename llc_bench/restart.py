@@ -232,12 +232,12 @@ def stable_scale(name: str, algorithm: Algorithm, posterior: Posterior, position
     return ScaleProbe(None, tried, spent, walls_bind)
 
 
-def run_restart(name: str, algorithm: Algorithm, posterior: Posterior, states, estimate: LLCEstimate, *,
+def run_restart(name: str, algorithm: Algorithm, posterior: Posterior, positions, estimate: LLCEstimate, *,
                 seed: int, scale: float, num_chains: int, num_burnin_steps: int, num_draws: int,
                 num_steps_bw_draws: int, num_projections: int, source: str, chunk_size: int = 0,
                 params: Any = None, devices=None,
                 progress: bool = False) -> tuple[dict[str, Any], HealthFlag | None]:
-    """Restart every chain from w* + s · (its final position − w*) (keys of the "restart" stream), s
+    """Restart every chain from w* + s · (its final position − w*) (positions (C, d); keys of the "restart" stream), s
     the largest scale up to `scale` (run.restart_scale, cut to the sampler's cap: capped_scale) its
     starts are stable at (stable_scale), and compare the λ̂ (restart_verdict). For a sampler with a
     stiff basis, its directions from the chains' `params` keep their component (restart_positions). The record
@@ -249,7 +249,6 @@ def run_restart(name: str, algorithm: Algorithm, posterior: Posterior, states, e
     spec = get_spec(name)
     scale = capped_scale(spec, scale)
     stiff = None if spec.stiff_basis is None else spec.stiff_basis(params)
-    positions = jax.vmap(algorithm.position)(states)
     probed = stable_scale(name, algorithm, posterior, positions, seed=seed, scale=scale, num_chains=num_chains,
                           num_burnin_steps=num_burnin_steps, stiff=stiff, devices=devices)
     chosen, tried, probe_evals = probed.scale, probed.tried, probed.grad_evals

@@ -194,7 +194,7 @@ def test_restart_keeps_each_chains_stiff_directions_and_its_scale_cap():
         flat = offset[c] - v @ (v.T @ offset[c])
         np.testing.assert_allclose(moved[c] - v @ (v.T @ moved[c]), 3.0 * flat, atol=1e-4)  # scaled
     estimate = estimate_from_result(live.result, "minibatch")
-    record, _ = run_restart("curvature_sgld", alg, post, live.states, estimate, seed=0,
+    record, _ = run_restart("curvature_sgld", alg, post, positions, estimate, seed=0,
                             scale=10.0, num_chains=2, num_burnin_steps=300, num_draws=20,
                             num_steps_bw_draws=20, num_projections=0, source="minibatch", params=live.params)
     assert record["scales_tried"][0] == RESTART_SCALE_CAP and record["chains_used"] == 2 and not record["walls_bind"]
