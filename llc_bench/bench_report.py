@@ -279,13 +279,13 @@ def _restart_outcome(row: dict[str, Any]) -> str | None:
 
 def _restart_lines(rows: list[dict[str, Any]]) -> list[str]:
     """How the over-dispersed restart (run.restart_scale) decided, where the recipe asked for it."""
-    outcomes = {r["instance"] + "/" + r["sampler"]: _restart_outcome(r) for r in rows}
-    restarted = [r for r in rows if outcomes[r["instance"] + "/" + r["sampler"]]]
+    outcomes = [(r, _restart_outcome(r)) for r in rows]
+    restarted = [r for r, outcome in outcomes if outcome]
     if not restarted:
         return []
 
     def group(*names: str) -> list[dict[str, Any]]:
-        return [r for r in restarted if outcomes[r["instance"] + "/" + r["sampler"]] in names]
+        return [r for r, outcome in outcomes if outcome in names]
 
     def counted(rows_: list[dict[str, Any]]) -> str:
         bad = sum(abs(r["rel_error"]) > BAD_ERROR for r in rows_ if math.isfinite(r["rel_error"]))

@@ -96,7 +96,7 @@ class Phase:
         self.done, self.outputs, self.seconds, self.carry = 0, [], 0.0, None
 
     def _path(self, suffix: str) -> Path:
-        return self._store.path / f"phase-{self._index:04d}{suffix}"
+        return phase_file(self._store.path, self._index, suffix)
 
     def load(self) -> bool:
         """Read the saved chunks when they belong to this phase; False (nothing kept) otherwise."""
@@ -171,15 +171,31 @@ class Checkpoints:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def phase_file(path: str | Path, index: int, suffix: str = ".json") -> Path:
+    """A file of phase `index` in a checkpoint folder: its record (".json"), "-chunk-MMMM.pkl", "-carry-MMMM.pkl"."""
+    return Path(path) / f"phase-{index:04d}{suffix}"
+
+
+def saved_records(path: str | Path) -> list[tuple[int, dict]]:
+    """(index, record) of every readable phase record in a checkpoint folder, in order."""
+    out = []
+    for file in sorted(Path(path).glob("phase-[0-9][0-9][0-9][0-9].json")):
+        try:
+            out.append((int(file.stem[6:10]), json.loads(file.read_text())))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def saved_outputs(path: str | Path, index: int, done: int) -> list:
+    """The host outputs of chunks 0 … done − 1 of phase `index`, as the runner saved them."""
+    return [pickle.loads(phase_file(path, index, f"-chunk-{c:04d}.pkl").read_bytes()) for c in range(done)]
+
+
 def saved_progress(path: str | Path) -> str | None:
     """What a checkpoint folder holds, in words ("2 phase(s), 11 chunk(s), 735 s of sampling"); None when
     it holds nothing. Whether it will be reused is only known when the run reaches each phase."""
-    phases = []
-    for file in sorted(Path(path).glob("phase-[0-9][0-9][0-9][0-9].json")):
-        try:
-            phases.append(json.loads(file.read_text()))
-        except (OSError, ValueError):
-            continue
+    phases = [record for _, record in saved_records(path)]
     if not phases:
         return None
     chunks = sum(int(p.get("done", 0)) for p in phases)

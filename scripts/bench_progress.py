@@ -15,8 +15,6 @@ The instance is built (for L_n(w*) and nβ); nothing is written.
 from __future__ import annotations
 
 import argparse
-import json
-import pickle
 import sys
 from pathlib import Path
 
@@ -39,18 +37,6 @@ def _arguments(argv):
     return parser.parse_args(argv)
 
 
-def _phases(folder: Path) -> list[tuple[int, dict, list]]:
-    """(index, record, chunk outputs) of every saved phase, in order."""
-    out = []
-    for record_path in sorted(folder.glob("phase-[0-9][0-9][0-9][0-9].json")):
-        index = int(record_path.stem.split("-")[1])
-        record = json.loads(record_path.read_text())
-        chunks = [pickle.loads((folder / f"phase-{index:04d}-chunk-{c:04d}.pkl").read_bytes())
-                  for c in range(record["done"])]
-        out.append((index, record, chunks))
-    return out
-
-
 def main(argv=None) -> int:
     args = _arguments(argv)
     if args.window < 1:
@@ -70,9 +56,10 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from llc_bench.bench import CHECKPOINTS, build_instance, checkpoint_folder
+    from llc_bench.checkpoint import saved_outputs, saved_records
 
     folder = checkpoint_folder(Path(args.out or recipe.out) / CHECKPOINTS, inst, sampler, recipe)
-    phases = _phases(folder) if folder.is_dir() else []
+    phases = saved_records(folder)
     if not phases:
         print(f"{inst.name} {sampler}: nothing saved in {folder} (not started, or its row has landed)")
         return 0
@@ -85,7 +72,8 @@ def main(argv=None) -> int:
     post = reduced_post if full_batch(sampler) else data_post
     base = float(full_data_loss(post, jnp.asarray(post.w_star)[None], post.x, post.y)[0])
     print(f"{inst.name} {sampler} (d = {inst.d}, λ = {inst.aoyagi:g}): {folder}")
-    for index, record, chunks in phases:
+    for index, record in phases:
+        chunks = saved_outputs(folder, index, record["done"])
         head = (f"  phase {index}: {record['done']}/{record['count']} chunks, {record['steps']} steps, "
                 f"{record['seconds']:.0f} s of sampling")
         if not chunks or len(chunks[0]) != DRAW_OUTPUTS:
