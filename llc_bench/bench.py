@@ -197,7 +197,7 @@ def result_row(inst: Instance, sampler: str, summary: dict, *, n_beta: float, da
                recipe_hash: str, record: WellPosedness | None = None) -> dict[str, str]:
     """One CSV row from run_sampler's summary dict (rel_error is against `truth`, empty when unknown)."""
     codes = sorted({w.split(":", 1)[0] for w in summary.get("warnings", [])})
-    restart = summary.get("restart_check")
+    restart = summary.get("restart_check") or {}
     row = {
         "instance": inst.name, "class": inst.size_class, "widths": "-".join(map(str, inst.widths)),
         "rank": inst.rank, "generator": inst.generator, "truth": None, "sampler": sampler,
@@ -209,8 +209,8 @@ def result_row(inst: Instance, sampler: str, summary: dict, *, n_beta: float, da
         "d": inst.d, "n": inst.n, "n_beta": n_beta, "compile_s": summary.get("compile_s"),
         "chains_used": summary.get("chains_used"), "data_rows": data_rows,
         "warnings": ";".join(codes), "recipe": recipe_hash,
-        "restart_llc": (restart or {}).get("llc_restart"), "restart_se": (restart or {}).get("se_restart"),
-        "restart_outcome": restart_outcome(restart), "restart_scale": (restart or {}).get("scale"),
+        "restart_llc": restart.get("llc_restart"), "restart_se": restart.get("se_restart"),
+        "restart_outcome": restart_outcome(summary.get("restart_check")), "restart_scale": restart.get("scale"),
         "step_bias": (summary.get("step_bias") or {}).get("applied"), "llc_debiased": summary.get("llc_debiased"),
     }
     return {k: _fmt(row.get(k)) for k in COLUMNS}
